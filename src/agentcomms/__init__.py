@@ -1,0 +1,62 @@
+"""agentcomms: reliable messaging, discovery and knowledge access for digital-twin agents over Redis."""
+
+from agentcomms.broker import BrokerStats, DeadLetter, MessageBroker, PublishResult
+from agentcomms.embedded import EmbeddedRedis
+from agentcomms.exceptions import (
+    AgentCommsError,
+    BrokerClosedError,
+    BrokerConnectionError,
+    ConfigError,
+    EmbeddedRedisError,
+    InboxFullError,
+    MessageTooLargeError,
+    MessageValidationError,
+    RequestTimeoutError,
+)
+from agentcomms.schemas import (
+    AgentInfo,
+    AgentMessage,
+    AgentResponse,
+    AgentStatus,
+    ErrorDetail,
+    MessageIntent,
+    MessagePayload,
+    Priority,
+    export_json_schemas,
+)
+from agentcomms.settings import AgentConfig, Settings, load_agents_config
+from agentcomms.subscription import Handler, Subscription
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentCommsError",
+    "AgentConfig",
+    "AgentInfo",
+    "AgentMessage",
+    "AgentResponse",
+    "AgentStatus",
+    "BrokerClosedError",
+    "BrokerConnectionError",
+    "BrokerStats",
+    "ConfigError",
+    "DeadLetter",
+    "EmbeddedRedis",
+    "EmbeddedRedisError",
+    "ErrorDetail",
+    "Handler",
+    "InboxFullError",
+    "MessageBroker",
+    "MessageIntent",
+    "MessagePayload",
+    "MessageTooLargeError",
+    "MessageValidationError",
+    "Priority",
+    "PublishResult",
+    "RequestTimeoutError",
+    "Settings",
+    "Subscription",
+    "__version__",
+    "export_json_schemas",
+    "load_agents_config",
+]

@@ -1,0 +1,280 @@
+"""Redis plumbing for the broker: clients, Lua scripts, and the pipeliner.
+
+The pipeliner is why a request costs one round trip per hop: every send, reply and
+acknowledgement issued during one event-loop tick goes out in a single pipeline, and
+callers never cancel a Redis command mid-flight (they only stop awaiting its future),
+so a cancelled request cannot leave a connection out of step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from agentcomms.exceptions import BrokerConnectionError
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+EncodableT = bytes | str | int | float
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as redis-py returns it with RESP2 and bytes: (id, {field: value})."""
+
+
+def read_reply(response: Any) -> list[tuple[bytes, list[Entry]]]:
+    """XREAD / XREADGROUP reply as typed data (redis-py types it as Any)."""
+    return cast(list[tuple[bytes, list[Entry]]], response or [])
+
+
+def entries(response: Any) -> list[Entry]:
+    """XRANGE / XCLAIM reply as typed data; XCLAIM on Redis 6.2 may hold (None, None) for deleted entries."""
+    return cast(list[Entry], response or [])
+
+
+def make_client(url: str, *, password: str | None, db: int, single_connection: bool = False) -> Redis:
+    """A redis-py asyncio client that returns bytes; ``single_connection`` for blocking readers."""
+    kwargs: dict[str, Any] = {"password": password, "db": db}
+    if not url.startswith("unix://"):
+        kwargs["socket_keepalive"] = True
+    return Redis.from_url(
+        url,
+        single_connection_client=single_connection,
+        protocol=2,  # response shapes the same on every supported redis-py (8.x defaults to RESP3)
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+        max_connections=64,
+        **kwargs,
+    )
+
+
+def backoff(attempt: int, *, base: float = 0.05, cap: float = 2.0) -> float:
+    """Delay before reconnect attempt ``attempt`` (0-based): exponential with full jitter."""
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+async def stop_reader(task: asyncio.Task[Any], client: Redis, reader_id: int | None, *, grace: float = 2.0) -> None:
+    """End a loop blocked in XREAD/XREADGROUP whose stop flag is already set.
+
+    ``CLIENT UNBLOCK`` makes the blocked read return at once, so the loop sees its flag
+    and returns; cancelling a blocked read is only the fallback (on Python 3.11 redis-py
+    can turn that cancel into a TimeoutError that the loop would treat as transient).
+    """
+    if task.done():
+        return
+    if reader_id is not None:
+        try:
+            await client.client_unblock(reader_id)
+        except (RedisError, OSError):
+            pass
+    _, pending = await asyncio.wait([task], timeout=grace)
+    if pending:
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script called by SHA, re-sent in full when Redis forgot it (after a restart)."""
+
+    body: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+
+SEND = Script(
+    """
+-- KEYS[1] inbox stream, KEYS[2] dedup marker
+-- ARGV: group, max length, dedup window ms (0 = no dedup, for a redrive), body, event channel ('' = none), event
+local len = redis.call('XLEN', KEYS[1])
+if len == 0 then
+  -- the first writer creates the group at 0: messages sent before the agent's first start are kept
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+end
+local dedup = tonumber(ARGV[3])
+if dedup > 0 then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then return {'dup', seen} end
+end
+if len >= tonumber(ARGV[2]) then return {'full', tostring(len)} end
+local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
+if dedup > 0 then redis.call('SET', KEYS[2], id, 'PX', ARGV[3]) end
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return {'ok', id}
+"""
+)
+
+ACK = Script(
+    """
+-- KEYS[1] inbox stream; ARGV[1] group, ARGV[2..] entry ids
+-- acknowledge and remove together: XDEL alone would leave a dangling pending entry
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+return n
+"""
+)
+
+DEAD_LETTER = Script(
+    """
+-- KEYS[1] inbox stream, KEYS[2] dead-letter stream
+-- ARGV: group, entry id, reason, deliveries, consumer, min idle ms ('' = the caller holds the entry)
+if ARGV[6] ~= '' then
+  -- claim first, so that of two instances only one dead-letters an abandoned entry
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], ARGV[6], ARGV[2], 'JUSTID')
+  if #claimed == 0 then return false end
+end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+local out = {'reason', ARGV[3], 'deliveries', ARGV[4], 'source', KEYS[1], 'source_id', ARGV[2]}
+local body = nil
+if #entry == 1 then
+  local f = entry[1][2]
+  for i = 1, #f, 2 do if f[i] == 'm' then body = f[i + 1] end end
+  if body == nil then table.insert(out, 'raw'); table.insert(out, cjson.encode(f)) end
+end
+table.insert(out, 'payload'); table.insert(out, body or '')
+local id = redis.call('XADD', KEYS[2], '*', unpack(out))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return {id, body or ''}
+"""
+)
+
+
+async def run_script(client: Redis, script: Script, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
+    """EVALSHA ``script``, falling back to EVAL once if Redis does not know it."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script.body, len(keys), *keys, *args)
+
+
+_SCRIPTS_BY_SHA = {s.sha: s for s in (SEND, ACK, DEAD_LETTER)}
+
+
+class Pipeliner:
+    """Sends every command queued during one event-loop tick as one pipeline.
+
+    ``call`` returns a future; the command itself runs in the pipeliner's own task, so
+    cancelling the caller never interrupts a command on the wire. Commands are retried
+    while Redis is unreachable, up to ``reconnect_timeout``: only idempotent commands
+    (or ones made idempotent by a dedup marker) go through here.
+    """
+
+    def __init__(self, client: Redis, *, reconnect_timeout: float, url: str | None = None) -> None:
+        self._client = client
+        self._reconnect_timeout = reconnect_timeout
+        self._url = url
+        self._queue: list[tuple[tuple[EncodableT, ...], asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.round_trips = 0
+        """Pipelines sent so far (for statistics and benchmarks)."""
+
+    def start(self) -> None:
+        """Start the sending task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="agentcomms-pipeliner")
+
+    def call(self, *args: EncodableT) -> asyncio.Future[Any]:
+        """Queue one command; the future resolves to its reply or its error."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        self._wakeup.set()
+        return future
+
+    def fire(self, *args: EncodableT) -> None:
+        """Queue a housekeeping command whose result nobody waits for (a failure is only logged)."""
+        self.call(*args).add_done_callback(_log_failure)
+
+    def script(self, script: Script, keys: Sequence[str], args: Sequence[EncodableT]) -> asyncio.Future[Any]:
+        """Queue an EVALSHA of ``script``."""
+        return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def aclose(self) -> None:
+        """Send everything queued so far, then stop."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        await task
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                await self._flush()
+            if self._closing:
+                return
+
+    async def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        batch = [(args, fut) for args, fut in batch if not fut.cancelled()]
+        if not batch:
+            return
+        try:
+            results = await self._execute([args for args, _ in batch])
+        except BaseException as exc:
+            error = (
+                exc if isinstance(exc, BrokerConnectionError) else BrokerConnectionError(f"send interrupted: {exc!r}")
+            )
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if isinstance(exc, BrokerConnectionError):
+                return
+            raise
+        for (args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError) and args[0] == "EVALSHA":
+                # Redis restarted and forgot the script: send it in full once.
+                body = _SCRIPTS_BY_SHA[str(args[1])].body
+                self._queue.append((("EVAL", body, *args[2:]), future))
+            elif future.done():
+                continue
+            elif isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, commands: list[tuple[EncodableT, ...]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._reconnect_timeout
+        attempt = 0
+        while True:
+            pipe = self._client.pipeline(transaction=False)
+            for args in commands:
+                pipe.execute_command(*args)
+            try:
+                self.round_trips += 1
+                return await pipe.execute(raise_on_error=False)
+            except TRANSIENT_ERRORS as exc:
+                if loop.time() > deadline:
+                    raise BrokerConnectionError(
+                        f"Redis unreachable for {self._reconnect_timeout:g}s: {exc}", url=self._url
+                    ) from exc
+                logger.warning("Redis connection lost (%s); retrying %d commands", exc, len(commands))
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+            finally:
+                await pipe.reset()  # type: ignore[no-untyped-call]
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.debug("housekeeping command failed: %s", future.exception())

@@ -1,0 +1,560 @@
+"""MessageBroker: delivery over Redis Streams. Delivery semantics live here and in ``subscription``.
+
+* Each agent id has an inbox stream per priority and one consumer group; instances of an
+  agent id share the group, so each message reaches one of them.
+* A send is one Lua call (dedup check, inbox bound, XADD), pipelined with whatever else
+  is being sent at the same moment.
+* Requests carry ``reply_to`` (the caller's reply stream) and a correlation id; replies are
+  read by one blocking reader per broker and matched to waiting callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from agentcomms import keys
+from agentcomms._redis import (
+    DEAD_LETTER,
+    SEND,
+    TRANSIENT_ERRORS,
+    Pipeliner,
+    backoff,
+    entries,
+    make_client,
+    read_reply,
+    stop_reader,
+)
+from agentcomms.embedded import EmbeddedRedis, shared_embedded_redis
+from agentcomms.exceptions import (
+    AgentCommsError,
+    BrokerClosedError,
+    BrokerConnectionError,
+    InboxFullError,
+    MessageTooLargeError,
+    RequestTimeoutError,
+)
+from agentcomms.schemas import AgentMessage, AgentResponse
+from agentcomms.settings import Settings
+from agentcomms.subscription import Handler, Subscription
+
+__all__ = ["BrokerStats", "DeadLetter", "Handler", "MessageBroker", "PublishResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Where a message went: its stream entry id, or ``duplicate=True`` if it had been accepted before."""
+
+    message_id: str
+    recipient_id: str
+    entry_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be delivered, with why and after how many deliveries."""
+
+    agent_id: str
+    entry_id: str
+    reason: str
+    deliveries: int
+    source_id: str
+    payload: bytes
+    """The message as it was in the inbox (empty if the entry had no ``m`` field; see ``raw``)."""
+    raw: str | None = None
+    """The entry's fields as JSON when it was not a message at all."""
+
+    @property
+    def message(self) -> AgentMessage | None:
+        """The payload parsed as a message, or ``None`` if it is not one."""
+        try:
+            return AgentMessage.model_validate_json(self.payload) if self.payload else None
+        except ValidationError:
+            return None
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    """Counters of one broker instance since it connected."""
+
+    sent: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    requests: int = 0
+    replies_received: int = 0
+    replies_unmatched: int = 0
+    timeouts: int = 0
+    round_trips: int = 0
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class MessageBroker:
+    """Sends, receives and answers agent messages over Redis Streams.
+
+    Args:
+        redis_url: where Redis is; default ``settings.redis_url``, else the embedded
+            redis-server under ``settings.data_dir`` (started if none is running there).
+        settings: tuning and limits; default read from the environment.
+        client_name: a readable prefix for this instance's id (shown in reply stream names).
+
+    Use as ``async with MessageBroker() as broker:`` or call :meth:`connect` and :meth:`close`.
+    """
+
+    def __init__(
+        self, redis_url: str | None = None, *, settings: Settings | None = None, client_name: str = "client"
+    ) -> None:
+        self.settings = settings or Settings()
+        self._url = redis_url or self.settings.redis_url
+        self.client_id = f"{client_name}.{uuid.uuid4().hex[:12]}"
+        self.reply_stream = keys.replies(self.client_id)
+        self._client: Redis | None = None
+        self._pipeliner: Pipeliner | None = None
+        self._embedded: EmbeddedRedis | None = None
+        self._reply_reader: asyncio.Task[None] | None = None
+        self._reply_ready: asyncio.Event | None = None
+        self._reply_reader_id: int | None = None
+        self._closing = False
+        self._waiting: dict[str, asyncio.Future[AgentResponse]] = {}
+        self._subscriptions: set[Subscription] = set()
+        self._stats = BrokerStats()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The Redis URL in use (password not included)."""
+        if self._url is None:
+            raise BrokerClosedError("broker is not connected yet")
+        return self._url
+
+    @property
+    def connected(self) -> bool:
+        """Whether :meth:`connect` succeeded and :meth:`close` has not been called."""
+        return self._client is not None
+
+    async def connect(self) -> Self:
+        """Connect to Redis (starting the embedded server if no URL is set).
+
+        Raises:
+            BrokerConnectionError: Redis does not answer.
+        """
+        if self._client is not None:
+            return self
+        if self._url is None:
+            self._url, self._embedded = await asyncio.to_thread(
+                shared_embedded_redis, self.settings.data_dir, binary=self.settings.redis_server
+            )
+        password = self.settings.redis_password.get_secret_value() if self.settings.redis_password else None
+        client = make_client(self.url, password=password, db=self.settings.redis_db)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise BrokerConnectionError(f"cannot reach Redis: {exc}", url=self._url) from exc
+        self._client = client
+        self._pipeliner = Pipeliner(client, reconnect_timeout=self.settings.reconnect_timeout, url=self._url)
+        self._pipeliner.start()
+        logger.info("broker %s connected to %s", self.client_id, self._url)
+        return self
+
+    initialize = connect
+    """The seed's name for :meth:`connect`."""
+
+    async def close(self) -> None:
+        """Stop every subscription (finishing handlers in hand), then disconnect."""
+        for subscription in list(self._subscriptions):
+            await subscription.stop()
+        self._closing = True
+        if self._reply_reader is not None:
+            await stop_reader(self._reply_reader, self.client, self._reply_reader_id)
+            self._reply_reader = None
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(BrokerClosedError("broker closed while waiting for a reply"))
+        self._waiting.clear()
+        if self._pipeliner is not None:
+            await self._pipeliner.aclose()
+            self._pipeliner = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def client(self) -> Redis:
+        """The connection pool for commands (not for blocking reads)."""
+        if self._client is None:
+            raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
+        return self._client
+
+    @property
+    def pipeliner(self) -> Pipeliner:
+        """The batching command sender (internal, shared with subscriptions)."""
+        if self._pipeliner is None:
+            raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
+        return self._pipeliner
+
+    def blocking_client(self) -> Redis:
+        """A new single-connection client for a blocking reader."""
+        password = self.settings.redis_password.get_secret_value() if self.settings.redis_password else None
+        return make_client(self.url, password=password, db=self.settings.redis_db, single_connection=True)
+
+    @property
+    def stats(self) -> BrokerStats:
+        """A snapshot of this instance's counters."""
+        snapshot = BrokerStats(**asdict(self._stats))
+        snapshot.round_trips = self._pipeliner.round_trips if self._pipeliner else 0
+        return snapshot
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _encode(self, message: AgentMessage) -> bytes:
+        body = message.model_dump_json().encode()
+        if len(body) > self.settings.max_message_bytes:
+            self._stats.rejected += 1
+            raise MessageTooLargeError(
+                size=len(body), limit=self.settings.max_message_bytes, message_id=message.message_id
+            )
+        return body
+
+    def event(self, kind: str, message: AgentMessage, **extra: Any) -> str:
+        """One line of the monitoring feed, as JSON."""
+        data = {
+            "event": kind,
+            "message_id": message.message_id,
+            "sender_id": message.sender_id,
+            "recipient_id": message.recipient_id,
+            "intent": str(message.intent),
+            "ts": time.time(),
+            **extra,
+        }
+        return json.dumps(data, separators=(",", ":"))
+
+    def _queue_send(self, message: AgentMessage, body: bytes, *, dedup: bool = True) -> asyncio.Future[Any]:
+        settings = self.settings
+        recipient = message.recipient_id
+        feed = settings.event_feed
+        return self.pipeliner.script(
+            SEND,
+            [keys.inbox(recipient, message.payload.priority), keys.dedup(recipient, message.message_id)],
+            [
+                keys.GROUP,
+                settings.max_inbox_length,
+                int(settings.dedup_window * 1000) if dedup else 0,
+                body,
+                keys.EVENTS_CHANNEL if feed else "",
+                self.event("sent", message) if feed else "",
+            ],
+        )
+
+    def _sent(self, message: AgentMessage, reply: list[bytes]) -> PublishResult:
+        status, value = _decode(reply[0]), _decode(reply[1])
+        if status == "full":
+            self._stats.rejected += 1
+            raise InboxFullError(agent_id=message.recipient_id, length=int(value), limit=self.settings.max_inbox_length)
+        duplicate = status == "dup"
+        if duplicate:
+            self._stats.duplicates += 1
+            logger.debug("message %s to %s is a duplicate; dropped", message.message_id, message.recipient_id)
+        else:
+            self._stats.sent += 1
+        return PublishResult(message.message_id, message.recipient_id, value, duplicate)
+
+    async def publish_message(self, message: AgentMessage) -> PublishResult:
+        """Put ``message`` into its recipient's inbox (durable once this returns).
+
+        A message whose ``message_id`` was accepted within the dedup window is not added
+        again: the result says ``duplicate=True``.
+
+        Raises:
+            MessageTooLargeError: the message is over ``max_message_bytes``.
+            InboxFullError: the recipient has ``max_inbox_length`` messages waiting.
+            BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
+        """
+        body = self._encode(message)
+        return self._sent(message, await self._queue_send(message, body))
+
+    async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
+        """Fan out ``messages`` in one pipelined round trip; per message, its result or its error."""
+        futures: list[asyncio.Future[Any] | AgentCommsError] = []
+        for message in messages:
+            try:
+                futures.append(self._queue_send(message, self._encode(message)))
+            except AgentCommsError as exc:
+                futures.append(exc)
+        results: list[PublishResult | AgentCommsError] = []
+        for message, future in zip(messages, futures, strict=True):
+            if isinstance(future, AgentCommsError):
+                results.append(future)
+                continue
+            try:
+                results.append(self._sent(message, await future))
+            except AgentCommsError as exc:
+                results.append(exc)
+        return results
+
+    # -- request / reply -------------------------------------------------------------------
+
+    async def request(self, message: AgentMessage, *, timeout: float | None = None) -> AgentResponse:
+        """Send ``message`` and wait for its reply.
+
+        The timeout is ``timeout``, else the message's ``response_timeout``, else
+        ``MESSAGE_TIMEOUT``. If it passes before the recipient handled the request, the
+        request is dead-lettered as expired when it is read, and never answered late.
+
+        Raises:
+            RequestTimeoutError: no reply in time.
+            MessageTooLargeError, InboxFullError, BrokerConnectionError: as for :meth:`publish_message`.
+        """
+        timeout = timeout or message.payload.response_timeout or self.settings.message_timeout
+        request = message.model_copy(
+            update={
+                "reply_to": self.reply_stream,
+                "correlation_id": message.message_id,
+                "payload": message.payload.model_copy(update={"requires_response": True, "response_timeout": timeout}),
+            }
+        )
+        await self._ensure_reply_reader()
+        future: asyncio.Future[AgentResponse] = asyncio.get_running_loop().create_future()
+        correlation = request.message_id
+        if correlation in self._waiting:
+            raise AgentCommsError(f"a request with message_id {correlation} is already waiting for its reply")
+        self._waiting[correlation] = future
+        self._stats.requests += 1
+        try:
+            async with asyncio.timeout(timeout):
+                await self.publish_message(request)
+                return await future
+        except TimeoutError as exc:
+            self._stats.timeouts += 1
+            raise RequestTimeoutError(agent_id=message.recipient_id, message_id=correlation, timeout=timeout) from exc
+        finally:
+            self._waiting.pop(correlation, None)
+
+    async def _ensure_reply_reader(self) -> None:
+        if self._reply_reader is None:
+            self._reply_ready = asyncio.Event()
+            self._reply_reader = asyncio.create_task(self._read_replies(), name=f"replies-{self.client_id}")
+        assert self._reply_ready is not None
+        if not self._reply_ready.is_set():
+            await self._reply_ready.wait()
+
+    async def _read_replies(self) -> None:
+        reader = self.blocking_client()
+        last = "0-0"  # the stream is this instance's own and new: read it from the start
+        attempt = 0
+        try:
+            self._reply_reader_id = int(await reader.client_id())
+            assert self._reply_ready is not None
+            self._reply_ready.set()
+            while not self._closing:
+                try:
+                    response = await reader.xread({self.reply_stream: last}, count=1024, block=5000)
+                    attempt = 0
+                except TRANSIENT_ERRORS as exc:
+                    if self._closing:
+                        return
+                    logger.warning("reply reader lost Redis (%s); reconnecting", exc)
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        self._reply_reader_id = int(await reader.client_id())
+                    continue
+                for _stream, batch in read_reply(response):
+                    for entry_id, fields in batch:
+                        last = _decode(entry_id)
+                        self._deliver_reply(fields.get(b"r", b""))
+                if response:
+                    # drop what was read; the stream holds only unread replies
+                    self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last)
+        finally:
+            await reader.aclose()
+
+    def _deliver_reply(self, body: bytes) -> None:
+        try:
+            response = AgentResponse.model_validate_json(body)
+        except ValidationError:
+            self._stats.replies_unmatched += 1
+            logger.warning("ignoring a malformed reply on %s", self.reply_stream)
+            return
+        future = self._waiting.pop(response.correlation_id or "", None)
+        if future is None or future.done():
+            # a duplicate (redelivered request) or a reply to a request cancelled or timed out
+            self._stats.replies_unmatched += 1
+            logger.debug("reply %s matches no waiting request; dropped", response.correlation_id)
+            return
+        self._stats.replies_received += 1
+        future.set_result(response)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def subscribe_to_agent(
+        self,
+        agent_id: str,
+        handler: Handler,
+        *,
+        concurrency: int | None = None,
+        consumer_name: str | None = None,
+    ) -> Subscription:
+        """Start handling ``agent_id``'s inbox with ``handler``; returns the running subscription.
+
+        The handler gets each :class:`AgentMessage`; for a request, its return value (an
+        :class:`AgentResponse`, or any JSON-able data) becomes the reply. A message is
+        acknowledged only after the handler returned and its reply was written; if the
+        handler raises, the message is delivered again after ``claim_idle`` and
+        dead-lettered after ``max_deliveries``.
+        """
+        subscription = Subscription(
+            self,
+            agent_id,
+            handler,
+            concurrency=concurrency or self.settings.concurrency,
+            consumer_name=consumer_name or self.client_id,
+        )
+        await subscription.start()
+        self._subscriptions.add(subscription)
+        subscription.on_stop(self._subscriptions.discard)
+        return subscription
+
+    # -- monitoring ------------------------------------------------------------------------
+
+    async def health_check(self) -> dict[str, Any]:
+        """Whether Redis answers, how fast, and this instance's counters."""
+        started = time.perf_counter()
+        try:
+            info = await self.client.info("server")
+            status = "healthy"
+            error = None
+        except (RedisError, OSError) as exc:
+            info, status, error = {}, "unhealthy", str(exc)
+        return {
+            "status": status,
+            "error": error,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "redis_version": info.get("redis_version"),
+            "client_id": self.client_id,
+            "subscriptions": sorted(s.agent_id for s in self._subscriptions),
+            "stats": asdict(self.stats),
+        }
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The live message feed (Pub/Sub): lossy, for dashboards and ``tail`` only.
+
+        The first item is ``{"event": "subscribed"}`` once the feed is listening; after a
+        lost connection it resubscribes and yields ``{"event": "resubscribed"}``.
+        """
+        attempt = 0
+        first = True
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                yield {"event": "subscribed" if first else "resubscribed"}
+                first, attempt = False, 0
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None and message["type"] == "message":
+                        yield json.loads(message["data"])
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("event feed lost Redis (%s); resubscribing", exc)
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead_letter(
+        self, agent_id: str, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None
+    ) -> bytes | None:
+        """Move one inbox entry to ``agent_id``'s dead-letter stream (internal: used by subscriptions).
+
+        Returns the entry's body, or ``None`` if another instance dead-lettered or claimed it first.
+        """
+        result = await self.pipeliner.script(
+            DEAD_LETTER,
+            [stream, keys.dead_letters(agent_id)],
+            [keys.GROUP, entry_id, reason, deliveries, self.client_id, "" if claim_idle_ms is None else claim_idle_ms],
+        )
+        if result is None:
+            return None
+        self.pipeliner.fire("SADD", keys.DEAD_LETTER_INDEX, agent_id)
+        logger.warning("dead-lettered %s from %s after %d deliveries: %s", entry_id, stream, deliveries, reason)
+        body = result[1]
+        return body if isinstance(body, bytes) else str(body).encode()
+
+    async def dead_letter_agents(self) -> list[str]:
+        """Agent ids that have dead letters."""
+        members = await self.client.smembers(keys.DEAD_LETTER_INDEX)
+        return sorted(_decode(m) for m in members)
+
+    async def dead_letters(self, agent_id: str, *, count: int = 100) -> list[DeadLetter]:
+        """The oldest ``count`` dead letters of ``agent_id``."""
+        found = entries(await self.client.xrange(keys.dead_letters(agent_id), count=count))
+        return [_dead_letter(agent_id, entry_id, fields) for entry_id, fields in found]
+
+    async def redrive_dead_letter(self, agent_id: str, entry_id: str) -> PublishResult:
+        """Send a dead letter back into its inbox (bypassing the dedup window) and remove it.
+
+        Raises:
+            AgentCommsError: there is no such dead letter, or it is not a valid message.
+        """
+        found = entries(await self.client.xrange(keys.dead_letters(agent_id), min=entry_id, max=entry_id))
+        if not found:
+            raise AgentCommsError(f"no dead letter {entry_id} for {agent_id!r}")
+        letter = _dead_letter(agent_id, *found[0])
+        message = letter.message
+        if message is None:
+            raise AgentCommsError(f"dead letter {entry_id} is not a valid message ({letter.reason}); purge it instead")
+        result = self._sent(message, await self._queue_send(message, letter.payload, dedup=False))
+        await self.client.xdel(keys.dead_letters(agent_id), entry_id)
+        return result
+
+    async def purge_dead_letters(self, agent_id: str) -> int:
+        """Delete all of ``agent_id``'s dead letters; returns how many there were."""
+        stream = keys.dead_letters(agent_id)
+        count = int(await self.client.xlen(stream))
+        await self.client.delete(stream)
+        await self.client.srem(keys.DEAD_LETTER_INDEX, agent_id)
+        return count
+
+
+def _dead_letter(agent_id: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+    raw = fields.get(b"raw")
+    return DeadLetter(
+        agent_id=agent_id,
+        entry_id=_decode(entry_id),
+        reason=_decode(fields.get(b"reason", b"")),
+        deliveries=int(fields.get(b"deliveries", b"0")),
+        source_id=_decode(fields.get(b"source_id", b"")),
+        payload=fields.get(b"payload", b""),
+        raw=_decode(raw) if raw is not None else None,
+    )

@@ -1,0 +1,75 @@
+"""Exceptions raised by agentcomms.
+
+Every error the library raises on purpose derives from :class:`AgentCommsError`, so a
+caller can catch the whole family with one ``except``. Each subclass carries its
+context as attributes and reads well as a one-line message.
+"""
+
+from __future__ import annotations
+
+
+class AgentCommsError(Exception):
+    """Root of every error agentcomms raises on purpose."""
+
+
+class ConfigError(AgentCommsError, ValueError):
+    """Raised when settings or a configuration file are missing or invalid."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class MessageValidationError(AgentCommsError, ValueError):
+    """Raised when a message does not satisfy the schema or the broker's limits."""
+
+
+class MessageTooLargeError(MessageValidationError):
+    """Raised when a serialised message exceeds ``max_message_bytes``."""
+
+    def __init__(self, *, size: int, limit: int, message_id: str | None = None) -> None:
+        self.size = size
+        self.limit = limit
+        self.message_id = message_id
+        super().__init__(
+            f"message {message_id or ''} is {size} bytes, over the limit of {limit} bytes".replace("  ", " ")
+        )
+
+
+class InboxFullError(AgentCommsError):
+    """Raised when a recipient's inbox holds ``max_inbox_length`` unprocessed messages.
+
+    Nothing is trimmed to make room: the sender decides whether to retry later.
+    """
+
+    def __init__(self, *, agent_id: str, length: int, limit: int) -> None:
+        self.agent_id = agent_id
+        self.length = length
+        self.limit = limit
+        super().__init__(f"inbox of {agent_id!r} is full ({length} messages waiting, limit {limit}); retry later")
+
+
+class RequestTimeoutError(AgentCommsError, TimeoutError):
+    """Raised when no reply to a request arrived within its timeout."""
+
+    def __init__(self, *, agent_id: str, message_id: str, timeout: float) -> None:
+        self.agent_id = agent_id
+        self.message_id = message_id
+        self.timeout = timeout
+        super().__init__(f"no reply from {agent_id!r} to message {message_id} within {timeout:g}s")
+
+
+class BrokerConnectionError(AgentCommsError, ConnectionError):
+    """Raised when Redis stayed unreachable for longer than ``reconnect_timeout``."""
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        self.url = url
+        super().__init__(f"{message} ({url})" if url else message)
+
+
+class BrokerClosedError(AgentCommsError, RuntimeError):
+    """Raised when a broker is used before ``connect()`` or after ``close()``."""
+
+
+class EmbeddedRedisError(AgentCommsError, RuntimeError):
+    """Raised when the embedded redis-server cannot be found, started or stopped."""

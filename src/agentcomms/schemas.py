@@ -1,0 +1,200 @@
+"""Message and agent schemas: the vocabulary every layer shares. No I/O here.
+
+A message on the wire is the JSON form of :class:`AgentMessage`; a reply is the JSON
+form of :class:`AgentResponse`. ``export_json_schemas()`` gives the JSON Schema of
+each for other languages and for validation at the edges.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+__all__ = [
+    "AgentId",
+    "AgentInfo",
+    "AgentMessage",
+    "AgentResponse",
+    "AgentStatus",
+    "ErrorDetail",
+    "MessageIntent",
+    "MessagePayload",
+    "Priority",
+    "export_json_schemas",
+]
+
+AgentId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]*$")]
+"""An agent id such as ``agent.cso.jane``: letters, digits and ``_ . : @ -``; no spaces, no braces.
+
+Braces are excluded because the id becomes a Redis Cluster hash tag.
+"""
+
+MessageId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+ShortList = Annotated[list[Name], Field(max_length=64)]
+IntentName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.:-]*$")]
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MessageIntent(StrEnum):
+    """What a message asks for. Any lowercase name (``"review_budget"``) is accepted as a custom intent.
+
+    ``AGENT_STATUS`` is not among the seed's eight intents, but its broadcast example uses it,
+    so it is built in too.
+    """
+
+    GET_ROADMAP = "get_roadmap"
+    ASSIGN_TASK = "assign_task"
+    REQUEST_KNOWLEDGE = "request_knowledge"
+    SHARE_INSIGHTS = "share_insights"
+    REQUEST_REVIEW = "request_review"
+    PROVIDE_FEEDBACK = "provide_feedback"
+    HEALTH_CHECK = "health_check"
+    CAPABILITY_QUERY = "capability_query"
+    AGENT_STATUS = "agent_status"
+
+
+class Priority(StrEnum):
+    """Delivery priority: each has its own inbox stream, read high first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class AgentStatus(StrEnum):
+    """Availability of an agent as the registry reports it."""
+
+    ONLINE = "online"
+    BUSY = "busy"
+    OFFLINE = "offline"
+
+
+class MessagePayload(BaseModel):
+    """The body of a message: free-form ``data`` plus delivery options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    requires_response: bool = False
+    response_timeout: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    """Seconds the sender waits for a reply; a request still unhandled after this is dead-lettered as expired."""
+    context: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentMessage(BaseModel):
+    """A message from one agent (or a person's sender) to another."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: MessageId = Field(default_factory=_new_id)
+    conversation_id: MessageId = Field(default_factory=_new_id)
+    sender_id: AgentId
+    recipient_id: AgentId
+    intent: MessageIntent | IntentName
+    payload: MessagePayload = Field(default_factory=MessagePayload)
+    timestamp: datetime = Field(default_factory=_utcnow)
+    reply_to: Annotated[str, StringConstraints(max_length=200)] | None = None
+    """The caller's reply stream; set by the broker for requests."""
+    correlation_id: MessageId | None = None
+    """Set on requests: the reply carries it back so the caller can match it."""
+
+    @field_validator("intent", mode="before")
+    @classmethod
+    def _known_intent(cls, value: object) -> object:
+        # A custom intent that happens to equal a built-in one becomes the enum member.
+        if isinstance(value, str) and not isinstance(value, MessageIntent):
+            try:
+                return MessageIntent(value)
+            except ValueError:
+                return value
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class ErrorDetail(BaseModel):
+    """Why a request failed: a stable machine-readable ``code`` and a human ``message``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    message: Annotated[str, StringConstraints(max_length=4096)] = ""
+
+
+class AgentResponse(BaseModel):
+    """The reply to a request: ``{"success": ..., "data": ..., "error": {"code", "message"}}``.
+
+    It also reads like the seed's dict: ``response.get("success")`` and ``response["data"]`` work.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    success: bool
+    data: Any = None
+    error: ErrorDetail | None = None
+    correlation_id: MessageId | None = None
+    responder_id: AgentId | None = None
+
+    @classmethod
+    def ok(cls, data: Any = None, **fields: Any) -> AgentResponse:
+        """A successful reply carrying ``data``."""
+        return cls(success=True, data=data, **fields)
+
+    @classmethod
+    def fail(cls, code: str, message: str = "", **fields: Any) -> AgentResponse:
+        """A failed reply with an error ``code`` and ``message``."""
+        return cls(success=False, error=ErrorDetail(code=code, message=message[:4096]), **fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return value.model_dump() if isinstance(value, BaseModel) else value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style read, as the seed's examples use it."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+class AgentInfo(BaseModel):
+    """What the registry knows of one agent id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: AgentId
+    user_name: Name
+    role: Name
+    department: Name
+    capabilities: ShortList = Field(default_factory=list)
+    supported_intents: Annotated[list[MessageIntent | IntentName], Field(max_length=64)] = Field(default_factory=list)
+    status: AgentStatus = AgentStatus.ONLINE
+    version: Annotated[str, StringConstraints(max_length=32)] = "1.0.0"
+    started_at: datetime | None = None
+    last_seen: datetime | None = None
+    instance_count: Annotated[int, Field(ge=0)] = 0
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+def export_json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every message type, by model name."""
+    models: list[type[BaseModel]] = [AgentMessage, MessagePayload, AgentResponse, AgentInfo]
+    return {model.__name__: model.model_json_schema() for model in models}

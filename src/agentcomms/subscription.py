@@ -1,0 +1,403 @@
+"""Subscription: one running consumer of an agent id's inbox.
+
+The loop reads new entries with XREADGROUP on its own connection, hands each to the
+handler (at most ``concurrency`` at once), and acknowledges it together with its reply
+in the broker's next pipeline. Every ``claim_idle / 3`` it also
+
+* keeps its own long-running entries from looking abandoned (XCLAIM ... JUSTID), and
+* takes over entries pending longer than ``claim_idle`` (a dead instance's, or ones
+  whose handler failed), dead-lettering those delivered ``max_deliveries`` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from agentcomms import keys
+from agentcomms._redis import ACK, TRANSIENT_ERRORS, backoff, entries, read_reply, stop_reader
+from agentcomms.exceptions import BrokerConnectionError
+from agentcomms.schemas import AgentMessage, AgentResponse
+
+if TYPE_CHECKING:
+    from agentcomms.broker import MessageBroker
+
+__all__ = ["Handler", "Subscription", "SubscriptionStats"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[AgentMessage], Awaitable[Any]]
+"""An async function taking a message; for a request its return value becomes the reply."""
+
+_PENDING_PAGE = 100
+
+
+@dataclass(slots=True)
+class SubscriptionStats:
+    """Counters of one subscription."""
+
+    received: int = 0
+    handled: int = 0
+    failed: int = 0
+    reclaimed: int = 0
+    expired: int = 0
+    dead_lettered: int = 0
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResponse:
+    response = result if isinstance(result, AgentResponse) else AgentResponse(success=True, data=result)
+    return response.model_copy(
+        update={"correlation_id": message.correlation_id or message.message_id, "responder_id": agent_id}
+    )
+
+
+class Subscription:
+    """Handles the messages of one agent id; created by :meth:`MessageBroker.subscribe_to_agent`."""
+
+    def __init__(
+        self, broker: MessageBroker, agent_id: str, handler: Handler, *, concurrency: int, consumer_name: str
+    ) -> None:
+        settings = broker.settings
+        self.agent_id = agent_id
+        self.consumer = consumer_name
+        self.stats = SubscriptionStats()
+        self._broker = broker
+        self._handler = handler
+        self._streams = keys.inboxes(agent_id)
+        self._concurrency = concurrency
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._claim_idle_ms = int(settings.claim_idle * 1000)
+        self._tick = max(0.02, min(settings.claim_idle / 3, 5.0))
+        self._max_bytes = settings.max_message_bytes
+        self._max_deliveries = settings.max_deliveries
+        self._inflight: dict[tuple[str, str], float] = {}
+        self._last_error: dict[tuple[str, str], str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._reader: Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._clock_offset_ms = 0.0
+        self._reader_id: int | None = None
+        self._stop_callbacks: list[Callable[[Subscription], object]] = []
+        self._stopped = False
+
+    @property
+    def running(self) -> bool:
+        """Whether the read loop is alive."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages read and not yet acknowledged by this subscription."""
+        return len(self._inflight)
+
+    def on_stop(self, callback: Callable[[Subscription], object]) -> None:
+        """Call ``callback(self)`` once the subscription has stopped."""
+        self._stop_callbacks.append(callback)
+
+    async def start(self) -> None:
+        """Create the consumer groups (at 0, so nothing sent earlier is skipped) and start reading."""
+        self._reader = self._broker.blocking_client()
+        await self._prepare()
+        self._task = asyncio.create_task(self._run(), name=f"subscription-{self.agent_id}")
+        self._task.add_done_callback(self._loop_ended)
+        logger.info("%s: consuming %s as %s", self.agent_id, ", ".join(self._streams), self.consumer)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop reading, let handlers in hand finish for up to ``timeout`` s, then close.
+
+        Messages whose handler did not finish stay pending and are delivered again to
+        another instance after ``claim_idle``.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._slot_free.set()
+        if self._task is not None:
+            await stop_reader(self._task, self._broker.client, self._reader_id)
+        if self._tasks:
+            _, unfinished = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                logger.warning("%s: %d handlers unfinished at stop; handed back", self.agent_id, len(unfinished))
+                await asyncio.gather(*unfinished, return_exceptions=True)
+        if self._reader is not None:
+            await self._reader.aclose()
+        for callback in self._stop_callbacks:
+            callback(self)
+        logger.info("%s: subscription %s stopped", self.agent_id, self.consumer)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    @property
+    def _redis(self) -> Redis:
+        assert self._reader is not None
+        return self._reader
+
+    async def _prepare(self) -> None:
+        for stream in self._streams:
+            try:
+                await self._redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._reader_id = int(await self._redis.client_id())
+        seconds, micros = await self._redis.time()
+        self._clock_offset_ms = seconds * 1000 + micros / 1000 - time.time() * 1000
+
+    def _server_ms(self) -> float:
+        return time.time() * 1000 + self._clock_offset_ms
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s: read loop crashed", self.agent_id, exc_info=task.exception())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        housekeeping_at = 0.0
+        reconnected = False
+        # stop() sets the flag and wakes a blocked read with CLIENT UNBLOCK (see stop_reader)
+        while not self._stopped:
+            try:
+                if reconnected:
+                    await self._prepare()  # Redis may have restarted: groups and clock again
+                    reconnected = False
+                if loop.time() >= housekeeping_at:
+                    await self._keepalive()
+                    await self._reclaim()
+                    housekeeping_at = loop.time() + self._tick
+                free = self._concurrency - len(self._inflight)
+                if free <= 0:
+                    self._slot_free.clear()
+                    if self._stopped:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_free.wait(), self._tick)
+                    continue
+                block_ms = max(1, int((housekeeping_at - loop.time()) * 1000))
+                response = await self._redis.xreadgroup(
+                    keys.GROUP, self.consumer, dict.fromkeys(self._streams, ">"), count=free, block=block_ms
+                )
+                attempt = 0
+            except TRANSIENT_ERRORS as exc:
+                if self._stopped:
+                    return
+                logger.warning("%s: lost Redis (%s); reconnecting", self.agent_id, exc)
+                await asyncio.sleep(backoff(attempt))
+                attempt, reconnected = attempt + 1, True
+                continue
+            except RedisError as exc:
+                # NOGROUP (group deleted, Redis restarted without its data) or any other server error
+                logger.warning("%s: Redis error in read loop (%s); retrying", self.agent_id, exc)
+                await asyncio.sleep(backoff(attempt))
+                attempt, reconnected = attempt + 1, True
+                continue
+            for stream, batch in read_reply(response):
+                for entry_id, fields in batch:
+                    self._dispatch(_decode(stream), _decode(entry_id), fields, deliveries=1)
+
+    def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> None:
+        self._inflight[(stream, entry_id)] = time.monotonic()
+        self.stats.received += 1
+        task = asyncio.create_task(self._process(stream, entry_id, fields, deliveries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one message -----------------------------------------------------------------------
+
+    def _parse(self, fields: dict[bytes, bytes]) -> AgentMessage | str:
+        """The message in an entry, or why it is not one (checked before parsing where possible)."""
+        body = fields.get(b"m")
+        if body is None:
+            names = ", ".join(sorted(_decode(k) for k in fields)) or "none"
+            return f"malformed: entry has no 'm' field (fields: {names[:200]})"
+        if len(body) > self._max_bytes:
+            return f"too large: {len(body)} bytes, limit {self._max_bytes}"
+        try:
+            message = AgentMessage.model_validate_json(body)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            if errors and errors[0]["type"] == "json_invalid":
+                return f"malformed: not JSON ({errors[0]['msg']})"
+            summary = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in errors[:5])
+            return f"invalid schema: {summary}"
+        if message.recipient_id != self.agent_id:
+            return f"wrong recipient: addressed to {message.recipient_id!r}"
+        if message.reply_to is not None and not keys.is_reply_stream(message.reply_to):
+            return f"invalid reply_to {message.reply_to[:80]!r}: not a reply stream"
+        return message
+
+    def _expired(self, entry_id: str, message: AgentMessage) -> bool:
+        timeout = message.payload.response_timeout
+        if message.reply_to is None or timeout is None:
+            return False
+        sent_ms = int(entry_id.split("-", 1)[0])  # the entry id is the Redis server's clock at XADD
+        return self._server_ms() > sent_ms + timeout * 1000
+
+    async def _process(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        key = (stream, entry_id)
+        try:
+            message = self._parse(fields)
+            if isinstance(message, str):
+                await self._dead_letter(stream, entry_id, message, deliveries)
+                return
+            if self._expired(entry_id, message):
+                self.stats.expired += 1
+                await self._dead_letter(stream, entry_id, "expired: not handled within response_timeout", deliveries)
+                return
+            async with self._semaphore:
+                try:
+                    result = await self._handler(message)
+                except Exception as exc:
+                    await self._failed(key, message, deliveries, exc)
+                    return
+            await self._complete(stream, entry_id, message, result)
+            self.stats.handled += 1
+            self._last_error.pop(key, None)
+        except BrokerConnectionError as exc:
+            logger.warning(
+                "%s: could not acknowledge %s (%s); it will be delivered again", self.agent_id, entry_id, exc
+            )
+        finally:
+            self._inflight.pop(key, None)
+            self._slot_free.set()
+
+    async def _failed(self, key: tuple[str, str], message: AgentMessage, deliveries: int, exc: Exception) -> None:
+        self.stats.failed += 1
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        self._last_error[key] = error
+        logger.exception(
+            "%s: handler failed on %s (%s), delivery %d of %d",
+            self.agent_id,
+            message.message_id,
+            message.intent,
+            deliveries,
+            self._max_deliveries,
+        )
+        if deliveries >= self._max_deliveries:
+            reason = f"handler failed {deliveries} times; last error: {error}"
+            await self._dead_letter(key[0], key[1], reason, deliveries)
+        # otherwise it stays pending and is delivered again after claim_idle
+
+    async def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any) -> None:
+        broker = self._broker
+        pipeliner = broker.pipeliner
+        waits: list[asyncio.Future[Any]] = []
+        if message.reply_to is not None:
+            response = _as_response(result, message, self.agent_id)
+            try:
+                body = response.model_dump_json()
+            except PydanticSerializationError as exc:
+                body = AgentResponse.fail(
+                    "invalid_result",
+                    f"the handler's result cannot be sent as JSON: {exc}",
+                    correlation_id=response.correlation_id,
+                    responder_id=self.agent_id,
+                ).model_dump_json()
+            waits.append(pipeliner.call("XADD", message.reply_to, "*", "r", body))
+            waits.append(pipeliner.call("PEXPIRE", message.reply_to, int(broker.settings.reply_ttl * 1000)))
+        waits.append(pipeliner.script(ACK, [stream], [keys.GROUP, entry_id]))
+        if broker.settings.event_feed:
+            waits.append(pipeliner.call("PUBLISH", keys.EVENTS_CHANNEL, broker.event("handled", message)))
+        await asyncio.gather(*waits)
+
+    async def _dead_letter(
+        self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None
+    ) -> None:
+        body = await self._broker.dead_letter(
+            self.agent_id, stream, entry_id, reason, deliveries, claim_idle_ms=claim_idle_ms
+        )
+        if body is None:
+            return  # another instance took it first
+        self.stats.dead_lettered += 1
+        self._last_error.pop((stream, entry_id), None)
+        message = self._parse({b"m": body}) if body else None
+        if not isinstance(message, AgentMessage):
+            return
+        pipeliner = self._broker.pipeliner
+        if message.reply_to is not None and not reason.startswith("expired"):
+            # tell the waiting caller now rather than let it time out
+            failure = AgentResponse.fail(
+                "dead_lettered",
+                reason,
+                correlation_id=message.correlation_id or message.message_id,
+                responder_id=self.agent_id,
+            )
+            pipeliner.fire("XADD", message.reply_to, "*", "r", failure.model_dump_json())
+            pipeliner.fire("PEXPIRE", message.reply_to, int(self._broker.settings.reply_ttl * 1000))
+        if self._broker.settings.event_feed:
+            pipeliner.fire("PUBLISH", keys.EVENTS_CHANNEL, self._broker.event("dead_lettered", message, reason=reason))
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def _keepalive(self) -> None:
+        """Reset the idle time of entries still being handled, so no other instance takes them."""
+        threshold = time.monotonic() - self._claim_idle_ms / 3000
+        by_stream: dict[str, list[str]] = {}
+        for (stream, entry_id), started in self._inflight.items():
+            if started < threshold:
+                by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            await self._redis.xclaim(stream, keys.GROUP, self.consumer, 0, list[Any](ids), justid=True)
+
+    async def _reclaim(self) -> None:
+        """Take over entries idle longer than ``claim_idle``; dead-letter the exhausted ones."""
+        for stream in self._streams:
+            start = "-"
+            while True:
+                page = await self._redis.xpending_range(
+                    stream, keys.GROUP, min=start, max="+", count=_PENDING_PAGE, idle=self._claim_idle_ms
+                )
+                if not page:
+                    break
+                await self._take_over(stream, page)
+                if len(page) < _PENDING_PAGE:
+                    break
+                start = "(" + _decode(cast(bytes, page[-1]["message_id"]))
+
+    async def _take_over(self, stream: str, page: list[dict[str, Any]]) -> None:
+        retry: dict[str, int] = {}
+        for pending in page:
+            entry_id, delivered = _decode(pending["message_id"]), int(pending["times_delivered"])
+            if (stream, entry_id) in self._inflight:
+                continue
+            if delivered >= self._max_deliveries:
+                last = self._last_error.get((stream, entry_id))
+                reason = f"delivery attempts exhausted after {delivered} deliveries" + (
+                    f"; last error: {last}" if last else ""
+                )
+                await self._dead_letter(stream, entry_id, reason, delivered, claim_idle_ms=self._claim_idle_ms)
+            else:
+                retry[entry_id] = delivered
+        if not retry:
+            return
+        claimed = await self._redis.xclaim(stream, keys.GROUP, self.consumer, self._claim_idle_ms, list[Any](retry))
+        for claimed_id, fields in entries(claimed):
+            if claimed_id is None or fields is None:
+                continue  # deleted while pending (Redis 6.2): dead-lettered when its deliveries run out
+            taken = _decode(claimed_id)
+            self.stats.reclaimed += 1
+            logger.info("%s: took over %s after %d deliveries", self.agent_id, taken, retry[taken])
+            self._dispatch(stream, taken, fields, deliveries=retry[taken] + 1)

@@ -1,0 +1,121 @@
+"""Shared fixtures: one real redis-server per session (the embedded mechanism users get), a clean database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from agentcomms import EmbeddedRedis, MessageBroker, Settings, keys
+from agentcomms._redis import read_reply
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    # short claim idle so that redelivery tests finish quickly; the mechanism is the same
+    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10)
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[MessageBroker]:
+    async with MessageBroker(settings=settings, client_name="test") as instance:
+        yield instance
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[Redis]:
+    """A plain redis-py client, for looking at (or tampering with) what the broker wrote."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def agent_id() -> str:
+    return f"agent.test.{uuid.uuid4().hex[:8]}"
+
+
+async def wait_for_dead_letters(raw: Redis, agent_id: str, count: int, timeout: float = 20) -> list[dict[bytes, bytes]]:
+    """Block on the dead-letter stream until it holds ``count`` entries (XREAD BLOCK: waits on the event)."""
+    stream = keys.dead_letters(agent_id)
+    seen: list[dict[bytes, bytes]] = []
+    last: bytes | str = "0-0"
+    async with asyncio.timeout(timeout):
+        while len(seen) < count:
+            response = await raw.xread({stream: last}, block=1000)
+            for _, batch in read_reply(response):
+                for entry_id, fields in batch:
+                    last = entry_id
+                    seen.append(fields)
+    return seen
+
+
+class AgentProcess:
+    """A test agent in its own OS process (tests/agent_process.py), talking over stdout lines."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, url: str, agent_id: str, *args: str) -> AgentProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TESTS / "agent_process.py"),
+            "--url",
+            url,
+            "--agent-id",
+            agent_id,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        agent = cls(process)
+        await agent.expect("READY")
+        return agent
+
+    async def line(self, timeout: float = 30) -> str:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            raw_line = await self.process.stdout.readline()
+        if not raw_line:
+            raise EOFError(f"agent process exited with {await self.process.wait()}")
+        return raw_line.decode().strip()
+
+    async def expect(self, prefix: str, timeout: float = 30) -> str:
+        while True:
+            text = await self.line(timeout)
+            if text.startswith(prefix):
+                return text
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+
+    async def terminate(self) -> int:
+        if self.process.returncode is None:
+            self.process.terminate()
+        return await self.process.wait()

@@ -1,0 +1,261 @@
+"""Delivery over Redis Streams on a real redis-server: send, receive, reply, fan-out, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from agentcomms import (
+    AgentMessage,
+    AgentResponse,
+    InboxFullError,
+    MessageBroker,
+    MessageIntent,
+    MessagePayload,
+    MessageTooLargeError,
+    Priority,
+    RequestTimeoutError,
+    Settings,
+    keys,
+)
+
+
+def message(recipient: str, sender: str = "agent.sender", **data: Any) -> AgentMessage:
+    return AgentMessage(
+        sender_id=sender,
+        recipient_id=recipient,
+        intent=MessageIntent.REQUEST_KNOWLEDGE,
+        payload=MessagePayload(data=data),
+    )
+
+
+async def collect(broker: MessageBroker, agent_id: str, count: int, **options: Any) -> list[AgentMessage]:
+    """Subscribe, wait until ``count`` messages arrived, stop, return them in arrival order."""
+    received: list[AgentMessage] = []
+    done = asyncio.Event()
+
+    async def handler(msg: AgentMessage) -> None:
+        received.append(msg)
+        if len(received) >= count:
+            done.set()
+
+    subscription = await broker.subscribe_to_agent(agent_id, handler, **options)
+    async with asyncio.timeout(30):
+        await done.wait()
+    await subscription.stop()
+    return received
+
+
+async def test_published_message_reaches_its_agent(broker: MessageBroker, agent_id: str) -> None:
+    sent = message(agent_id, query="pipeline?")
+    result = await broker.publish_message(sent)
+    assert result.message_id == sent.message_id and not result.duplicate
+    [received] = await collect(broker, agent_id, 1)
+    assert received == sent
+
+
+async def test_request_gets_its_reply(broker: MessageBroker, agent_id: str) -> None:
+    async def handler(msg: AgentMessage) -> dict[str, Any]:
+        return {"answer": msg.payload.data["n"] * 2}
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    reply = await broker.request(message(agent_id, n=21))
+    assert reply.success and reply.data == {"answer": 42}
+    assert reply["data"] == {"answer": 42} and reply.get("success") is True
+    assert reply.responder_id == agent_id
+
+
+async def test_handler_may_return_an_error_response(broker: MessageBroker, agent_id: str) -> None:
+    async def handler(msg: AgentMessage) -> AgentResponse:
+        return AgentResponse.fail("not_found", "no such roadmap")
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    reply = await broker.request(message(agent_id))
+    assert not reply.success
+    assert reply["error"] == {"code": "not_found", "message": "no such roadmap"}
+
+
+async def test_unserialisable_result_becomes_an_error_reply(broker: MessageBroker, agent_id: str) -> None:
+    async def handler(msg: AgentMessage) -> object:
+        return {"handle": object()}
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    reply = await broker.request(message(agent_id))
+    assert not reply.success and reply.error is not None and reply.error.code == "invalid_result"
+
+
+async def test_message_sent_before_the_agent_ever_started_is_delivered(
+    broker: MessageBroker, agent_id: str, raw: Redis
+) -> None:
+    await broker.publish_message(message(agent_id, n=1))
+    # the first sender created the group at 0, so a consumer starting later still sees it
+    groups = await raw.xinfo_groups(keys.inbox(agent_id))
+    assert [g["name"] for g in groups] == [keys.GROUP.encode()]
+    [received] = await collect(broker, agent_id, 1)
+    assert received.payload.data == {"n": 1}
+
+
+async def test_offline_agent_gets_all_500_in_per_sender_order(settings: Settings, agent_id: str) -> None:
+    senders = [MessageBroker(settings=settings, client_name=f"s{i}") for i in range(5)]
+    for sender in senders:
+        await sender.connect()
+    try:
+
+        async def send_all(index: int, sender: MessageBroker) -> None:
+            for seq in range(100):
+                await sender.publish_message(message(agent_id, sender=f"agent.sender{index}", seq=seq))
+
+        await asyncio.gather(*(send_all(i, s) for i, s in enumerate(senders)))
+        received = await collect(senders[0], agent_id, 500, concurrency=1)
+    finally:
+        for sender in senders:
+            await sender.close()
+    assert len(received) == 500
+    for index in range(5):
+        sequence = [m.payload.data["seq"] for m in received if m.sender_id == f"agent.sender{index}"]
+        assert sequence == list(range(100))
+
+
+async def test_duplicate_message_id_is_suppressed(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    sent = message(agent_id)
+    first = await broker.publish_message(sent)
+    second = await broker.publish_message(sent)
+    assert not first.duplicate and second.duplicate and second.entry_id == first.entry_id
+    assert await raw.xlen(keys.inbox(agent_id)) == 1
+    assert broker.stats.duplicates == 1
+
+
+async def test_full_inbox_rejects_instead_of_trimming(redis_url: str, agent_id: str, raw: Redis) -> None:
+    settings = Settings(redis_url=redis_url, max_inbox_length=3)
+    async with MessageBroker(settings=settings) as broker:
+        for n in range(3):
+            await broker.publish_message(message(agent_id, n=n))
+        with pytest.raises(InboxFullError) as caught:
+            await broker.publish_message(message(agent_id, n=3))
+        assert caught.value.agent_id == agent_id and caught.value.limit == 3
+        assert "full" in str(caught.value)
+        received = await collect(broker, agent_id, 3)
+        assert [m.payload.data["n"] for m in received] == [0, 1, 2]
+        # handled messages are removed, so the inbox takes new ones again
+        assert await raw.xlen(keys.inbox(agent_id)) == 0
+        await broker.publish_message(message(agent_id, n=4))
+
+
+async def test_oversized_message_is_rejected_before_sending(redis_url: str, agent_id: str, raw: Redis) -> None:
+    settings = Settings(redis_url=redis_url, max_message_bytes=2048)
+    async with MessageBroker(settings=settings) as broker:
+        with pytest.raises(MessageTooLargeError) as caught:
+            await broker.publish_message(message(agent_id, blob="x" * 4096))
+        assert caught.value.limit == 2048 and caught.value.size > 4096
+    assert await raw.exists(keys.inbox(agent_id)) == 0
+
+
+async def test_high_priority_is_read_first(broker: MessageBroker, agent_id: str) -> None:
+    for n, priority in enumerate([Priority.LOW, Priority.NORMAL, Priority.HIGH]):
+        msg = message(agent_id, n=n)
+        msg.payload.priority = priority
+        await broker.publish_message(msg)
+    received = await collect(broker, agent_id, 3, concurrency=1)
+    assert [m.payload.priority for m in received] == [Priority.HIGH, Priority.NORMAL, Priority.LOW]
+
+
+async def test_fan_out_is_one_round_trip(broker: MessageBroker, raw: Redis) -> None:
+    recipients = [f"agent.fan.{uuid.uuid4().hex[:6]}" for _ in range(200)]
+    before = broker.stats.round_trips
+    results = await broker.publish_many([message(r, note="all hands") for r in recipients])
+    assert broker.stats.round_trips - before == 1
+    assert all(not isinstance(r, Exception) for r in results)
+    lengths = [await raw.xlen(keys.inbox(r)) for r in recipients]
+    assert lengths == [1] * 200
+
+
+async def test_fan_out_reports_each_recipient(redis_url: str, raw: Redis) -> None:
+    settings = Settings(redis_url=redis_url, max_inbox_length=1)
+    async with MessageBroker(settings=settings) as broker:
+        await broker.publish_message(message("agent.busy"))
+        results = await broker.publish_many([message("agent.busy"), message("agent.free")])
+    assert isinstance(results[0], InboxFullError)
+    assert not isinstance(results[1], Exception) and results[1].recipient_id == "agent.free"
+
+
+async def test_two_instances_share_the_load(settings: Settings, agent_id: str) -> None:
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    both_busy = asyncio.Event()
+    done = asyncio.Event()
+
+    def make(name: str) -> Any:
+        async def handler(msg: AgentMessage) -> None:
+            seen[name].append(msg.message_id)
+            if seen["a"] and seen["b"]:
+                both_busy.set()
+            await both_busy.wait()  # each instance holds a message until the other has one too
+            if len(seen["a"]) + len(seen["b"]) >= 20:
+                done.set()
+
+        return handler
+
+    async with MessageBroker(settings=settings) as one, MessageBroker(settings=settings) as two:
+        await one.subscribe_to_agent(agent_id, make("a"), concurrency=1)
+        await two.subscribe_to_agent(agent_id, make("b"), concurrency=1)
+        for n in range(20):
+            await one.publish_message(message(agent_id, n=n))
+        async with asyncio.timeout(30):
+            await done.wait()
+    assert seen["a"] and seen["b"]
+    assert len(set(seen["a"]) | set(seen["b"])) == 20
+    assert not set(seen["a"]) & set(seen["b"])
+
+
+async def test_request_times_out_when_nobody_answers(broker: MessageBroker, agent_id: str) -> None:
+    with pytest.raises(RequestTimeoutError) as caught:
+        await broker.request(message(agent_id), timeout=0.2)
+    assert caught.value.agent_id == agent_id and isinstance(caught.value, TimeoutError)
+    assert broker.stats.timeouts == 1
+
+
+async def test_event_feed_shows_sent_and_handled(broker: MessageBroker, agent_id: str) -> None:
+    feed = broker.events()
+    assert isinstance(feed, AsyncGenerator)
+    assert (await anext(feed))["event"] == "subscribed"
+
+    async def handler(msg: AgentMessage) -> str:
+        return "ok"
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    sent = message(agent_id)
+    await broker.request(sent)
+    kinds = []
+    async with asyncio.timeout(10):
+        async for event in feed:
+            if event.get("message_id") == sent.message_id:
+                kinds.append(event["event"])
+            if "handled" in kinds:
+                break
+    await feed.aclose()
+    assert kinds == ["sent", "handled"]
+
+
+async def test_health_check(broker: MessageBroker, agent_id: str) -> None:
+    async def handler(msg: AgentMessage) -> None:
+        return None
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    health = await broker.health_check()
+    assert health["status"] == "healthy" and health["redis_version"]
+    assert health["subscriptions"] == [agent_id]
+
+
+async def test_reply_stream_expires_and_is_trimmed(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    async def handler(msg: AgentMessage) -> int:
+        return 1
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    for _ in range(3):
+        await broker.request(message(agent_id))
+    ttl = await raw.pttl(broker.reply_stream)
+    assert 0 < ttl <= broker.settings.reply_ttl * 1000
