@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,19 @@ async def test_cancelled_requests_never_get_someone_elses_reply(
             assert reply.data == {"token": token}
     # a reply may resolve a future just before its caller's cancel lands: counted, but never misrouted
     assert len(answered) + 2 <= broker.stats.replies_received <= len(answered) + 2 + len(cancelled)
+
+
+async def test_event_feed_resubscribes_after_its_connection_is_killed(
+    broker: MessageBroker, agent_id: str, raw: Redis
+) -> None:
+    feed = broker.events()
+    assert isinstance(feed, AsyncGenerator)
+    assert (await anext(feed))["event"] == "subscribed"
+    assert await raw.client_kill_filter(_type="pubsub") == 1
+    async with asyncio.timeout(20):
+        assert (await anext(feed))["event"] == "resubscribed"
+        sent = message(agent_id)
+        await broker.publish_message(sent)
+        event = await anext(feed)
+    await feed.aclose()
+    assert event["event"] == "sent" and event["message_id"] == sent.message_id

@@ -54,6 +54,9 @@ __all__ = ["BrokerStats", "DeadLetter", "Handler", "MessageBroker", "PublishResu
 
 logger = logging.getLogger(__name__)
 
+_TRIM_EVERY = 256
+"""Replies read before the reply stream is trimmed (it is trimmed sooner when it goes idle)."""
+
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
@@ -370,14 +373,15 @@ class MessageBroker:
     async def _read_replies(self) -> None:
         reader = self.blocking_client()
         last = "0-0"  # the stream is this instance's own and new: read it from the start
-        attempt = 0
+        attempt = untrimmed = 0
         try:
             self._reply_reader_id = int(await reader.client_id())
             assert self._reply_ready is not None
             self._reply_ready.set()
             while not self._closing:
                 try:
-                    response = await reader.xread({self.reply_stream: last}, count=1024, block=5000)
+                    block = 5000 if not untrimmed else 200  # wake soon to trim once replies stop
+                    response = await reader.xread({self.reply_stream: last}, count=1024, block=block)
                     attempt = 0
                 except TRANSIENT_ERRORS as exc:
                     if self._closing:
@@ -392,9 +396,11 @@ class MessageBroker:
                     for entry_id, fields in batch:
                         last = _decode(entry_id)
                         self._deliver_reply(fields.get(b"r", b""))
-                if response:
-                    # drop what was read; the stream holds only unread replies
+                        untrimmed += 1
+                if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
+                    # drop what was read, off the hot path: in batches, or when the stream is idle
                     self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last)
+                    untrimmed = 0
         finally:
             await reader.aclose()
 

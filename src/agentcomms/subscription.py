@@ -92,6 +92,7 @@ class Subscription:
         self._task: asyncio.Task[None] | None = None
         self._clock_offset_ms = 0.0
         self._reader_id: int | None = None
+        self._ttl_refreshed: dict[str, float] = {}
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
         self._stopped = False
 
@@ -317,7 +318,7 @@ class Subscription:
                     responder_id=self.agent_id,
                 ).model_dump_json()
             waits.append(pipeliner.call("XADD", message.reply_to, "*", "r", body))
-            waits.append(pipeliner.call("PEXPIRE", message.reply_to, int(broker.settings.reply_ttl * 1000)))
+            self._refresh_ttl(message.reply_to)
         waits.append(pipeliner.script(ACK, [stream], [keys.GROUP, entry_id]))
         if broker.settings.event_feed:
             waits.append(pipeliner.call("PUBLISH", keys.EVENTS_CHANNEL, broker.event("handled", message)))
@@ -346,9 +347,20 @@ class Subscription:
                 responder_id=self.agent_id,
             )
             pipeliner.fire("XADD", message.reply_to, "*", "r", failure.model_dump_json())
-            pipeliner.fire("PEXPIRE", message.reply_to, int(self._broker.settings.reply_ttl * 1000))
+            self._refresh_ttl(message.reply_to)
         if self._broker.settings.event_feed:
             pipeliner.fire("PUBLISH", keys.EVENTS_CHANNEL, self._broker.event("dead_lettered", message, reason=reason))
+
+    def _refresh_ttl(self, reply_stream: str) -> None:
+        """Keep a caller's reply stream expiring ``reply_ttl`` after its last reply (refreshed at most every ttl/10)."""
+        now = time.monotonic()
+        if now < self._ttl_refreshed.get(reply_stream, 0.0):
+            return
+        if len(self._ttl_refreshed) > 10_000:
+            self._ttl_refreshed.clear()
+        ttl = self._broker.settings.reply_ttl
+        self._ttl_refreshed[reply_stream] = now + ttl / 10
+        self._broker.pipeliner.fire("PEXPIRE", reply_stream, int(ttl * 1000))
 
     # -- housekeeping ----------------------------------------------------------------------
 
