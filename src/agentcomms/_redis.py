@@ -35,6 +35,11 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it with RESP2 and bytes: (id, {field: value})."""
 
 
+def decode(value: bytes | str) -> str:
+    """Text of a Redis reply value (the clients return bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def read_reply(response: Any) -> list[tuple[bytes, list[Entry]]]:
     """XREAD / XREADGROUP reply as typed data (redis-py types it as Any)."""
     return cast(list[tuple[bytes, list[Entry]]], response or [])

@@ -32,6 +32,7 @@ from agentcomms._redis import (
     TRANSIENT_ERRORS,
     Pipeliner,
     backoff,
+    decode,
     entries,
     make_client,
     read_reply,
@@ -103,10 +104,6 @@ class BrokerStats:
     replies_unmatched: int = 0
     timeouts: int = 0
     round_trips: int = 0
-
-
-def _decode(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class MessageBroker:
@@ -279,7 +276,7 @@ class MessageBroker:
         )
 
     def _sent(self, message: AgentMessage, reply: list[bytes]) -> PublishResult:
-        status, value = _decode(reply[0]), _decode(reply[1])
+        status, value = decode(reply[0]), decode(reply[1])
         if status == "full":
             self._stats.rejected += 1
             raise InboxFullError(agent_id=message.recipient_id, length=int(value), limit=self.settings.max_inbox_length)
@@ -394,7 +391,7 @@ class MessageBroker:
                     continue
                 for _stream, batch in read_reply(response):
                     for entry_id, fields in batch:
-                        last = _decode(entry_id)
+                        last = decode(entry_id)
                         self._deliver_reply(fields.get(b"r", b""))
                         untrimmed += 1
                 if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
@@ -520,7 +517,7 @@ class MessageBroker:
     async def dead_letter_agents(self) -> list[str]:
         """Agent ids that have dead letters."""
         members = await self.client.smembers(keys.DEAD_LETTER_INDEX)
-        return sorted(_decode(m) for m in members)
+        return sorted(decode(m) for m in members)
 
     async def dead_letters(self, agent_id: str, *, count: int = 100) -> list[DeadLetter]:
         """The oldest ``count`` dead letters of ``agent_id``."""
@@ -557,10 +554,10 @@ def _dead_letter(agent_id: str, entry_id: bytes | str, fields: dict[bytes, bytes
     raw = fields.get(b"raw")
     return DeadLetter(
         agent_id=agent_id,
-        entry_id=_decode(entry_id),
-        reason=_decode(fields.get(b"reason", b"")),
+        entry_id=decode(entry_id),
+        reason=decode(fields.get(b"reason", b"")),
         deliveries=int(fields.get(b"deliveries", b"0")),
-        source_id=_decode(fields.get(b"source_id", b"")),
+        source_id=decode(fields.get(b"source_id", b"")),
         payload=fields.get(b"payload", b""),
-        raw=_decode(raw) if raw is not None else None,
+        raw=decode(raw) if raw is not None else None,
     )

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from agentcomms import keys
-from agentcomms._redis import ACK, TRANSIENT_ERRORS, backoff, entries, read_reply, stop_reader
+from agentcomms._redis import ACK, TRANSIENT_ERRORS, backoff, decode, entries, read_reply, stop_reader
 from agentcomms.exceptions import BrokerConnectionError
 from agentcomms.schemas import AgentMessage, AgentResponse
 
@@ -52,10 +52,6 @@ class SubscriptionStats:
     reclaimed: int = 0
     expired: int = 0
     dead_lettered: int = 0
-
-
-def _decode(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResponse:
@@ -217,7 +213,7 @@ class Subscription:
                 continue
             for stream, batch in read_reply(response):
                 for entry_id, fields in batch:
-                    self._dispatch(_decode(stream), _decode(entry_id), fields, deliveries=1)
+                    self._dispatch(decode(stream), decode(entry_id), fields, deliveries=1)
 
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> None:
         self._inflight[(stream, entry_id)] = time.monotonic()
@@ -232,7 +228,7 @@ class Subscription:
         """The message in an entry, or why it is not one (checked before parsing where possible)."""
         body = fields.get(b"m")
         if body is None:
-            names = ", ".join(sorted(_decode(k) for k in fields)) or "none"
+            names = ", ".join(sorted(decode(k) for k in fields)) or "none"
             return f"malformed: entry has no 'm' field (fields: {names[:200]})"
         if len(body) > self._max_bytes:
             return f"too large: {len(body)} bytes, limit {self._max_bytes}"
@@ -387,12 +383,12 @@ class Subscription:
                 await self._take_over(stream, page)
                 if len(page) < _PENDING_PAGE:
                     break
-                start = "(" + _decode(cast(bytes, page[-1]["message_id"]))
+                start = "(" + decode(cast(bytes, page[-1]["message_id"]))
 
     async def _take_over(self, stream: str, page: list[dict[str, Any]]) -> None:
         retry: dict[str, int] = {}
         for pending in page:
-            entry_id, delivered = _decode(pending["message_id"]), int(pending["times_delivered"])
+            entry_id, delivered = decode(pending["message_id"]), int(pending["times_delivered"])
             if (stream, entry_id) in self._inflight:
                 continue
             if delivered >= self._max_deliveries:
@@ -409,7 +405,7 @@ class Subscription:
         for claimed_id, fields in entries(claimed):
             if claimed_id is None or fields is None:
                 continue  # deleted while pending (Redis 6.2): dead-lettered when its deliveries run out
-            taken = _decode(claimed_id)
+            taken = decode(claimed_id)
             self.stats.reclaimed += 1
             logger.info("%s: took over %s after %d deliveries", self.agent_id, taken, retry[taken])
             self._dispatch(stream, taken, fields, deliveries=retry[taken] + 1)
