@@ -5,6 +5,8 @@ Modes:
   hold  prints "HOLD <message_id>" for each message and never finishes handling it
 
 Prints "READY" once its subscription is reading, and "DONE" after a clean stop on SIGTERM.
+With --register ROLE:DEPARTMENT it also registers and keeps beating every --heartbeat seconds;
+--clock-skew shifts this process's wall clock (time.time), as a badly set machine would be.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import argparse
 import asyncio
 import os
 import signal
+import time
 from typing import Any
 
-from agentcomms import AgentMessage, MessageBroker, Settings
+from agentcomms import AgentMessage, AgentRegistry, MessageBroker, Settings
 
 
 async def main() -> None:
@@ -25,7 +28,13 @@ async def main() -> None:
     parser.add_argument("--mode", choices=["echo", "hold"], default="echo")
     parser.add_argument("--claim-idle", type=float, default=0.3)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--register", help="ROLE:DEPARTMENT")
+    parser.add_argument("--heartbeat", type=float, default=30.0)
+    parser.add_argument("--clock-skew", type=float, default=0.0)
     args = parser.parse_args()
+    if args.clock_skew:
+        real_time = time.time
+        time.time = lambda: real_time() + args.clock_skew
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -42,8 +51,16 @@ async def main() -> None:
     async with MessageBroker(settings=settings, client_name=f"proc{os.getpid()}") as broker:
         handler = echo if args.mode == "echo" else hold
         await broker.subscribe_to_agent(args.agent_id, handler, concurrency=args.concurrency)
+        presence = None
+        if args.register:
+            role, department = args.register.split(":")
+            registry = AgentRegistry(broker)
+            info = {"agent_id": args.agent_id, "user_name": "proc", "role": role, "department": department}
+            presence = await registry.keep_alive(info, heartbeat_interval=args.heartbeat)
         print("READY", flush=True)
         await stop.wait()
+        if presence is not None:
+            await presence.stop()
     print("DONE", flush=True)
 
 

@@ -4,6 +4,7 @@ from agentcomms.broker import BrokerStats, DeadLetter, MessageBroker, PublishRes
 from agentcomms.embedded import EmbeddedRedis
 from agentcomms.exceptions import (
     AgentCommsError,
+    AgentNotFoundError,
     BrokerClosedError,
     BrokerConnectionError,
     ConfigError,
@@ -11,8 +12,11 @@ from agentcomms.exceptions import (
     InboxFullError,
     MessageTooLargeError,
     MessageValidationError,
+    RegistrationConflictError,
+    RegistrationError,
     RequestTimeoutError,
 )
+from agentcomms.registry import AgentRegistry, Presence, RegistryStats
 from agentcomms.schemas import (
     AgentInfo,
     AgentMessage,
@@ -34,6 +38,8 @@ __all__ = [
     "AgentConfig",
     "AgentInfo",
     "AgentMessage",
+    "AgentNotFoundError",
+    "AgentRegistry",
     "AgentResponse",
     "AgentStatus",
     "BrokerClosedError",
@@ -51,8 +57,12 @@ __all__ = [
     "MessagePayload",
     "MessageTooLargeError",
     "MessageValidationError",
+    "Presence",
     "Priority",
     "PublishResult",
+    "RegistrationConflictError",
+    "RegistrationError",
+    "RegistryStats",
     "RequestTimeoutError",
     "Settings",
     "Subscription",

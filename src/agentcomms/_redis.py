@@ -99,6 +99,11 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+        _SCRIPTS_BY_SHA[self.sha] = self
+
+
+_SCRIPTS_BY_SHA: dict[str, Script] = {}
+"""Every script by SHA, so the pipeliner can re-send one in full after NOSCRIPT."""
 
 
 SEND = Script(
@@ -165,9 +170,6 @@ async def run_script(client: Redis, script: Script, keys: Sequence[str], args: S
         return await client.evalsha(script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return await client.eval(script.body, len(keys), *keys, *args)
-
-
-_SCRIPTS_BY_SHA = {s.sha: s for s in (SEND, ACK, DEAD_LETTER)}
 
 
 class Pipeliner:

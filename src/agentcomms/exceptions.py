@@ -73,3 +73,33 @@ class BrokerClosedError(AgentCommsError, RuntimeError):
 
 class EmbeddedRedisError(AgentCommsError, RuntimeError):
     """Raised when the embedded redis-server cannot be found, started or stopped."""
+
+
+class RegistrationError(AgentCommsError, ValueError):
+    """Raised when an agent's registration data is invalid."""
+
+    def __init__(self, message: str, *, agent_id: str | None = None) -> None:
+        self.agent_id = agent_id
+        super().__init__(
+            f"cannot register {agent_id!r}: {message}" if agent_id else f"cannot register agent: {message}"
+        )
+
+
+class RegistrationConflictError(RegistrationError):
+    """Raised when an agent id is registered again with another role without ``replace=True``."""
+
+    def __init__(self, *, agent_id: str, existing_role: str, role: str) -> None:
+        self.existing_role = existing_role
+        self.role = role
+        super().__init__(
+            f"it is registered with role {existing_role!r}, not {role!r}; pass replace=True to replace it",
+            agent_id=agent_id,
+        )
+
+
+class AgentNotFoundError(AgentCommsError, LookupError):
+    """Raised when an agent id is not registered."""
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+        super().__init__(f"agent {agent_id!r} is not registered")

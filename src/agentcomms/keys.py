@@ -55,3 +55,37 @@ def replies(client_id: str) -> str:
 def is_reply_stream(key: str) -> bool:
     """Whether ``key`` names a reply stream; responders write nowhere else, whatever ``reply_to`` says."""
     return key.startswith(REPLY_PREFIX) and key.endswith("}:replies") and key.count("}") == 1
+
+
+# -- registry: every key shares the {registry} hash tag, so each registry script touches one slot --
+
+REGISTRY = f"{PREFIX}:{{registry}}"
+"""Prefix of the registry's keys (the Lua scripts build per-agent and index keys from it)."""
+
+REGISTRY_AGENTS = f"{REGISTRY}:agents"
+"""Hash: agent id -> AgentInfo JSON (the registered, static part)."""
+
+REGISTRY_INDEXES = f"{REGISTRY}:indexes"
+"""Hash: agent id -> JSON list of the index sets it is in, so re-registration can leave the old ones."""
+
+REGISTRY_DEADLINES = f"{REGISTRY}:deadlines"
+"""Sorted set: agent id -> online-until (Redis server ms); online means score > now."""
+
+REGISTRY_SEEN = f"{REGISTRY}:seen"
+"""Hash: agent id -> last heartbeat (Redis server ms)."""
+
+REGISTRY_INSTANCE_COUNT = f"{REGISTRY}:instcount"
+"""Hash: agent id -> live instances at its last heartbeat."""
+
+REGISTRY_STATUS = f"{REGISTRY}:status"
+"""Hash: agent id -> status set by the agent (online / busy) while it is alive."""
+
+
+def registry_instances(agent_id: str) -> str:
+    """Sorted set of one agent id's instances: instance id -> online-until (server ms)."""
+    return f"{REGISTRY}:inst:{agent_id}"
+
+
+def registry_index(kind: str, value: str) -> str:
+    """Set of agent ids with ``kind`` (role, department, capability, intent) equal to ``value`` (case-folded)."""
+    return f"{REGISTRY}:idx:{kind}:{value.strip().casefold()}"
