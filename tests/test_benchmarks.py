@@ -9,13 +9,19 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def test_roundtrip_benchmark_runs() -> None:
+def run_benchmark(name: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "roundtrip.py"), "--sequential", "20", "--concurrent", "40", "--repeats=1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "ratio agentcomms/floor" in result.stdout
+    return result.stdout
+
+
+def test_roundtrip_benchmark_runs() -> None:
+    output = run_benchmark("roundtrip.py", "--sequential", "20", "--concurrent", "40", "--repeats", "1")
+    assert "ratio agentcomms/floor" in output
+
+
+def test_discovery_benchmark_runs() -> None:
+    output = run_benchmark("discovery.py", "--small", "10", "--large", "50", "--queries", "10", "--repeats", "1")
+    assert "narrow: p50 at 50 / at 10 agents" in output

@@ -220,7 +220,7 @@ class RegistryStats:
         }
 
 
-def _ms_to_datetime(value: str) -> datetime | None:
+def _ms_to_datetime(value: bytes | str) -> datetime | None:
     return datetime.fromtimestamp(int(value) / 1000, UTC) if value else None
 
 
@@ -404,15 +404,17 @@ class AgentRegistry:
         )
         agents = []
         for i in range(1, len(result), 7):
-            agent_id, info, online, status, seen, instances, started = (decode(v) for v in result[i : i + 7])
-            record = json.loads(info)
-            record.update(
-                status=(status or AgentStatus.ONLINE) if online == "1" else AgentStatus.OFFLINE,
-                last_seen=_ms_to_datetime(seen),
-                started_at=_ms_to_datetime(started),
-                instance_count=int(instances) if online == "1" else 0,
-            )
-            agents.append(AgentInfo.model_validate(record))
+            _, info, online, status, seen, instances, started = result[i : i + 7]
+            agent = AgentInfo.model_validate_json(info)  # the stored, validated part
+            is_online = online == b"1"
+            if not is_online:
+                agent.status = AgentStatus.OFFLINE
+            else:
+                agent.status = AgentStatus(decode(status)) if status else AgentStatus.ONLINE
+            agent.last_seen = _ms_to_datetime(seen)
+            agent.started_at = _ms_to_datetime(started)
+            agent.instance_count = int(instances) if is_online else 0
+            agents.append(agent)
         return sorted(agents, key=lambda a: a.agent_id)
 
     async def get_agent(self, agent_id: str) -> AgentInfo:
