@@ -1,5 +1,6 @@
 """agentcomms: reliable messaging, discovery and knowledge access for digital-twin agents over Redis."""
 
+from agentcomms.agent import BaseAgent
 from agentcomms.broker import BrokerStats, DeadLetter, MessageBroker, PublishResult
 from agentcomms.embedded import EmbeddedRedis
 from agentcomms.exceptions import (
@@ -9,9 +10,12 @@ from agentcomms.exceptions import (
     BrokerConnectionError,
     ConfigError,
     EmbeddedRedisError,
+    HandlerError,
     InboxFullError,
+    KnowledgeNotConfiguredError,
     MessageTooLargeError,
     MessageValidationError,
+    NoAgentAvailableError,
     RegistrationConflictError,
     RegistrationError,
     RequestTimeoutError,
@@ -28,6 +32,7 @@ from agentcomms.schemas import (
     Priority,
     export_json_schemas,
 )
+from agentcomms.sender import MessageSender, SenderStats
 from agentcomms.settings import AgentConfig, Settings, load_agents_config
 from agentcomms.subscription import Handler, Subscription
 
@@ -42,6 +47,7 @@ __all__ = [
     "AgentRegistry",
     "AgentResponse",
     "AgentStatus",
+    "BaseAgent",
     "BrokerClosedError",
     "BrokerConnectionError",
     "BrokerStats",
@@ -51,12 +57,16 @@ __all__ = [
     "EmbeddedRedisError",
     "ErrorDetail",
     "Handler",
+    "HandlerError",
     "InboxFullError",
+    "KnowledgeNotConfiguredError",
     "MessageBroker",
     "MessageIntent",
     "MessagePayload",
+    "MessageSender",
     "MessageTooLargeError",
     "MessageValidationError",
+    "NoAgentAvailableError",
     "Presence",
     "Priority",
     "PublishResult",
@@ -64,6 +74,7 @@ __all__ = [
     "RegistrationError",
     "RegistryStats",
     "RequestTimeoutError",
+    "SenderStats",
     "Settings",
     "Subscription",
     "__version__",

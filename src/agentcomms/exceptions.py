@@ -103,3 +103,26 @@ class AgentNotFoundError(AgentCommsError, LookupError):
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id
         super().__init__(f"agent {agent_id!r} is not registered")
+
+
+class NoAgentAvailableError(AgentCommsError, LookupError):
+    """Raised when a message is addressed by role and no agent of that role is online."""
+
+    def __init__(self, role: str, *, department: str | None = None) -> None:
+        self.role = role
+        self.department = department
+        where = f" in department {department!r}" if department else ""
+        super().__init__(f"no agent with role {role!r}{where} is online")
+
+
+class HandlerError(AgentCommsError):
+    """Raise in an intent handler to answer with an error reply of your own ``code``."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}" if message else code)
+
+
+class KnowledgeNotConfiguredError(AgentCommsError, RuntimeError):
+    """Raised by ``search_knowledge`` while no knowledge memory is configured."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from agentcomms.broker import MessageBroker
 from agentcomms.exceptions import (
     AgentNotFoundError,
     BrokerConnectionError,
+    NoAgentAvailableError,
     RegistrationConflictError,
     RegistrationError,
 )
@@ -427,6 +429,21 @@ class AgentRegistry:
         if not found:
             raise AgentNotFoundError(agent_id)
         return found[0]
+
+    async def pick_agent(self, role: str, *, department: str | None = None, exclude: Sequence[str] = ()) -> AgentInfo:
+        """An online agent with ``role`` (chosen at random, to spread load), for addressing by role.
+
+        Raises:
+            NoAgentAvailableError: none is online.
+        """
+        candidates = [
+            a
+            for a in await self.discover_agents(role=role, department=department, online_only=True)
+            if a.agent_id not in exclude
+        ]
+        if not candidates:
+            raise NoAgentAvailableError(role, department=department)
+        return random.choice(candidates)
 
     async def get_online_agents(self) -> list[AgentInfo]:
         """Every agent online now."""

@@ -7,6 +7,7 @@ each for other languages and for validation at the edges.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +26,7 @@ __all__ = [
     "MessagePayload",
     "Priority",
     "export_json_schemas",
+    "normalize_agent_id",
 ]
 
 AgentId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]*$")]
@@ -37,6 +39,16 @@ MessageId = Annotated[str, StringConstraints(min_length=1, max_length=64, patter
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 ShortList = Annotated[list[Name], Field(max_length=64)]
 IntentName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.:-]*$")]
+
+
+def normalize_agent_id(value: str) -> str:
+    """Turn a free-form id such as ``"agent.cmo.John Smith"`` into a valid one: ``"agent.cmo.john_smith"``.
+
+    Lower-cases, joins words with ``_`` and drops characters an agent id may not hold.
+    """
+    collapsed = re.sub(r"\s+", "_", value.strip().lower())
+    cleaned = re.sub(r"[^a-z0-9_.:@-]", "", collapsed).lstrip(".:@-")
+    return cleaned[:128]
 
 
 def _new_id() -> str:

@@ -1,0 +1,305 @@
+"""BaseAgent: the class an agent author subclasses to put a twin on the network.
+
+Write ``async def handle_<intent>(self, message)`` methods (``handle_assign_task``,
+``handle_request_knowledge`` ...). For a request, the return value becomes the reply's
+``data``; raise :class:`HandlerError` for an error reply with your own code. Any other
+exception becomes an error reply with code ``handler_error``; for a one-way message it
+is re-raised instead, so the broker delivers it again and, in the end, dead-letters it
+with the error rather than dropping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import ValidationError
+
+from agentcomms.broker import MessageBroker, PublishResult
+from agentcomms.exceptions import (
+    AgentCommsError,
+    ConfigError,
+    HandlerError,
+    KnowledgeNotConfiguredError,
+    MessageValidationError,
+)
+from agentcomms.registry import AgentRegistry, Presence
+from agentcomms.schemas import AgentInfo, AgentMessage, AgentResponse, MessageIntent, Priority
+from agentcomms.sender import MessageSender
+from agentcomms.settings import AgentConfig, Settings
+from agentcomms.subscription import Subscription
+
+__all__ = ["BaseAgent"]
+
+logger = logging.getLogger(__name__)
+
+BUILT_IN_INTENTS = (MessageIntent.HEALTH_CHECK, MessageIntent.CAPABILITY_QUERY)
+
+
+def _handler_name(intent: str) -> str:
+    return "handle_" + re.sub(r"[^a-z0-9_]", "_", intent)
+
+
+class BaseAgent:
+    """An agent on the network: registered, heart-beating, answering the intents it has handlers for.
+
+    Subclass it and add ``handle_<intent>`` methods; on its own it answers only the
+    built-in HEALTH_CHECK and CAPABILITY_QUERY.
+
+    Args:
+        config: the agent's id, user name, role, department and capabilities
+            (an :class:`AgentConfig` or a dict in the seed's config format).
+        broker: share a connected broker (several agents in one process); by default
+            the agent makes its own from ``redis_url`` / ``config.redis_url`` / settings.
+        settings: defaults for heartbeat interval, timeouts and limits.
+        redis_url: where Redis is, if not in the config or the environment.
+        concurrency: messages handled at once (default ``AGENTCOMMS_CONCURRENCY``).
+        heartbeat_interval: seconds between heartbeats (default ``HEARTBEAT_INTERVAL``).
+        version: reported in the registry.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig | Mapping[str, Any],
+        *,
+        broker: MessageBroker | None = None,
+        settings: Settings | None = None,
+        redis_url: str | None = None,
+        concurrency: int | None = None,
+        heartbeat_interval: float | None = None,
+        version: str = "1.0.0",
+    ) -> None:
+        try:
+            self.config = config if isinstance(config, AgentConfig) else AgentConfig.model_validate(config)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid agent config: {problems}") from exc
+        self.agent_id = self.config.agent_id
+        self._owns_broker = broker is None
+        self.broker = broker or MessageBroker(
+            redis_url or self.config.redis_url, settings=settings, client_name=self.agent_id
+        )
+        self.settings = self.broker.settings
+        self.registry = AgentRegistry(self.broker)
+        self.sender = MessageSender(sender_id=self.agent_id, broker=self.broker, registry=self.registry)
+        self.concurrency = concurrency
+        self.heartbeat_interval = heartbeat_interval or self.settings.heartbeat_interval
+        self.version = version
+        self._subscription: Subscription | None = None
+        self._presence: Presence | None = None
+
+    # -- what the agent offers: override these ---------------------------------------------
+
+    def handler_for(self, intent: str) -> Callable[[AgentMessage], Awaitable[Any]] | None:
+        """The coroutine that handles ``intent``: by default the method ``handle_<intent>``, if any."""
+        handler = getattr(self, _handler_name(intent), None)
+        return handler if callable(handler) else None
+
+    async def get_supported_intents(self) -> list[MessageIntent | str]:
+        """Intents this agent handles; by default every built-in intent it has a handler for."""
+        return [intent for intent in MessageIntent if self.handler_for(intent.value) is not None]
+
+    async def get_agent_capabilities(self) -> list[str]:
+        """Capabilities to register; by default those of the config."""
+        return list(self.config.capabilities)
+
+    async def health_status(self) -> dict[str, Any]:
+        """The answer to HEALTH_CHECK; extend it with your own checks."""
+        stats = self._subscription.stats if self._subscription else None
+        return {
+            "agent_id": self.agent_id,
+            "status": "healthy" if self.running else "stopped",
+            "handled": stats.handled if stats else 0,
+            "failed": stats.failed if stats else 0,
+            "in_flight": self._subscription.in_flight if self._subscription else 0,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the agent is taking messages."""
+        return self._subscription is not None and self._subscription.running
+
+    async def info(self) -> AgentInfo:
+        """The record this agent registers."""
+        intents = list(dict.fromkeys([*map(str, await self.get_supported_intents()), *BUILT_IN_INTENTS]))
+        return AgentInfo(
+            agent_id=self.agent_id,
+            user_name=self.config.user_name,
+            role=self.config.role,
+            department=self.config.department,
+            capabilities=await self.get_agent_capabilities(),
+            supported_intents=intents,
+            version=self.version,
+        )
+
+    async def initialize(self) -> Self:
+        """Connect, start taking messages, register and start heart-beating.
+
+        Raises:
+            BrokerConnectionError: Redis is unreachable.
+            RegistrationConflictError: the id is registered with another role.
+        """
+        if self._subscription is not None:
+            return self
+        await self.broker.connect()
+        info = await self.info()
+        self._subscription = await self.broker.subscribe_to_agent(
+            self.agent_id, self._on_message, concurrency=self.concurrency
+        )
+        try:
+            self._presence = await self.registry.keep_alive(
+                info, instance_id=self.broker.client_id, heartbeat_interval=self.heartbeat_interval
+            )
+        except BaseException:
+            await self._subscription.stop()
+            self._subscription = None
+            raise
+        logger.info("agent %s (%s, %s) is online", self.agent_id, self.config.role, self.config.department)
+        return self
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop gracefully: leave, finish what is in hand, disconnect.
+
+        Leaving the registry first marks the agent offline at once, so no new work is
+        routed here by role; messages in hand get ``timeout`` s to finish (unfinished ones
+        are handed back to other instances after ``claim_idle``).
+        """
+        if self._presence is not None:
+            await self._presence.stop()
+            self._presence = None
+        if self._subscription is not None:
+            await self._subscription.stop(timeout)
+            self._subscription = None
+        if self._owns_broker:
+            await self.broker.close()
+        logger.info("agent %s stopped", self.agent_id)
+
+    async def __aenter__(self) -> Self:
+        return await self.initialize()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.shutdown()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _on_message(self, message: AgentMessage) -> Any:
+        intent = str(message.intent)
+        if intent == MessageIntent.HEALTH_CHECK:
+            return await self.health_status()
+        if intent == MessageIntent.CAPABILITY_QUERY:
+            return (await self.info()).model_dump(mode="json", exclude={"status", "started_at", "last_seen"})
+        handler = self.handler_for(intent)
+        if handler is None:
+            logger.warning("%s has no handler for intent %r (from %s)", self.agent_id, intent, message.sender_id)
+            return AgentResponse.fail("unsupported_intent", f"{self.agent_id} does not handle {intent!r}")
+        try:
+            return await handler(message)
+        except HandlerError as exc:
+            return AgentResponse.fail(exc.code, exc.message)
+        except Exception as exc:
+            if message.reply_to is None:
+                raise  # a one-way message: delivered again, then dead-lettered with this error
+            logger.exception("%s: handler for %r failed on %s", self.agent_id, intent, message.message_id)
+            return AgentResponse.fail("handler_error", f"{type(exc).__name__}: {exc}")
+
+    # -- sending: through this agent's own MessageSender ---------------------------------------
+
+    async def send_message(
+        self,
+        message_or_recipient: AgentMessage | str,
+        intent: MessageIntent | str | None = None,
+        data: Mapping[str, Any] | None = None,
+        *,
+        priority: Priority | str = Priority.NORMAL,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> PublishResult:
+        """Send a one-way message: an :class:`AgentMessage`, or a recipient id with intent and data."""
+        if isinstance(message_or_recipient, AgentMessage):
+            return await self.broker.publish_message(message_or_recipient)
+        if intent is None:
+            raise MessageValidationError("send_message(recipient_id, ...) needs an intent")
+        return await self.sender.send_message(
+            message_or_recipient, intent, data, priority=priority, context=context, conversation_id=conversation_id
+        )
+
+    async def request(
+        self,
+        recipient_id: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> AgentResponse:
+        """Send a request and wait for its reply.
+
+        Raises:
+            RequestTimeoutError: no reply within ``timeout`` (default ``MESSAGE_TIMEOUT``).
+        """
+        return await self.sender.request(
+            recipient_id, intent, data, timeout=timeout, priority=priority, context=context,
+            conversation_id=conversation_id,
+        )  # fmt: skip
+
+    async def request_role(
+        self,
+        role: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        department: str | None = None,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> AgentResponse:
+        """Ask an online agent with ``role`` (never this one) and wait for its reply.
+
+        Raises:
+            NoAgentAvailableError: no agent with that role is online.
+            RequestTimeoutError: no reply in time.
+        """
+        return await self.sender.request_role(
+            role, intent, data, department=department, timeout=timeout, context=context
+        )
+
+    async def discover_agents(self, **filters: Any) -> list[AgentInfo]:
+        """Agents matching ``filters`` (``role``, ``department``, ``capability``, ``intent``, ``online_only``)."""
+        return await self.sender.discover_agents(**filters)
+
+    async def broadcast_message(
+        self, intent: MessageIntent | str, data: Mapping[str, Any] | None = None, **filters: Any
+    ) -> dict[str, PublishResult | AgentCommsError]:
+        """Send one message to every agent matching ``filters`` except this one (see MessageSender)."""
+        return await self.sender.broadcast_message(intent, data, **filters)
+
+    async def search_knowledge(self, query: str, **options: Any) -> list[dict[str, Any]]:
+        """Search the knowledge this agent's role may read.
+
+        Raises:
+            KnowledgeNotConfiguredError: no knowledge memory is configured yet.
+        """
+        raise KnowledgeNotConfiguredError(
+            f"{self.agent_id}: knowledge search is not configured (no knowledge memory is set up for agentcomms yet)"
+        )
+
+
+async def run_until_stopped(agents: Sequence[BaseAgent], stop: asyncio.Event) -> None:
+    """Initialize ``agents``, wait for ``stop``, then shut them down (used by ``agentcomms run-agent``)."""
+    started: list[BaseAgent] = []
+    try:
+        for agent in agents:
+            started.append(await agent.initialize())
+        await stop.wait()
+    finally:
+        for agent in reversed(started):
+            await agent.shutdown()

@@ -1,0 +1,362 @@
+"""MessageSender: sending, asking, broadcasting and discovery for callers that are not agents.
+
+Dashboards, orchestrators and scripts use it directly; every :class:`BaseAgent` has
+one too (``agent.sender``) whose sender id is the agent's own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Literal, Self, overload
+
+from pydantic import ValidationError
+
+from agentcomms.broker import MessageBroker, PublishResult
+from agentcomms.exceptions import AgentCommsError, MessageValidationError, RequestTimeoutError
+from agentcomms.registry import AgentRegistry
+from agentcomms.schemas import AgentInfo, AgentMessage, AgentResponse, MessageIntent, MessagePayload, Priority
+from agentcomms.settings import Settings
+
+__all__ = ["MessageSender", "SenderStats"]
+
+
+@dataclass(slots=True)
+class SenderStats:
+    """What one sender has done since it started."""
+
+    messages_sent: int = 0
+    requests: int = 0
+    replies: int = 0
+    error_replies: int = 0
+    timeouts: int = 0
+    broadcasts: int = 0
+    broadcast_recipients: int = 0
+    failed_sends: int = 0
+    total_reply_ms: float = 0.0
+
+    @property
+    def average_reply_ms(self) -> float:
+        """Mean time from sending a request to its reply."""
+        return self.total_reply_ms / self.replies if self.replies else 0.0
+
+
+class MessageSender:
+    """Send messages to agents, ask them and wait for answers, broadcast, and find agents.
+
+    Args:
+        redis_url: where Redis is (default ``REDIS_URL``, else the embedded server).
+        sender_id: the id replies and logs know this sender by (default ``sender.<random>``).
+        settings: timeouts and limits.
+        broker: share a broker instead of making one (then the caller closes it).
+        registry: share a registry (by default one on the same broker).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        sender_id: str | None = None,
+        settings: Settings | None = None,
+        broker: MessageBroker | None = None,
+        registry: AgentRegistry | None = None,
+    ) -> None:
+        self.sender_id = sender_id or f"sender.{uuid.uuid4().hex[:8]}"
+        self._owns_broker = broker is None
+        self.broker = broker or MessageBroker(redis_url, settings=settings, client_name=self.sender_id)
+        self.registry = registry or AgentRegistry(self.broker)
+        self.stats = SenderStats()
+
+    async def initialize(self) -> Self:
+        """Connect to Redis.
+
+        Raises:
+            BrokerConnectionError: Redis is unreachable.
+        """
+        await self.broker.connect()
+        return self
+
+    async def close(self) -> None:
+        """Disconnect (if this sender made its own broker)."""
+        if self._owns_broker:
+            await self.broker.close()
+
+    shutdown = close
+
+    async def __aenter__(self) -> Self:
+        return await self.initialize()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- building and sending --------------------------------------------------------------
+
+    def build_message(
+        self,
+        recipient_id: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        priority: Priority | str = Priority.NORMAL,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> AgentMessage:
+        """A message from this sender.
+
+        Raises:
+            MessageValidationError: an id, intent or priority is not valid.
+        """
+        try:
+            fields: dict[str, Any] = {"sender_id": self.sender_id, "recipient_id": recipient_id, "intent": intent}
+            if conversation_id:
+                fields["conversation_id"] = conversation_id
+            payload = MessagePayload(data=dict(data or {}), priority=priority, context=dict(context or {}))
+            return AgentMessage(payload=payload, **fields)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise MessageValidationError(f"invalid message to {recipient_id!r}: {problems}") from exc
+
+    @overload
+    async def send_message(
+        self,
+        recipient_id: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = ...,
+        *,
+        wait_for_response: Literal[True],
+        priority: Priority | str = ...,
+        timeout: float | None = ...,
+        context: Mapping[str, Any] | None = ...,
+        conversation_id: str | None = ...,
+    ) -> AgentResponse: ...
+
+    @overload
+    async def send_message(
+        self,
+        recipient_id: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = ...,
+        *,
+        wait_for_response: Literal[False] = ...,
+        priority: Priority | str = ...,
+        timeout: float | None = ...,
+        context: Mapping[str, Any] | None = ...,
+        conversation_id: str | None = ...,
+    ) -> PublishResult: ...
+
+    async def send_message(
+        self,
+        recipient_id: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        wait_for_response: bool = False,
+        priority: Priority | str = Priority.NORMAL,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> AgentResponse | PublishResult:
+        """Send a message; with ``wait_for_response=True``, wait for the reply and return it.
+
+        Raises:
+            RequestTimeoutError: no reply within ``timeout`` (default ``MESSAGE_TIMEOUT``).
+            InboxFullError, MessageTooLargeError, MessageValidationError, BrokerConnectionError.
+        """
+        message = self.build_message(
+            recipient_id, intent, data, priority=priority, context=context, conversation_id=conversation_id
+        )
+        if wait_for_response:
+            return await self.request_message(message, timeout=timeout)
+        try:
+            result = await self.broker.publish_message(message)
+        except AgentCommsError:
+            self.stats.failed_sends += 1
+            raise
+        self.stats.messages_sent += 1
+        return result
+
+    async def request_message(self, message: AgentMessage, *, timeout: float | None = None) -> AgentResponse:
+        """Send a built message as a request and wait for its reply."""
+        started = time.perf_counter()
+        self.stats.requests += 1
+        try:
+            response = await self.broker.request(message, timeout=timeout)
+        except RequestTimeoutError:
+            self.stats.timeouts += 1
+            raise
+        except AgentCommsError:
+            self.stats.failed_sends += 1
+            raise
+        self.stats.messages_sent += 1
+        self.stats.replies += 1
+        self.stats.error_replies += not response.success
+        self.stats.total_reply_ms += (time.perf_counter() - started) * 1000
+        return response
+
+    async def request(
+        self,
+        recipient_id: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> AgentResponse:
+        """Send a request to ``recipient_id`` and wait for its reply."""
+        message = self.build_message(
+            recipient_id, intent, data, priority=priority, context=context, conversation_id=conversation_id
+        )
+        return await self.request_message(message, timeout=timeout)
+
+    async def request_role(
+        self,
+        role: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        department: str | None = None,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> AgentResponse:
+        """Ask an online agent with ``role`` (picked at random among them, never this sender itself).
+
+        Raises:
+            NoAgentAvailableError: no agent with that role is online.
+            RequestTimeoutError: no reply in time.
+        """
+        target = await self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
+        return await self.request(
+            target.agent_id, intent, data, timeout=timeout, context=context, conversation_id=conversation_id
+        )
+
+    # -- the seed's helpers ----------------------------------------------------------------
+
+    async def assign_task(
+        self,
+        agent_id: str,
+        task_id: str,
+        task_description: str | None = None,
+        *,
+        description: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        deadline: str | None = None,
+        wait_for_response: bool = False,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> AgentResponse | PublishResult:
+        """Assign a task (ASSIGN_TASK with ``task_id``, ``description`` and optional ``deadline``)."""
+        data: dict[str, Any] = {"task_id": task_id, "description": task_description or description or ""}
+        if deadline:
+            data["deadline"] = deadline
+        if wait_for_response:
+            return await self.send_message(
+                agent_id, MessageIntent.ASSIGN_TASK, data, wait_for_response=True, priority=priority,
+                timeout=timeout, context=context,
+            )  # fmt: skip
+        return await self.send_message(agent_id, MessageIntent.ASSIGN_TASK, data, priority=priority, context=context)
+
+    async def request_knowledge(
+        self,
+        agent_id: str,
+        query: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+        wait_for_response: bool = True,
+        timeout: float | None = None,
+    ) -> AgentResponse | PublishResult:
+        """Ask an agent a question (REQUEST_KNOWLEDGE with ``query``)."""
+        data = {"query": query}
+        if wait_for_response:
+            return await self.send_message(
+                agent_id, MessageIntent.REQUEST_KNOWLEDGE, data, wait_for_response=True, timeout=timeout,
+                context=context,
+            )  # fmt: skip
+        return await self.send_message(agent_id, MessageIntent.REQUEST_KNOWLEDGE, data, context=context)
+
+    async def discover_agents(
+        self,
+        *,
+        role: str | None = None,
+        department: str | None = None,
+        capability: str | Sequence[str] | None = None,
+        intent: MessageIntent | str | None = None,
+        online_only: bool = False,
+    ) -> list[AgentInfo]:
+        """Agents matching every given filter (see :meth:`AgentRegistry.discover_agents`)."""
+        return await self.registry.discover_agents(
+            role=role, department=department, capability=capability, intent=intent, online_only=online_only
+        )
+
+    async def broadcast_message(
+        self,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        department: str | None = None,
+        role: str | None = None,
+        capability: str | None = None,
+        everyone: bool = False,
+        online_only: bool = False,
+        priority: Priority | str = Priority.NORMAL,
+    ) -> dict[str, PublishResult | AgentCommsError]:
+        """Send one message to every registered agent matching the filters, in one round trip.
+
+        Offline members get it in their inbox too (unless ``online_only``). Returns, per
+        recipient id, where the message went or why it could not be sent there. With no
+        filter, ``everyone=True`` must be said explicitly.
+
+        Raises:
+            MessageValidationError: no filter and not ``everyone``.
+        """
+        if department is None and role is None and capability is None and not everyone:
+            raise MessageValidationError("broadcast_message needs department=, role=, capability= or everyone=True")
+        agents = await self.registry.discover_agents(
+            department=department, role=role, capability=capability, online_only=online_only
+        )
+        recipients = [a.agent_id for a in agents if a.agent_id != self.sender_id]
+        conversation = str(uuid.uuid4())
+        messages = [
+            self.build_message(r, intent, data, priority=priority, conversation_id=conversation) for r in recipients
+        ]
+        results = await self.broker.publish_many(messages)
+        self.stats.broadcasts += 1
+        self.stats.broadcast_recipients += len(recipients)
+        self.stats.messages_sent += sum(not isinstance(r, Exception) for r in results)
+        self.stats.failed_sends += sum(isinstance(r, Exception) for r in results)
+        return dict(zip(recipients, results, strict=True))
+
+    async def get_agent_status(self, agent_id: str, *, ping: bool = True, timeout: float = 5.0) -> dict[str, Any]:
+        """What the registry knows of an agent, and (if ``ping`` and online) its answer to HEALTH_CHECK.
+
+        Raises:
+            AgentNotFoundError: the agent is not registered.
+        """
+        info = await self.registry.get_agent(agent_id)
+        status: dict[str, Any] = info.model_dump(mode="json")
+        status["online"] = info.status != "offline"
+        if ping and status["online"]:
+            started = time.perf_counter()
+            try:
+                response = await self.request(agent_id, MessageIntent.HEALTH_CHECK, timeout=timeout)
+                status["health"] = response.data if response.success else response["error"]
+                status["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            except RequestTimeoutError:
+                status["health"] = {"code": "timeout", "message": f"no answer to HEALTH_CHECK within {timeout:g}s"}
+        return status
+
+    async def get_sender_stats(self) -> dict[str, Any]:
+        """This sender's counters, plus the broker's."""
+        return {
+            "sender_id": self.sender_id,
+            **asdict(self.stats),
+            "average_reply_ms": round(self.stats.average_reply_ms, 3),
+            "broker": asdict(self.broker.stats),
+        }
