@@ -1,47 +1,198 @@
-"""The command line, run as a user would: a real subprocess on a fresh folder."""
+"""The command line, run as a user would: real subprocesses against a real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import subprocess
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
+
+from agentcomms import MessageBroker, Settings, keys
+from agentcomms.examples import TwinAgent, create_agent_config, save_startup_config
+from conftest import wait_for_dead_letters
+from test_broker import message
+
+ROOT = Path(__file__).parent.parent
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "agentcomms", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
 
 
-def test_demo_starts_embedded_redis_and_round_trips(tmp_path: Path) -> None:
-    result = run_cli("demo", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "success" in result.stdout and "True" in result.stdout and "$2.4M" in result.stdout
-    assert (tmp_path / ".agentcomms" / "appendonlydir").is_dir()  # AOF in the local folder
-    assert not (tmp_path / ".agentcomms" / "redis.sock").exists()  # the server was stopped
+async def cli(*args: str, redis_url: str | None, cwd: Path | None = None, stdin: str | None = None) -> Result:
+    """Run ``python -m agentcomms ARGS`` without blocking the event loop (agents in this process keep answering)."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    env["COLUMNS"] = "200"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentcomms", *args, cwd=cwd, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(120):
+        out, err = await process.communicate(stdin.encode() if stdin else None)
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
 
 
-def test_demo_with_unreachable_redis_fails_clearly(tmp_path: Path) -> None:
-    result = run_cli("demo", cwd=tmp_path, env={"REDIS_URL": "redis://127.0.0.1:1"})
-    assert result.returncode == 1
-    assert "error:" in result.stderr and "cannot reach Redis" in result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.fixture
+async def cso(settings: Settings) -> AsyncIterator[TwinAgent]:
+    config = create_agent_config("agent.cso.jane", "jane", "cso", "sales", ["sales_forecasting"])
+    async with TwinAgent(config, settings=settings) as agent:
+        yield agent
 
 
-@pytest.mark.parametrize("command", [["schema"]])
-def test_schema_prints_json(tmp_path: Path, command: list[str]) -> None:
-    result = run_cli(*command, cwd=tmp_path)
-    assert result.returncode == 0
-    assert "AgentMessage" in json.loads(result.stdout)
+async def test_readme_demo_command_answers_every_scenario(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    process = await asyncio.create_subprocess_exec(
+        "bash", str(ROOT / "scripts" / "demo.sh"), env={**env, "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(300):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    text = out.decode()
+    assert "5 of 5 scenarios answered" in text
+    assert "FAILED" not in text and "CMO asked CSO agent, got" in text
+
+
+async def test_agents_lists_and_filters(redis_url: str, cso: TwinAgent) -> None:
+    result = await cli("agents", "--role", "cso", "--json", redis_url=redis_url)
+    assert result.code == 0, result.err
+    [agent] = json.loads(result.out)
+    assert agent["agent_id"] == "agent.cso.jane" and agent["status"] == "online"
+    table = await cli("agents", "--online", redis_url=redis_url)
+    assert "agent.cso.jane" in table.out and "1 agents" in table.out
+
+
+async def test_ask_by_role_and_by_id(redis_url: str, cso: TwinAgent) -> None:
+    by_role = await cli("ask", "--role", "cso", "Q4 pipeline?", "--json", redis_url=redis_url)
+    assert by_role.code == 0, by_role.err
+    reply = json.loads(by_role.out)
+    assert reply["success"] and reply["data"]["pipeline"]["total"] == "$2.4M"
+    by_id = await cli("ask", "--to", "agent.cso.jane", "status?", "--intent", "agent_status", redis_url=redis_url)
+    assert by_id.code == 0 and "working" in by_id.out
+
+
+async def test_ask_error_reply_exits_1(redis_url: str, cso: TwinAgent) -> None:
+    result = await cli("ask", "--to", "agent.cso.jane", "x", "--intent", "approve_budget", redis_url=redis_url)
+    assert result.code == 1 and "unsupported_intent" in result.err
+
+
+async def test_ask_with_nobody_online_for_the_role_exits_3(redis_url: str) -> None:
+    result = await cli("ask", "--role", "cfo", "budget?", redis_url=redis_url)
+    assert result.code == 3
+    assert "no agent with role 'cfo' is online" in result.err and "Traceback" not in result.err
+
+
+async def test_ask_timeout_exits_4(redis_url: str) -> None:
+    result = await cli("ask", "--to", "agent.asleep", "anyone?", "--timeout", "0.2", redis_url=redis_url)
+    assert result.code == 4 and "no reply from 'agent.asleep'" in result.err
+
+
+async def test_unreachable_redis_exits_5(tmp_path: Path) -> None:
+    result = await cli("agents", redis_url="redis://127.0.0.1:1")
+    assert result.code == 5 and "cannot reach Redis" in result.err and "Traceback" not in result.err
+
+
+async def test_ask_usage_errors_exit_2(redis_url: str) -> None:
+    assert (await cli("ask", "hello", redis_url=redis_url)).code == 2
+    bad_data = await cli("ask", "--to", "agent.x", "hi", "--data", "[1]", redis_url=redis_url)
+    assert bad_data.code == 2 and "JSON object" in bad_data.err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read agents config"),
+        ("{broken", "not valid JSON"),
+        ('{"agents": [{"agent_id": "agent.x", "role": "cmo"}]}', "agents.0.user_name: Field required"),
+    ],
+)
+async def test_run_agent_with_bad_config_exits_2(
+    redis_url: str, tmp_path: Path, content: str | None, expected: str
+) -> None:
+    path = tmp_path / "agents.json"
+    if content is not None:
+        path.write_text(content)
+    result = await cli("run-agent", "--config", str(path), redis_url=redis_url)
+    assert result.code == 2 and expected in result.err and "Traceback" not in result.err
+
+
+async def test_run_agent_with_unknown_agent_or_class_exits_2(redis_url: str, tmp_path: Path) -> None:
+    path = save_startup_config(tmp_path / "team.json")
+    unknown = await cli("run-agent", "--config", str(path), "--agent-id", "agent.nobody", redis_url=redis_url)
+    assert unknown.code == 2 and "no agent agent.nobody in the file" in unknown.err
+    bad_class = await cli("run-agent", "--config", str(path), "--class", "json:loads", redis_url=redis_url)
+    assert bad_class.code == 2 and "is not a BaseAgent subclass" in bad_class.err
+
+
+async def test_run_agent_serves_until_sigterm(redis_url: str, tmp_path: Path, broker: MessageBroker) -> None:
+    path = save_startup_config(tmp_path / "team.json")
+    env = {**os.environ, "REDIS_URL": redis_url}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentcomms", "run-agent", "--config", str(path), "--agent-id", "agent.cto.raj",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(60):
+        assert (await process.stdout.readline()).decode().strip() == "READY agent.cto.raj"
+    reply = await broker.request(message("agent.cto.raj").model_copy(update={"intent": "get_roadmap"}))
+    assert reply.success and "Q4: SSO and audit log" in reply.data["roadmap"]
+    process.terminate()
+    assert await process.wait() == 0
+
+
+async def test_tail_prints_live_events(redis_url: str, broker: MessageBroker, cso: TwinAgent) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url, "COLUMNS": "200"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentcomms", "tail", "--count", "2", "--agent", "agent.cso.jane",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    async with asyncio.timeout(60):
+        assert "subscribed" in (await process.stderr.readline()).decode()  # the feed is listening
+        await broker.request(message("agent.cso.jane"))
+        out, _ = await process.communicate()
+    lines = out.decode().splitlines()
+    assert process.returncode == 0 and len(lines) == 2
+    assert "sent" in lines[0] and "handled" in lines[1] and "agent.cso.jane" in lines[0]
+
+
+async def test_dlq_list_show_redrive_purge(redis_url: str, broker: MessageBroker, raw: Redis) -> None:
+    agent = "agent.dlq.cli"
+    await broker.publish_message(message(agent, n=1))
+    await raw.xadd(keys.inbox(agent), {"garbage": "1"})
+
+    async def nothing(_: object) -> None:
+        return None
+
+    subscription = await broker.subscribe_to_agent(agent, nothing)
+    letters = await wait_for_dead_letters(raw, agent, 1)
+    await subscription.stop()
+    assert letters[0][b"reason"].startswith(b"malformed")
+    listing = await cli("dlq", "list", redis_url=redis_url)
+    assert listing.code == 0 and agent in listing.out
+    [letter] = await broker.dead_letters(agent)
+    shown = await cli("dlq", "show", agent, letter.entry_id, redis_url=redis_url)
+    assert shown.code == 0 and json.loads(shown.out)["raw"] == '["garbage","1"]'
+    redrive = await cli("dlq", "redrive", agent, "--all", redis_url=redis_url)
+    assert redrive.code == 0 and "redriven: 0" in redrive.out and "not a valid message" in redrive.err
+    assert (await cli("dlq", "purge", agent, redis_url=redis_url, stdin="n\n")).code == 1
+    purged = await cli("dlq", "purge", agent, "--yes", redis_url=redis_url)
+    assert purged.code == 0 and "purged: 1" in purged.out
+    assert await broker.dead_letters(agent) == []
+
+
+async def test_schema_prints_json(tmp_path: Path) -> None:
+    result = await cli("schema", redis_url=None, cwd=tmp_path)
+    assert result.code == 0 and "AgentMessage" in json.loads(result.out)

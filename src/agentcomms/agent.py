@@ -148,17 +148,17 @@ class BaseAgent:
         if self._subscription is not None:
             return self
         await self.broker.connect()
-        info = await self.info()
-        self._subscription = await self.broker.subscribe_to_agent(
-            self.agent_id, self._on_message, concurrency=self.concurrency
-        )
         try:
+            info = await self.info()
+            # register first: a refused registration (another role holds the id) must not consume its messages
             self._presence = await self.registry.keep_alive(
                 info, instance_id=self.broker.client_id, heartbeat_interval=self.heartbeat_interval
             )
+            self._subscription = await self.broker.subscribe_to_agent(
+                self.agent_id, self._on_message, concurrency=self.concurrency
+            )
         except BaseException:
-            await self._subscription.stop()
-            self._subscription = None
+            await self.shutdown()
             raise
         logger.info("agent %s (%s, %s) is online", self.agent_id, self.config.role, self.config.department)
         return self

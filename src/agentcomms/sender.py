@@ -239,6 +239,36 @@ class MessageSender:
 
     # -- the seed's helpers ----------------------------------------------------------------
 
+    @overload
+    async def assign_task(
+        self,
+        agent_id: str,
+        task_id: str,
+        task_description: str | None = ...,
+        *,
+        description: str | None = ...,
+        priority: Priority | str = ...,
+        deadline: str | None = ...,
+        wait_for_response: Literal[True],
+        timeout: float | None = ...,
+        context: Mapping[str, Any] | None = ...,
+    ) -> AgentResponse: ...
+
+    @overload
+    async def assign_task(
+        self,
+        agent_id: str,
+        task_id: str,
+        task_description: str | None = ...,
+        *,
+        description: str | None = ...,
+        priority: Priority | str = ...,
+        deadline: str | None = ...,
+        wait_for_response: Literal[False] = ...,
+        timeout: float | None = ...,
+        context: Mapping[str, Any] | None = ...,
+    ) -> PublishResult: ...
+
     async def assign_task(
         self,
         agent_id: str,
@@ -262,6 +292,28 @@ class MessageSender:
                 timeout=timeout, context=context,
             )  # fmt: skip
         return await self.send_message(agent_id, MessageIntent.ASSIGN_TASK, data, priority=priority, context=context)
+
+    @overload
+    async def request_knowledge(
+        self,
+        agent_id: str,
+        query: str,
+        *,
+        context: Mapping[str, Any] | None = ...,
+        wait_for_response: Literal[True] = ...,
+        timeout: float | None = ...,
+    ) -> AgentResponse: ...
+
+    @overload
+    async def request_knowledge(
+        self,
+        agent_id: str,
+        query: str,
+        *,
+        context: Mapping[str, Any] | None = ...,
+        wait_for_response: Literal[False],
+        timeout: float | None = ...,
+    ) -> PublishResult: ...
 
     async def request_knowledge(
         self,
