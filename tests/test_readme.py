@@ -1,0 +1,75 @@
+"""The README's Python examples run as written (top-level await allowed), so the docs cannot drift."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentcomms import Settings
+from agentcomms.examples import TwinAgent, create_agent_config
+
+README = Path(__file__).parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+
+
+async def run_block(source: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    code = compile(source, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    result = eval(code, namespace)  # our own README
+    if result is not None:
+        await result
+    return namespace
+
+
+@pytest.fixture(autouse=True)
+def environment(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+
+
+@pytest.fixture
+async def twins(settings: Settings) -> AsyncIterator[None]:
+    agents = [
+        TwinAgent(create_agent_config("agent.cso.jane", "jane", "cso", "sales"), settings=settings),
+        TwinAgent(create_agent_config("agent.sarah", "sarah", "content_agent", "marketing", ["content_creation"]),
+                  settings=settings),
+        TwinAgent(create_agent_config("agent.alex", "alex", "seo_agent", "marketing"), settings=settings),
+    ]  # fmt: skip
+    for agent in agents:
+        await agent.initialize()
+    yield
+    for agent in agents:
+        await agent.shutdown()
+
+
+def test_readme_has_the_examples() -> None:
+    assert len(BLOCKS) == 3
+
+
+async def test_add_communication_to_your_agent(twins: None, capsys: pytest.CaptureFixture[str]) -> None:
+    class ExistingCMOAgent:
+        def __init__(self) -> None:
+            self.campaigns = ["Q4 Holiday Campaign"]
+
+    namespace = await run_block(BLOCKS[0], {"ExistingCMOAgent": ExistingCMOAgent})
+    assert "'pipeline': {'total': '$2.4M'" in capsys.readouterr().out
+    asked = await namespace["cmo"].comms_agent.sender.request(
+        "agent.cmo.john", "request_knowledge", {"query": "campaigns?"}
+    )
+    assert asked.data == {"campaigns": ["Q4 Holiday Campaign"], "asked": "campaigns?"}
+    await namespace["cmo"].shutdown_communication()
+
+
+async def test_agent_from_scratch() -> None:
+    namespace = await run_block(BLOCKS[1], {})
+    assert not namespace["agent"].running  # it started, answered nothing, and stopped cleanly
+
+
+async def test_sender(twins: None) -> None:
+    namespace = await run_block(BLOCKS[2], {})
+    assert namespace["reply"].success and namespace["knowledge"].success
+    assert [a.agent_id for a in namespace["team"]] == ["agent.sarah"]
+    assert sorted(namespace["results"]) == ["agent.alex", "agent.sarah"]
