@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import hiredis
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -63,6 +64,71 @@ def make_client(url: str, *, password: str | None, db: int, single_connection: b
         max_connections=64,
         **kwargs,
     )
+
+
+class RawConnection:
+    """One redis-py connection used directly: pipelined commands in, raw RESP2 replies out.
+
+    The hot path goes through this instead of the client API: the client wraps each
+    command in retry, metrics and response-callback layers that cost about a quarter of
+    a loopback round trip (see docs/benchmarks.md). Connection handling, AUTH/SELECT and
+    the (hiredis) parser are still redis-py's.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+
+    async def execute(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
+        """Send ``commands`` in one write; per command its reply, or the ResponseError it got.
+
+        Raises:
+            ConnectionError, TimeoutError, OSError: the connection failed (it is reset).
+        """
+        connection = self._connection
+        try:
+            if not connection.is_connected:
+                await connection.connect()
+            # hiredis packs in C (redis-py's asyncio connection packs in Python); its stub mistypes the tuple
+            packed = b"".join(hiredis.pack_command(cast(Any, tuple(c))) for c in commands)
+            await connection.send_packed_command(packed, check_health=False)
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as exc:  # the reply was read in full; the connection is in step
+                    results.append(exc)
+            return results
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+
+    async def call(self, *args: EncodableT) -> Any:
+        """One command; its raw reply.
+
+        Raises:
+            ResponseError: Redis answered with an error.
+        """
+        [result] = await self.execute([args])
+        if isinstance(result, ResponseError):
+            raise result
+        return result
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._connection.disconnect()
+
+
+def fields_dict(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:
+    """A raw stream entry's ``[field, value, ...]`` as a dict."""
+    if not flat:
+        return {}
+    items = iter(flat)
+    return dict(zip(items, items, strict=True))
+
+
+def raw_entries(response: Any) -> list[tuple[bytes, list[Entry]]]:
+    """A raw XREAD / XREADGROUP reply as ``[(stream, [(id, fields), ...]), ...]``."""
+    return [(stream, [(entry_id, fields_dict(flat)) for entry_id, flat in batch]) for stream, batch in response or ()]
 
 
 def backoff(attempt: int, *, base: float = 0.05, cap: float = 2.0) -> float:
@@ -182,7 +248,7 @@ class Pipeliner:
     """
 
     def __init__(self, client: Redis, *, reconnect_timeout: float, url: str | None = None) -> None:
-        self._client = client
+        self._connection = RawConnection(client)
         self._reconnect_timeout = reconnect_timeout
         self._url = url
         self._queue: list[tuple[tuple[EncodableT, ...], asyncio.Future[Any]]] = []
@@ -220,6 +286,7 @@ class Pipeliner:
         self._closing = True
         self._wakeup.set()
         await task
+        await self._connection.close()
 
     async def _run(self) -> None:
         while True:
@@ -264,12 +331,9 @@ class Pipeliner:
         deadline = loop.time() + self._reconnect_timeout
         attempt = 0
         while True:
-            pipe = self._client.pipeline(transaction=False)
-            for args in commands:
-                pipe.execute_command(*args)
             try:
                 self.round_trips += 1
-                return await pipe.execute(raise_on_error=False)
+                return await self._connection.execute(commands)
             except TRANSIENT_ERRORS as exc:
                 if loop.time() > deadline:
                     raise BrokerConnectionError(
@@ -278,8 +342,6 @@ class Pipeliner:
                 logger.warning("Redis connection lost (%s); retrying %d commands", exc, len(commands))
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
-            finally:
-                await pipe.reset()  # type: ignore[no-untyped-call]
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

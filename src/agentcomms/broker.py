@@ -31,11 +31,11 @@ from agentcomms._redis import (
     SEND,
     TRANSIENT_ERRORS,
     Pipeliner,
+    RawConnection,
     backoff,
     decode,
     entries,
     make_client,
-    read_reply,
     stop_reader,
 )
 from agentcomms.embedded import EmbeddedRedis, shared_embedded_redis
@@ -368,17 +368,19 @@ class MessageBroker:
             await self._reply_ready.wait()
 
     async def _read_replies(self) -> None:
-        reader = self.blocking_client()
+        reader = RawConnection(self.client)
         last = "0-0"  # the stream is this instance's own and new: read it from the start
         attempt = untrimmed = 0
         try:
-            self._reply_reader_id = int(await reader.client_id())
+            self._reply_reader_id = int(await reader.call("CLIENT", "ID"))
             assert self._reply_ready is not None
             self._reply_ready.set()
             while not self._closing:
                 try:
                     block = 5000 if not untrimmed else 200  # wake soon to trim once replies stop
-                    response = await reader.xread({self.reply_stream: last}, count=1024, block=block)
+                    response = await reader.call(
+                        "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", self.reply_stream, last
+                    )
                     attempt = 0
                 except TRANSIENT_ERRORS as exc:
                     if self._closing:
@@ -387,19 +389,19 @@ class MessageBroker:
                     await asyncio.sleep(backoff(attempt))
                     attempt += 1
                     with contextlib.suppress(*TRANSIENT_ERRORS):
-                        self._reply_reader_id = int(await reader.client_id())
+                        self._reply_reader_id = int(await reader.call("CLIENT", "ID"))
                     continue
-                for _stream, batch in read_reply(response):
-                    for entry_id, fields in batch:
+                for _stream, batch in response or ():
+                    for entry_id, flat in batch:  # raw: [id, [b"r", reply]]
                         last = decode(entry_id)
-                        self._deliver_reply(fields.get(b"r", b""))
+                        self._deliver_reply(flat[1] if flat and flat[0] == b"r" else b"")
                         untrimmed += 1
                 if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
                     # drop what was read, off the hot path: in batches, or when the stream is idle
                     self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last)
                     untrimmed = 0
         finally:
-            await reader.aclose()
+            await reader.close()
 
     def _deliver_reply(self, body: bytes) -> None:
         try:

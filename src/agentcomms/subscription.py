@@ -17,15 +17,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from agentcomms import keys
-from agentcomms._redis import ACK, TRANSIENT_ERRORS, backoff, decode, entries, read_reply, stop_reader
+from agentcomms._redis import (
+    ACK,
+    TRANSIENT_ERRORS,
+    RawConnection,
+    backoff,
+    decode,
+    fields_dict,
+    raw_entries,
+    stop_reader,
+)
 from agentcomms.exceptions import BrokerConnectionError
 from agentcomms.schemas import AgentMessage, AgentResponse
 
@@ -74,6 +82,7 @@ class Subscription:
         self._broker = broker
         self._handler = handler
         self._streams = keys.inboxes(agent_id)
+        self._new = [">"] * len(self._streams)
         self._concurrency = concurrency
         self._semaphore = asyncio.Semaphore(concurrency)
         self._claim_idle_ms = int(settings.claim_idle * 1000)
@@ -84,7 +93,7 @@ class Subscription:
         self._last_error: dict[tuple[str, str], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
-        self._reader: Redis | None = None
+        self._reader: RawConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._clock_offset_ms = 0.0
         self._reader_id: int | None = None
@@ -108,7 +117,7 @@ class Subscription:
 
     async def start(self) -> None:
         """Create the consumer groups (at 0, so nothing sent earlier is skipped) and start reading."""
-        self._reader = self._broker.blocking_client()
+        self._reader = RawConnection(self._broker.client)
         await self._prepare()
         self._task = asyncio.create_task(self._run(), name=f"subscription-{self.agent_id}")
         self._task.add_done_callback(self._loop_ended)
@@ -134,7 +143,7 @@ class Subscription:
                 logger.warning("%s: %d handlers unfinished at stop; handed back", self.agent_id, len(unfinished))
                 await asyncio.gather(*unfinished, return_exceptions=True)
         if self._reader is not None:
-            await self._reader.aclose()
+            await self._reader.close()
         for callback in self._stop_callbacks:
             callback(self)
         logger.info("%s: subscription %s stopped", self.agent_id, self.consumer)
@@ -148,20 +157,20 @@ class Subscription:
     # -- the loop --------------------------------------------------------------------------
 
     @property
-    def _redis(self) -> Redis:
+    def _redis(self) -> RawConnection:
         assert self._reader is not None
         return self._reader
 
     async def _prepare(self) -> None:
         for stream in self._streams:
             try:
-                await self._redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+                await self._redis.call("XGROUP", "CREATE", stream, keys.GROUP, "0", "MKSTREAM")
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._reader_id = int(await self._redis.client_id())
-        seconds, micros = await self._redis.time()
-        self._clock_offset_ms = seconds * 1000 + micros / 1000 - time.time() * 1000
+        self._reader_id = int(await self._redis.call("CLIENT", "ID"))
+        seconds, micros = await self._redis.call("TIME")
+        self._clock_offset_ms = int(seconds) * 1000 + int(micros) / 1000 - time.time() * 1000
 
     def _server_ms(self) -> float:
         return time.time() * 1000 + self._clock_offset_ms
@@ -194,9 +203,10 @@ class Subscription:
                         await asyncio.wait_for(self._slot_free.wait(), self._tick)
                     continue
                 block_ms = max(1, int((housekeeping_at - loop.time()) * 1000))
-                response = await self._redis.xreadgroup(
-                    keys.GROUP, self.consumer, dict.fromkeys(self._streams, ">"), count=free, block=block_ms
-                )
+                response = await self._redis.call(
+                    "XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", free, "BLOCK", block_ms,
+                    "STREAMS", *self._streams, *self._new,
+                )  # fmt: skip
                 attempt = 0
             except TRANSIENT_ERRORS as exc:
                 if self._stopped:
@@ -211,7 +221,7 @@ class Subscription:
                 await asyncio.sleep(backoff(attempt))
                 attempt, reconnected = attempt + 1, True
                 continue
-            for stream, batch in read_reply(response):
+            for stream, batch in raw_entries(response):
                 for entry_id, fields in batch:
                     self._dispatch(decode(stream), decode(entry_id), fields, deliveries=1)
 
@@ -368,27 +378,27 @@ class Subscription:
             if started < threshold:
                 by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            await self._redis.xclaim(stream, keys.GROUP, self.consumer, 0, list[Any](ids), justid=True)
+            await self._redis.call("XCLAIM", stream, keys.GROUP, self.consumer, 0, *ids, "JUSTID")
 
     async def _reclaim(self) -> None:
         """Take over entries idle longer than ``claim_idle``; dead-letter the exhausted ones."""
         for stream in self._streams:
             start = "-"
             while True:
-                page = await self._redis.xpending_range(
-                    stream, keys.GROUP, min=start, max="+", count=_PENDING_PAGE, idle=self._claim_idle_ms
+                page = await self._redis.call(
+                    "XPENDING", stream, keys.GROUP, "IDLE", self._claim_idle_ms, start, "+", _PENDING_PAGE
                 )
                 if not page:
                     break
                 await self._take_over(stream, page)
                 if len(page) < _PENDING_PAGE:
                     break
-                start = "(" + decode(cast(bytes, page[-1]["message_id"]))
+                start = "(" + decode(page[-1][0])
 
-    async def _take_over(self, stream: str, page: list[dict[str, Any]]) -> None:
+    async def _take_over(self, stream: str, page: list[list[Any]]) -> None:
         retry: dict[str, int] = {}
-        for pending in page:
-            entry_id, delivered = decode(pending["message_id"]), int(pending["times_delivered"])
+        for pending in page:  # [entry id, consumer, idle ms, times delivered]
+            entry_id, delivered = decode(pending[0]), int(pending[3])
             if (stream, entry_id) in self._inflight:
                 continue
             if delivered >= self._max_deliveries:
@@ -401,11 +411,11 @@ class Subscription:
                 retry[entry_id] = delivered
         if not retry:
             return
-        claimed = await self._redis.xclaim(stream, keys.GROUP, self.consumer, self._claim_idle_ms, list[Any](retry))
-        for claimed_id, fields in entries(claimed):
-            if claimed_id is None or fields is None:
+        claimed = await self._redis.call("XCLAIM", stream, keys.GROUP, self.consumer, self._claim_idle_ms, *retry)
+        for entry in claimed or ():
+            if entry is None or entry[1] is None:
                 continue  # deleted while pending (Redis 6.2): dead-lettered when its deliveries run out
-            taken = decode(claimed_id)
+            taken = decode(entry[0])
             self.stats.reclaimed += 1
             logger.info("%s: took over %s after %d deliveries", self.agent_id, taken, retry[taken])
-            self._dispatch(stream, taken, fields, deliveries=retry[taken] + 1)
+            self._dispatch(stream, taken, fields_dict(entry[1]), deliveries=retry[taken] + 1)
