@@ -67,7 +67,7 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(url: str, args: argparse.Namespace) -> dict[tuple[str, int], dict[str, list[float]]]:
+async def measure(url: str, args: argparse.Namespace, *, quiet: bool = False) -> dict[str, Any]:
     sizes = (args.small, args.large)
     registries = {size: AgentRegistry(redis_url=f"{url}/{db}", settings=Settings()) for db, size in enumerate(sizes)}
     for size, registry in registries.items():
@@ -75,7 +75,8 @@ async def measure(url: str, args: argparse.Namespace) -> dict[tuple[str, int], d
         await registry.broker.client.flushdb()
         started = time.perf_counter()
         await populate(registry, size)
-        print(f"registered {size:,} agents in {time.perf_counter() - started:.1f}s", flush=True)
+        if not quiet:
+            print(f"registered {size:,} agents in {time.perf_counter() - started:.1f}s", flush=True)
     queries: dict[str, Callable[[AgentRegistry], Awaitable[object]]] = {
         "narrow": lambda r: r.discover_agents(role="cso", department="sales", online_only=True),
         "broad": lambda r: r.discover_agents(department="marketing", online_only=True),
@@ -98,15 +99,27 @@ async def measure(url: str, args: argparse.Namespace) -> dict[tuple[str, int], d
     for registry in registries.values():
         await registry.broker.client.flushdb()
         await registry.close()
-    print(f"\ndiscovery, {args.repeats} repeats of {args.queries} queries (median of repeats)")
-    print(f"{'query':8} {'agents':>8} {'answer':>7} {'p50 µs':>9} {'p99 µs':>9}")
-    for (name, size), values in results.items():
-        p50, p99 = statistics.median(values["p50"]), statistics.median(values["p99"])
-        print(f"{name:8} {size:>8,} {answers[(name, size)]:>7,} {p50:>9,.0f} {p99:>9,.0f}")
-    for name in queries:
-        small, large = (statistics.median(results[(name, s)]["p50"]) for s in sizes)
-        print(f"{name}: p50 at {args.large:,} / at {args.small:,} agents = {large / small:.2f}x")
-    return results
+    rows = [
+        {
+            "query": name,
+            "agents": size,
+            "answer": answers[(name, size)],
+            "p50": statistics.median(values["p50"]),
+            "p99": statistics.median(values["p99"]),
+        }
+        for (name, size), values in results.items()
+    ]
+    narrow_small, narrow_large = (statistics.median(results[("narrow", s)]["p50"]) for s in sizes)
+    summary = {"rows": rows, "small": args.small, "large": args.large, "narrow_ratio": narrow_large / narrow_small}
+    if not quiet:
+        print(f"\ndiscovery, {args.repeats} repeats of {args.queries} queries (median of repeats)")
+        print(f"{'query':8} {'agents':>8} {'answer':>7} {'p50 µs':>9} {'p99 µs':>9}")
+        for row in rows:
+            print(f"{row['query']:8} {row['agents']:>8,} {row['answer']:>7,} {row['p50']:>9,.0f} {row['p99']:>9,.0f}")
+        for name in queries:
+            small, large = (statistics.median(results[(name, s)]["p50"]) for s in sizes)
+            print(f"{name}: p50 at {args.large:,} / at {args.small:,} agents = {large / small:.2f}x")
+    return summary
 
 
 def main() -> None:

@@ -196,13 +196,15 @@ return {'ok', id}
 
 ACK = Script(
     """
--- KEYS[1] inbox stream; ARGV[1] group, ARGV[2..] entry ids
+-- KEYS[1] inbox stream; ARGV: group, entry id, event channel ('' = none), event
 -- acknowledge and remove together: XDEL alone would leave a dangling pending entry
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return n
 """
 )
+
 
 DEAD_LETTER = Script(
     """
@@ -346,4 +348,4 @@ class Pipeliner:
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        logger.debug("housekeeping command failed: %s", future.exception())
+        logger.warning("a command sent without waiting failed: %s", future.exception())

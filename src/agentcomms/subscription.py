@@ -311,7 +311,6 @@ class Subscription:
     async def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any) -> None:
         broker = self._broker
         pipeliner = broker.pipeliner
-        waits: list[asyncio.Future[Any]] = []
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
             try:
@@ -323,12 +322,20 @@ class Subscription:
                     correlation_id=response.correlation_id,
                     responder_id=self.agent_id,
                 ).model_dump_json()
-            waits.append(pipeliner.call("XADD", message.reply_to, "*", "r", body))
+            pipeliner.fire("XADD", message.reply_to, "*", "r", body)
             self._refresh_ttl(message.reply_to)
-        waits.append(pipeliner.script(ACK, [stream], [keys.GROUP, entry_id]))
-        if broker.settings.event_feed:
-            waits.append(pipeliner.call("PUBLISH", keys.EVENTS_CHANNEL, broker.event("handled", message)))
-        await asyncio.gather(*waits)
+        feed = broker.settings.event_feed
+        # commands run in order on one connection: once the ack is answered, the reply was written
+        await pipeliner.script(
+            ACK,
+            [stream],
+            [
+                keys.GROUP,
+                entry_id,
+                keys.EVENTS_CHANNEL if feed else "",
+                broker.event("handled", message) if feed else "",
+            ],
+        )
 
     async def _dead_letter(
         self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None

@@ -1,0 +1,137 @@
+"""The far side of every benchmark, each run as its own process: ``python servers.py KIND URL NAME [COUNT]``.
+
+Kinds:
+  floor-rr        a minimal hand-written redis-py responder: XREADGROUP, then XADD reply + XACK in one pipeline
+  ours-rr         an agentcomms agent answering every request (default settings: validation, dedup, event feed)
+  faststream-rr   a FastStream RedisBroker stream subscriber returning the request (FastStream's request())
+  pubsub-rr       a Pub/Sub responder: SUBSCRIBE, PUBLISH the reply (no persistence: the lossy reference)
+  floor-sink      XREADGROUP COUNT 500 + XACK batches, until COUNT messages are acknowledged
+  ours-sink       an agentcomms subscription, until COUNT messages are handled and acknowledged
+
+Each prints READY when it is listening, and the sinks print DONE once COUNT messages were acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from redis.asyncio import Redis
+
+from agentcomms import AgentMessage, MessageBroker, Settings
+
+
+def ready() -> None:
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+
+
+async def floor_rr(url: str, stream: str, _: int) -> None:
+    redis = Redis.from_url(url)
+    try:
+        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    except Exception:
+        pass
+    ready()
+    while True:
+        response: Any = await redis.xreadgroup("g", "c", {stream: ">"}, count=100, block=1000)
+        if not response:
+            continue
+        pipe = redis.pipeline(transaction=False)
+        for _, entries in response:
+            for entry_id, fields in entries:
+                pipe.xadd(fields[b"reply_to"], {"id": fields[b"id"], "body": fields[b"body"]})
+                pipe.xack(stream, "g", entry_id)
+        await pipe.execute()
+
+
+async def ours_rr(url: str, agent_id: str, _: int) -> None:
+    async def echo(message: AgentMessage) -> Any:
+        return message.payload.data
+
+    async with MessageBroker(settings=Settings(redis_url=url), client_name=f"bench{os.getpid()}") as broker:
+        await broker.subscribe_to_agent(agent_id, echo, concurrency=200)
+        ready()
+        await asyncio.Event().wait()
+
+
+async def faststream_rr(url: str, stream: str, _: int) -> None:
+    from faststream.redis import RedisBroker, StreamSub
+
+    broker = RedisBroker(url, logger=None)  # type: ignore[arg-type]  # None: no per-message logs
+
+    @broker.subscriber(stream=StreamSub(stream, group="g", consumer=f"c{os.getpid()}"))
+    async def echo(body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    await broker.start()
+    ready()
+    await asyncio.Event().wait()
+
+
+async def pubsub_rr(url: str, channel: str, _: int) -> None:
+    redis = Redis.from_url(url)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channel)
+    ready()
+    async for message in pubsub.listen():
+        if message["type"] == "message":
+            request = json.loads(message["data"])
+            await redis.publish(request["reply_to"], json.dumps({"id": request["id"], "body": request["body"]}))
+
+
+async def floor_sink(url: str, stream: str, count: int) -> None:
+    redis = Redis.from_url(url)
+    try:
+        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    except Exception:
+        pass
+    ready()
+    acked = 0
+    while acked < count:
+        response: Any = await redis.xreadgroup("g", "c", {stream: ">"}, count=500, block=1000)
+        for _, entries in response or ():
+            await redis.xack(stream, "g", *[entry_id for entry_id, _ in entries])
+            acked += len(entries)
+    sys.stdout.write("DONE\n")
+    sys.stdout.flush()
+
+
+async def ours_sink(url: str, agent_id: str, count: int) -> None:
+    async def take(message: AgentMessage) -> None:
+        return None
+
+    async with MessageBroker(settings=Settings(redis_url=url), client_name=f"sink{os.getpid()}") as broker:
+        subscription = await broker.subscribe_to_agent(agent_id, take, concurrency=500)
+        ready()
+        while subscription.stats.handled < count:  # handled counts acknowledged messages
+            await asyncio.sleep(0.001)
+    sys.stdout.write("DONE\n")
+    sys.stdout.flush()
+
+
+SERVERS = {
+    "floor-rr": floor_rr,
+    "ours-rr": ours_rr,
+    "faststream-rr": faststream_rr,
+    "pubsub-rr": pubsub_rr,
+    "floor-sink": floor_sink,
+    "ours-sink": ours_sink,
+}
+
+
+def main() -> None:
+    kind, url, name = sys.argv[1:4]
+    count = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    if os.environ.get("BENCH_UVLOOP"):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(SERVERS[kind](url, name, count))
+
+
+if __name__ == "__main__":
+    main()
