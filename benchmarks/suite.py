@@ -230,7 +230,7 @@ class Suite:
             floor, pubsub = FloorClient(self.url, stream), PubSubClient(self.url, channel)
             await floor.start()
             await pubsub.start()
-            fs_broker = RedisBroker(self.url, logger=None)  # type: ignore[arg-type]  # None: no per-message logs
+            fs_broker = RedisBroker(self.url, logger=None, max_connections=1000)  # type: ignore[arg-type]  # each request() holds a connection
             await fs_broker.connect()
             async with MessageBroker(settings=Settings(redis_url=self.url), client_name="bench") as broker:
 

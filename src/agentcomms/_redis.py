@@ -196,12 +196,15 @@ return {'ok', id}
 
 ACK = Script(
     """
--- KEYS[1] inbox stream; ARGV: group, entry id, event channel ('' = none), event
+-- KEYS[1] inbox stream; ARGV: group, event channel ('' = none), n, n entry ids, then the events to publish
 -- acknowledge and remove together: XDEL alone would leave a dangling pending entry
-local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
-return n
+local n = tonumber(ARGV[3])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + n))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 4, 3 + n))
+if ARGV[2] ~= '' then
+  for i = 4 + n, #ARGV do redis.call('PUBLISH', ARGV[2], ARGV[i]) end
+end
+return acked
 """
 )
 

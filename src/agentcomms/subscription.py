@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,8 @@ Handler = Callable[[AgentMessage], Awaitable[Any]]
 """An async function taking a message; for a request its return value becomes the reply."""
 
 _PENDING_PAGE = 100
+_ACK_BATCH = 1000
+"""Entry ids acknowledged by one ACK call at the most (Lua's unpack limit is about 8,000)."""
 
 
 @dataclass(slots=True)
@@ -60,6 +63,18 @@ class SubscriptionStats:
     reclaimed: int = 0
     expired: int = 0
     dead_lettered: int = 0
+
+
+def _settle(futures: list[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:
+    """Resolve the futures of a batch of acknowledgements with the batch's outcome."""
+    error = BrokerConnectionError("the acknowledgement was not sent") if done.cancelled() else done.exception()
+    for future in futures:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
 
 
 def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResponse:
@@ -98,6 +113,8 @@ class Subscription:
         self._clock_offset_ms = 0.0
         self._reader_id: int | None = None
         self._ttl_refreshed: dict[str, float] = {}
+        self._acks: dict[str, list[tuple[str, str, asyncio.Future[None]]]] = {}
+        self._ack_scheduled = False
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
         self._stopped = False
 
@@ -324,18 +341,33 @@ class Subscription:
                 ).model_dump_json()
             pipeliner.fire("XADD", message.reply_to, "*", "r", body)
             self._refresh_ttl(message.reply_to)
-        feed = broker.settings.event_feed
-        # commands run in order on one connection: once the ack is answered, the reply was written
-        await pipeliner.script(
-            ACK,
-            [stream],
-            [
-                keys.GROUP,
-                entry_id,
-                keys.EVENTS_CHANNEL if feed else "",
-                broker.event("handled", message) if feed else "",
-            ],
-        )
+        event = broker.event("handled", message) if broker.settings.event_feed else ""
+        await self._acknowledge(stream, entry_id, event)
+
+    def _acknowledge(self, stream: str, entry_id: str, event: str) -> asyncio.Future[None]:
+        """Queue an acknowledgement; those queued in one event-loop tick go out as one ACK call per stream.
+
+        It is queued after the reply's XADD, and commands run in order on one connection,
+        so once the ack is answered the reply was written.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.setdefault(stream, []).append((entry_id, event, future))
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        return future
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        batches, self._acks = self._acks, {}
+        channel = keys.EVENTS_CHANNEL if self._broker.settings.event_feed else ""
+        for stream, items in batches.items():
+            for start in range(0, len(items), _ACK_BATCH):
+                chunk = items[start : start + _ACK_BATCH]
+                ids = [entry_id for entry_id, _, _ in chunk]
+                events = [event for _, event, _ in chunk if event]
+                acked = self._broker.pipeliner.script(ACK, [stream], [keys.GROUP, channel, len(ids), *ids, *events])
+                acked.add_done_callback(functools.partial(_settle, [future for _, _, future in chunk]))
 
     async def _dead_letter(
         self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None
