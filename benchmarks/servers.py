@@ -113,7 +113,57 @@ async def ours_sink(url: str, agent_id: str, count: int) -> None:
     sys.stdout.flush()
 
 
+async def faststream_caller(url: str, stream: str, _: int) -> None:
+    """FastStream's client side, in its own process so its event loop shares nothing with ours.
+
+    Reads commands on stdin: ``seq N`` (N sequential requests: prints p50, p99 in µs and CPU µs
+    per request as JSON) and ``flight N W`` (N requests, W in flight: prints req/s).
+    """
+    import time
+
+    from faststream.redis import RedisBroker
+
+    broker = RedisBroker(url, logger=None, max_connections=1000)  # type: ignore[arg-type]  # each request() holds a connection
+    await broker.connect()
+    body = {"query": "What's our current sales pipeline and Q4 forecast?", "context": "dashboard"}
+
+    async def call() -> None:
+        await broker.request(body, stream=stream, timeout=30)
+
+    ready()
+    loop = asyncio.get_running_loop()
+    while line := (await loop.run_in_executor(None, sys.stdin.readline)).split():
+        if line[0] == "seq":
+            samples, cpu = [], time.process_time()
+            for _ in range(int(line[1])):
+                started = time.perf_counter()
+                await call()
+                samples.append((time.perf_counter() - started) * 1e6)
+            samples.sort()
+            result: Any = {
+                "p50": samples[len(samples) // 2],
+                "p99": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
+                "cpu": (time.process_time() - cpu) / len(samples) * 1e6,
+            }
+        else:
+            count, width = int(line[1]), int(line[2])
+            remaining, started = count, time.perf_counter()
+
+            async def worker() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    await call()
+
+            await asyncio.gather(*(worker() for _ in range(width)))
+            result = count / (time.perf_counter() - started)
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    await broker.stop()
+
+
 SERVERS = {
+    "faststream-caller": faststream_caller,
     "floor-rr": floor_rr,
     "ours-rr": ours_rr,
     "faststream-rr": faststream_rr,

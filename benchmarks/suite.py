@@ -50,6 +50,7 @@ import discovery  # noqa: E402 - a sibling module of this script
 
 console = Console()
 Samples = dict[str, list[float]]
+SPAWNED: list[subprocess.Popen[str]] = []
 BODY = {"query": "What's our current sales pipeline and Q4 forecast?", "context": "dashboard"}
 
 
@@ -59,9 +60,13 @@ BODY = {"query": "What's our current sales pipeline and Q4 forecast?", "context"
 @contextmanager
 def server(kind: str, url: str, name: str, count: int = 0) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "servers.py"), kind, url, name, str(count)], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / "servers.py"), kind, url, name, str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
+    SPAWNED.append(process)
     try:
         if process.stdout.readline().strip() != "READY":
             raise RuntimeError(f"{kind} did not start")
@@ -116,7 +121,8 @@ class FloorClient:
     """Minimal hand-written round trip: XADD the request, XREAD the private reply stream."""
 
     def __init__(self, url: str, stream: str) -> None:
-        self.redis, self.reader, self.stream = Redis.from_url(url), Redis.from_url(url), stream
+        # one pooled connection per request in flight: how a plain redis-py program runs them
+        self.redis, self.reader, self.stream = Redis.from_url(url, max_connections=1000), Redis.from_url(url), stream
         self.replies = f"floor:replies:{uuid.uuid4().hex}"
         self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self.task: asyncio.Task[None] | None = None
@@ -154,7 +160,7 @@ class PubSubClient:
     """The same round trip over Pub/Sub (lossy: nothing is kept for a disconnected responder)."""
 
     def __init__(self, url: str, channel: str) -> None:
-        self.redis, self.channel = Redis.from_url(url), channel
+        self.redis, self.channel = Redis.from_url(url, max_connections=1000), channel
         self.replies = f"pubsub:replies:{uuid.uuid4().hex}"
         self.pubsub = self.redis.pubsub()
         self.waiting: dict[str, asyncio.Future[str]] = {}
@@ -215,34 +221,28 @@ class Suite:
     async def roundtrip(self) -> None:
         a = self.args
         names = ["floor", "agentcomms", "faststream", "pubsub"]
-        samples: dict[str, Samples] = {
-            n: {"p50": [], "p99": [], "rps": [], "cpu_client": [], "cpu_server": [], "bytes": []} for n in names
-        }
+        keys_ = ["p50", "p99", "rps", "cpu_client", "cpu_server", "bytes"]
+        samples: dict[str, Samples] = {n: {k: [] for k in keys_} for n in names}
         stream, agent_id, fs_stream, channel = "bench:floor", "agent.bench.rr", "bench:faststream", "bench:pubsub"
-        from faststream.redis import RedisBroker
-
         with (
             server("floor-rr", self.url, stream) as floor_proc,
             server("ours-rr", self.url, agent_id) as ours_proc,
             server("faststream-rr", self.url, fs_stream) as fs_proc,
+            server("faststream-caller", self.url, fs_stream) as fs_caller,
             server("pubsub-rr", self.url, channel) as pubsub_proc,
         ):
             floor, pubsub = FloorClient(self.url, stream), PubSubClient(self.url, channel)
             await floor.start()
             await pubsub.start()
-            fs_broker = RedisBroker(self.url, logger=None, max_connections=1000)  # type: ignore[arg-type]  # each request() holds a connection
-            await fs_broker.connect()
+
+            def ask_caller(command: str) -> Any:
+                assert fs_caller.stdin is not None and fs_caller.stdout is not None
+                fs_caller.stdin.write(command + "\n")
+                fs_caller.stdin.flush()
+                return json.loads(fs_caller.stdout.readline())
+
             async with MessageBroker(settings=Settings(redis_url=self.url), client_name="bench") as broker:
-
-                async def fast_stream() -> object:
-                    return await fs_broker.request(BODY, stream=fs_stream, timeout=30)
-
-                calls = {
-                    "floor": floor.request,
-                    "agentcomms": ours_request(broker, agent_id),
-                    "faststream": fast_stream,
-                    "pubsub": pubsub.request,
-                }
+                calls = {"floor": floor.request, "agentcomms": ours_request(broker, agent_id), "pubsub": pubsub.request}
                 pids = {
                     "floor": floor_proc.pid,
                     "agentcomms": ours_proc.pid,
@@ -251,22 +251,31 @@ class Suite:
                 }
                 for call in calls.values():
                     await sequential(call, 50)  # warm up
+                await asyncio.to_thread(ask_caller, "seq 50")
                 task = self.progress.add_task("round trip", total=a.repeats * len(names))
                 for repeat in range(a.repeats):
                     order = names if repeat % 2 == 0 else list(reversed(names))
                     for name in order:
-                        call, s = calls[name], samples[name]
+                        s = samples[name]
                         cpu, server_cpu, wire = time.process_time(), cpu_seconds(pids[name]), self.net_bytes()
-                        seq = await sequential(call, a.sequential)
-                        s["cpu_client"].append((time.process_time() - cpu) / a.sequential * 1e6)
+                        if name == "faststream":
+                            result = await asyncio.to_thread(ask_caller, f"seq {a.sequential}")
+                            s["p50"].append(result["p50"])
+                            s["p99"].append(result["p99"])
+                            s["cpu_client"].append(result["cpu"])
+                        else:
+                            seq = await sequential(calls[name], a.sequential)
+                            s["cpu_client"].append((time.process_time() - cpu) / a.sequential * 1e6)
+                            s["p50"].append(percentile(seq, 0.5))
+                            s["p99"].append(percentile(seq, 0.99))
                         s["cpu_server"].append((cpu_seconds(pids[name]) - server_cpu) / a.sequential * 1e6)
                         s["bytes"].append((self.net_bytes() - wire) / a.sequential)
-                        s["p50"].append(percentile(seq, 0.5))
-                        s["p99"].append(percentile(seq, 0.99))
-                        count = a.concurrent if name != "faststream" else max(a.concurrent // 5, 100)
-                        s["rps"].append(await in_flight(call, count, a.in_flight))
+                        if name == "faststream":
+                            count = max(a.concurrent // 5, 100)
+                            s["rps"].append(await asyncio.to_thread(ask_caller, f"flight {count} {a.in_flight}"))
+                        else:
+                            s["rps"].append(await in_flight(calls[name], a.concurrent, a.in_flight))
                         self.progress.advance(task)
-            await fs_broker.stop()
             await floor.close()
             await pubsub.close()
         self.results["roundtrip"] = samples
@@ -594,7 +603,7 @@ def main() -> None:
         console.print(f"redis-server {meta['redis']} on {redis_server.url}; sizes {sizes}")
         results = asyncio.run(run(redis_server.url, args, meta["redis"]))
     markdown, goals = report(results, meta)
-    console.print(markdown)
+    sys.stdout.write(markdown)
     table = Table(title="goals")
     for column in ("goal", "met", "measured"):
         table.add_column(column)
