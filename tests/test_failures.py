@@ -247,3 +247,21 @@ async def test_event_feed_resubscribes_after_its_connection_is_killed(
         event = await anext(feed)
     await feed.aclose()
     assert event["event"] == "sent" and event["message_id"] == sent.message_id
+
+
+async def test_idle_readers_with_default_blocks_do_not_time_out(
+    redis_url: str, agent_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # redis-py 8 gives connections a 5 s socket timeout; the default blocks are 5 s long.
+    # The idle period is the scenario itself: longer than one full block.
+    settings = Settings(redis_url=redis_url)  # default claim_idle: 5 s blocks
+    async with MessageBroker(settings=settings) as broker:
+
+        async def handler(msg: AgentMessage) -> str:
+            return "awake"
+
+        await broker.subscribe_to_agent(agent_id, handler)
+        assert (await broker.request(message(agent_id))).data == "awake"  # the reply reader is running too
+        await asyncio.sleep(5.5)
+        assert (await broker.request(message(agent_id))).data == "awake"
+    assert not [r for r in caplog.records if "lost Redis" in r.getMessage()]

@@ -75,8 +75,11 @@ class RawConnection:
     the (hiredis) parser are still redis-py's.
     """
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, read_timeout: float | None = None) -> None:
         self._connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if read_timeout is not None:
+            # a blocking reader: redis-py's default socket timeout (5 s in 8.x) would cut a long BLOCK short
+            self._connection.socket_timeout = read_timeout
 
     async def execute(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
         """Send ``commands`` in one write; per command its reply, or the ResponseError it got.
@@ -116,6 +119,12 @@ class RawConnection:
     async def close(self) -> None:
         """Close the connection."""
         await self._connection.disconnect()
+
+
+MAX_BLOCK_MS = 5000
+"""Longest XREAD / XREADGROUP BLOCK the broker uses; reader connections wait that long plus a margin."""
+
+READER_TIMEOUT = MAX_BLOCK_MS / 1000 + 10
 
 
 def fields_dict(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:

@@ -28,6 +28,8 @@ from redis.exceptions import RedisError
 from agentcomms import keys
 from agentcomms._redis import (
     DEAD_LETTER,
+    MAX_BLOCK_MS,
+    READER_TIMEOUT,
     SEND,
     TRANSIENT_ERRORS,
     Pipeliner,
@@ -368,7 +370,7 @@ class MessageBroker:
             await self._reply_ready.wait()
 
     async def _read_replies(self) -> None:
-        reader = RawConnection(self.client)
+        reader = RawConnection(self.client, read_timeout=READER_TIMEOUT)
         last = "0-0"  # the stream is this instance's own and new: read it from the start
         attempt = untrimmed = 0
         try:
@@ -377,7 +379,7 @@ class MessageBroker:
             self._reply_ready.set()
             while not self._closing:
                 try:
-                    block = 5000 if not untrimmed else 200  # wake soon to trim once replies stop
+                    block = MAX_BLOCK_MS if not untrimmed else 200  # wake soon to trim once replies stop
                     response = await reader.call(
                         "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", self.reply_stream, last
                     )

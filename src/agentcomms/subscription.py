@@ -27,6 +27,8 @@ from redis.exceptions import RedisError, ResponseError
 from agentcomms import keys
 from agentcomms._redis import (
     ACK,
+    MAX_BLOCK_MS,
+    READER_TIMEOUT,
     TRANSIENT_ERRORS,
     RawConnection,
     backoff,
@@ -101,7 +103,7 @@ class Subscription:
         self._concurrency = concurrency
         self._semaphore = asyncio.Semaphore(concurrency)
         self._claim_idle_ms = int(settings.claim_idle * 1000)
-        self._tick = max(0.02, min(settings.claim_idle / 3, 5.0))
+        self._tick = max(0.02, min(settings.claim_idle / 3, MAX_BLOCK_MS / 1000))
         self._max_bytes = settings.max_message_bytes
         self._max_deliveries = settings.max_deliveries
         self._inflight: dict[tuple[str, str], float] = {}
@@ -134,7 +136,7 @@ class Subscription:
 
     async def start(self) -> None:
         """Create the consumer groups (at 0, so nothing sent earlier is skipped) and start reading."""
-        self._reader = RawConnection(self._broker.client)
+        self._reader = RawConnection(self._broker.client, read_timeout=READER_TIMEOUT)
         await self._prepare()
         self._task = asyncio.create_task(self._run(), name=f"subscription-{self.agent_id}")
         self._task.add_done_callback(self._loop_ended)
