@@ -67,18 +67,6 @@ class SubscriptionStats:
     dead_lettered: int = 0
 
 
-def _settle(futures: list[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:
-    """Resolve the futures of a batch of acknowledgements with the batch's outcome."""
-    error = BrokerConnectionError("the acknowledgement was not sent") if done.cancelled() else done.exception()
-    for future in futures:
-        if future.done():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(None)
-
-
 def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResponse:
     response = result if isinstance(result, AgentResponse) else AgentResponse(success=True, data=result)
     return response.model_copy(
@@ -115,7 +103,8 @@ class Subscription:
         self._clock_offset_ms = 0.0
         self._reader_id: int | None = None
         self._ttl_refreshed: dict[str, float] = {}
-        self._acks: dict[str, list[tuple[str, str, asyncio.Future[None]]]] = {}
+        self._acks: dict[str, list[tuple[str, str]]] = {}
+        self._ack_futures: set[asyncio.Future[Any]] = set()
         self._ack_scheduled = False
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
         self._stopped = False
@@ -161,6 +150,10 @@ class Subscription:
             if unfinished:
                 logger.warning("%s: %d handlers unfinished at stop; handed back", self.agent_id, len(unfinished))
                 await asyncio.gather(*unfinished, return_exceptions=True)
+        if self._ack_scheduled:
+            self._flush_acks()
+        if self._ack_futures:  # acknowledgements of finished handlers still on the wire
+            await asyncio.wait(set(self._ack_futures), timeout=timeout)
         if self._reader is not None:
             await self._reader.close()
         for callback in self._stop_callbacks:
@@ -284,6 +277,7 @@ class Subscription:
 
     async def _process(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
         key = (stream, entry_id)
+        acknowledging = False
         try:
             message = self._parse(fields)
             if isinstance(message, str):
@@ -299,16 +293,16 @@ class Subscription:
                 except Exception as exc:
                     await self._failed(key, message, deliveries, exc)
                     return
-            await self._complete(stream, entry_id, message, result)
-            self.stats.handled += 1
-            self._last_error.pop(key, None)
+            self._complete(stream, entry_id, message, result)
+            acknowledging = True  # _acked() finishes the bookkeeping when the ack is answered
         except BrokerConnectionError as exc:
             logger.warning(
-                "%s: could not acknowledge %s (%s); it will be delivered again", self.agent_id, entry_id, exc
+                "%s: could not dead-letter %s (%s); it will be delivered again", self.agent_id, entry_id, exc
             )
         finally:
-            self._inflight.pop(key, None)
-            self._slot_free.set()
+            if not acknowledging:
+                self._inflight.pop(key, None)
+                self._slot_free.set()
 
     async def _failed(self, key: tuple[str, str], message: AgentMessage, deliveries: int, exc: Exception) -> None:
         self.stats.failed += 1
@@ -327,9 +321,9 @@ class Subscription:
             await self._dead_letter(key[0], key[1], reason, deliveries)
         # otherwise it stays pending and is delivered again after claim_idle
 
-    async def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any) -> None:
+    def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any) -> None:
+        """Write the reply (if any) and queue the acknowledgement behind it."""
         broker = self._broker
-        pipeliner = broker.pipeliner
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
             try:
@@ -341,23 +335,21 @@ class Subscription:
                     correlation_id=response.correlation_id,
                     responder_id=self.agent_id,
                 ).model_dump_json()
-            pipeliner.fire("XADD", message.reply_to, "*", "r", body)
+            broker.pipeliner.fire("XADD", message.reply_to, "*", "r", body)
             self._refresh_ttl(message.reply_to)
         event = broker.event("handled", message) if broker.settings.event_feed else ""
-        await self._acknowledge(stream, entry_id, event)
+        self._acknowledge(stream, entry_id, event)
 
-    def _acknowledge(self, stream: str, entry_id: str, event: str) -> asyncio.Future[None]:
+    def _acknowledge(self, stream: str, entry_id: str, event: str) -> None:
         """Queue an acknowledgement; those queued in one event-loop tick go out as one ACK call per stream.
 
         It is queued after the reply's XADD, and commands run in order on one connection,
         so once the ack is answered the reply was written.
         """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks.setdefault(stream, []).append((entry_id, event, future))
+        self._acks.setdefault(stream, []).append((entry_id, event))
         if not self._ack_scheduled:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
-        return future
 
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
@@ -366,10 +358,30 @@ class Subscription:
         for stream, items in batches.items():
             for start in range(0, len(items), _ACK_BATCH):
                 chunk = items[start : start + _ACK_BATCH]
-                ids = [entry_id for entry_id, _, _ in chunk]
-                events = [event for _, event, _ in chunk if event]
+                ids = [entry_id for entry_id, _ in chunk]
+                events = [event for _, event in chunk if event]
                 acked = self._broker.pipeliner.script(ACK, [stream], [keys.GROUP, channel, len(ids), *ids, *events])
-                acked.add_done_callback(functools.partial(_settle, [future for _, _, future in chunk]))
+                self._ack_futures.add(acked)
+                acked.add_done_callback(functools.partial(self._acked, stream, ids))
+
+    def _acked(self, stream: str, ids: list[str], done: asyncio.Future[Any]) -> None:
+        """Bookkeeping once a batch of acknowledgements was answered (or failed)."""
+        self._ack_futures.discard(done)
+        failed = done.cancelled() or done.exception() is not None
+        for entry_id in ids:
+            self._inflight.pop((stream, entry_id), None)
+            self._last_error.pop((stream, entry_id), None)
+        if failed:
+            error = "cancelled" if done.cancelled() else done.exception()
+            logger.warning(
+                "%s: could not acknowledge %d messages (%s); they will be delivered again",
+                self.agent_id,
+                len(ids),
+                error,
+            )
+        else:
+            self.stats.handled += len(ids)
+        self._slot_free.set()
 
     async def _dead_letter(
         self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None
