@@ -9,6 +9,7 @@ so a cancelled request cannot leave a connection out of step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import random
@@ -252,110 +253,158 @@ async def run_script(client: Redis, script: Script, keys: Sequence[str], args: S
         return await client.eval(script.body, len(keys), *keys, *args)
 
 
-class Pipeliner:
-    """Sends every command queued during one event-loop tick as one pipeline.
+Command = tuple[EncodableT, ...]
 
-    ``call`` returns a future; the command itself runs in the pipeliner's own task, so
-    cancelling the caller never interrupts a command on the wire. Commands are retried
-    while Redis is unreachable, up to ``reconnect_timeout``: only idempotent commands
-    (or ones made idempotent by a dedup marker) go through here.
+
+class Pipeliner:
+    """One connection, continuously pipelined: commands are written when called, replies read in order.
+
+    ``call`` queues a command and returns a future; everything queued during one
+    event-loop tick is packed and written at once by a callback (no task switch), while
+    earlier writes may still be waiting for their replies. One reader task matches
+    replies to futures in order. Cancelling a caller only drops its future: a written
+    command's reply is still read, so the connection never falls out of step.
+
+    After a lost connection every command not yet answered is written again, in order,
+    for up to ``reconnect_timeout``: only idempotent commands (or ones made idempotent
+    by a dedup marker) go through here.
     """
 
     def __init__(self, client: Redis, *, reconnect_timeout: float, url: str | None = None) -> None:
-        self._connection = RawConnection(client)
+        self._connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        self._connection.socket_timeout = READER_TIMEOUT
         self._reconnect_timeout = reconnect_timeout
         self._url = url
-        self._queue: list[tuple[tuple[EncodableT, ...], asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
+        self._outbox: list[tuple[Command, asyncio.Future[Any]]] = []
+        self._sent: collections.deque[tuple[Command, asyncio.Future[Any]]] = collections.deque()
+        self._write_scheduled = False
+        self._ready = False  # connected, handshake done: writes may go out
+        self._has_sent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.round_trips = 0
-        """Pipelines sent so far (for statistics and benchmarks)."""
+        """Writes (batches of commands) so far, for statistics and benchmarks."""
 
     def start(self) -> None:
-        """Start the sending task."""
+        """Start the reader task (it also connects)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="agentcomms-pipeliner")
 
     def call(self, *args: EncodableT) -> asyncio.Future[Any]:
         """Queue one command; the future resolves to its reply or its error."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
-        self._wakeup.set()
+        self._outbox.append((args, future))
+        self._schedule_write()
         return future
 
+    def _schedule_write(self) -> None:
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write)
+
     def fire(self, *args: EncodableT) -> None:
-        """Queue a housekeeping command whose result nobody waits for (a failure is only logged)."""
+        """Queue a command whose result nobody waits for (a failure is logged)."""
         self.call(*args).add_done_callback(_log_failure)
 
     def script(self, script: Script, keys: Sequence[str], args: Sequence[EncodableT]) -> asyncio.Future[Any]:
         """Queue an EVALSHA of ``script``."""
         return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
+    def _write(self) -> None:
+        self._write_scheduled = False
+        writer = getattr(self._connection, "_writer", None)
+        if not self._ready or writer is None:
+            return  # the reader task writes the outbox once it is connected
+        batch = [(args, future) for args, future in self._outbox if not future.cancelled()]
+        self._outbox = []
+        if not batch:
+            return
+        # hiredis packs in C (redis-py's asyncio connection packs in Python); its stub mistypes the tuple
+        writer.write(b"".join(hiredis.pack_command(cast(Any, args)) for args, _ in batch))
+        self._sent.extend(batch)
+        self.round_trips += 1
+        self._has_sent.set()
+
     async def aclose(self) -> None:
-        """Send everything queued so far, then stop."""
+        """Send what is queued, wait for the replies, then close."""
         task, self._task = self._task, None
         if task is None:
             return
         self._closing = True
-        self._wakeup.set()
+        self._write()
+        self._has_sent.set()
         await task
-        await self._connection.close()
+        await self._connection.disconnect()
 
     async def _run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                await self._flush()
-            if self._closing:
-                return
-
-    async def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        batch = [(args, fut) for args, fut in batch if not fut.cancelled()]
-        if not batch:
-            return
-        try:
-            results = await self._execute([args for args, _ in batch])
-        except BaseException as exc:
-            error = (
-                exc if isinstance(exc, BrokerConnectionError) else BrokerConnectionError(f"send interrupted: {exc!r}")
-            )
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            if isinstance(exc, BrokerConnectionError):
-                return
-            raise
-        for (args, future), result in zip(batch, results, strict=True):
-            if isinstance(result, NoScriptError) and args[0] == "EVALSHA":
-                # Redis restarted and forgot the script: send it in full once.
-                body = _SCRIPTS_BY_SHA[str(args[1])].body
-                self._queue.append((("EVAL", body, *args[2:]), future))
-            elif future.done():
-                continue
-            elif isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _execute(self, commands: list[tuple[EncodableT, ...]]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._reconnect_timeout
         attempt = 0
+        deadline: float | None = None
         while True:
-            try:
-                self.round_trips += 1
-                return await self._connection.execute(commands)
-            except TRANSIENT_ERRORS as exc:
+            if not self._ready:
+                if await self._connect():
+                    attempt, deadline = 0, None
+                    continue
+                deadline = deadline or loop.time() + self._reconnect_timeout
                 if loop.time() > deadline:
-                    raise BrokerConnectionError(
-                        f"Redis unreachable for {self._reconnect_timeout:g}s: {exc}", url=self._url
-                    ) from exc
-                logger.warning("Redis connection lost (%s); retrying %d commands", exc, len(commands))
+                    self._fail_all(f"Redis unreachable for {self._reconnect_timeout:g}s")
+                    deadline = None
+                    if self._closing:
+                        return
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
+                continue
+            if not self._sent:
+                if self._closing and not self._outbox:
+                    return
+                self._has_sent.clear()
+                await self._has_sent.wait()
+                continue
+            try:
+                reply = await self._connection.read_response()
+            except ResponseError as exc:  # an error reply, read in full: the connection is in step
+                reply = exc
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("Redis connection lost (%s); %d commands will be sent again", exc, len(self._sent))
+                self._ready = False
+                await self._connection.disconnect(nowait=True)
+                deadline = deadline or loop.time() + self._reconnect_timeout
+                continue
+            self._deliver(reply)
+
+    async def _connect(self) -> bool:
+        try:
+            await self._connection.connect()
+        except TRANSIENT_ERRORS as exc:
+            logger.debug("pipeliner cannot connect yet: %s", exc)
+            return False
+        self._ready = True
+        # what was written and not answered goes out again first, in order
+        self._outbox = [*self._sent, *self._outbox]
+        self._sent.clear()
+        self._write()
+        return True
+
+    def _deliver(self, reply: Any) -> None:
+        args, future = self._sent.popleft()
+        if isinstance(reply, NoScriptError) and args[0] == "EVALSHA":
+            # Redis restarted and forgot the script: send it in full once
+            self._outbox.append((("EVAL", _SCRIPTS_BY_SHA[str(args[1])].body, *args[2:]), future))
+            self._schedule_write()
+        elif future.done():
+            pass  # its caller gave up; the reply was read all the same
+        elif isinstance(reply, Exception):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
+
+    def _fail_all(self, reason: str) -> None:
+        error = BrokerConnectionError(reason, url=self._url)
+        for _, future in [*self._sent, *self._outbox]:
+            if not future.done():
+                future.set_exception(error)
+        self._sent.clear()
+        self._outbox = []
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
