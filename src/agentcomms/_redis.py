@@ -259,9 +259,9 @@ Command = tuple[EncodableT, ...]
 class Pipeliner:
     """One connection, continuously pipelined: commands are written when called, replies read in order.
 
-    ``call`` queues a command and returns a future; everything queued during one
-    event-loop tick is packed and written at once by a callback (no task switch), while
-    earlier writes may still be waiting for their replies. One reader task matches
+    ``call`` queues a command and returns a future. On an idle connection it is written
+    at once; while replies are awaited, everything queued during one event-loop tick is
+    packed and written together by a callback (no task switch). One reader task matches
     replies to futures in order. Cancelling a caller only drops its future: a written
     command's reply is still read, so the connection never falls out of step.
 
@@ -294,7 +294,10 @@ class Pipeliner:
         """Queue one command; the future resolves to its reply or its error."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._outbox.append((args, future))
-        self._schedule_write()
+        if self._ready and not self._sent and not self._write_scheduled:
+            self._write()  # idle: write now, for latency; under load writes are coalesced per tick
+        else:
+            self._schedule_write()
         return future
 
     def _schedule_write(self) -> None:
