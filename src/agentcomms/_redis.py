@@ -184,25 +184,36 @@ _SCRIPTS_BY_SHA: dict[str, Script] = {}
 
 SEND = Script(
     """
--- KEYS[1] inbox stream, KEYS[2] dedup marker
--- ARGV: group, max length, dedup window ms (0 = no dedup, for a redrive), body, event channel ('' = none), event
+-- KEYS[1] inbox stream, KEYS[2..n+1] the messages' dedup markers
+-- ARGV: group, max length, dedup window ms (0 = no dedup, for a redrive), event channel ('' = none),
+--       then n bodies, then n events
+-- returns per message {'ok', id} | {'dup', id of the first} | {'full', length}
+local n = #KEYS - 1
 local len = redis.call('XLEN', KEYS[1])
 if len == 0 then
   -- the first writer creates the group at 0: messages sent before the agent's first start are kept
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 end
-local dedup = tonumber(ARGV[3])
-if dedup > 0 then
-  local seen = redis.call('GET', KEYS[2])
-  if seen then return {'dup', seen} end
+local max, dedup = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i = 1, n do
+  local seen = dedup > 0 and redis.call('GET', KEYS[i + 1])
+  if seen then
+    out[i] = {'dup', seen}
+  elseif len >= max then
+    out[i] = {'full', tostring(len)}
+  else
+    local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4 + i])
+    if dedup > 0 then redis.call('SET', KEYS[i + 1], id, 'PX', ARGV[3]) end
+    if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[4 + n + i]) end
+    len = len + 1
+    out[i] = {'ok', id}
+  end
 end
-if len >= tonumber(ARGV[2]) then return {'full', tostring(len)} end
-local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
-if dedup > 0 then redis.call('SET', KEYS[2], id, 'PX', ARGV[3]) end
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
-return {'ok', id}
+return out
 """
 )
+
 
 ACK = Script(
     """

@@ -57,6 +57,9 @@ __all__ = ["BrokerStats", "DeadLetter", "Handler", "MessageBroker", "PublishResu
 
 logger = logging.getLogger(__name__)
 
+_SEND_BATCH = 1000
+"""Messages to one inbox sent by one SEND call at the most."""
+
 _TRIM_EVERY = 256
 """Replies read before the reply stream is trimmed (it is trimmed sooner when it goes idle)."""
 
@@ -261,20 +264,22 @@ class MessageBroker:
             line += "," + json.dumps(extra, separators=(",", ":"))[1:-1]
         return line + "}"
 
-    def _queue_send(self, message: AgentMessage, body: bytes, *, dedup: bool = True) -> asyncio.Future[Any]:
+    def _queue_sends(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> asyncio.Future[Any]:
+        """One SEND call for messages to the same inbox (same recipient and priority)."""
         settings = self.settings
-        recipient = message.recipient_id
+        first = batch[0][0]
+        recipient = first.recipient_id
         feed = settings.event_feed
         return self.pipeliner.script(
             SEND,
-            [keys.inbox(recipient, message.payload.priority), keys.dedup(recipient, message.message_id)],
+            [keys.inbox(recipient, first.payload.priority), *(keys.dedup(recipient, m.message_id) for m, _ in batch)],
             [
                 keys.GROUP,
                 settings.max_inbox_length,
                 int(settings.dedup_window * 1000) if dedup else 0,
-                body,
                 keys.EVENTS_CHANNEL if feed else "",
-                self.event("sent", message) if feed else "",
+                *(body for _, body in batch),
+                *((self.event("sent", m) for m, _ in batch) if feed else ()),
             ],
         )
 
@@ -302,27 +307,37 @@ class MessageBroker:
             InboxFullError: the recipient has ``max_inbox_length`` messages waiting.
             BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
         """
-        body = self._encode(message)
-        return self._sent(message, await self._queue_send(message, body))
+        [reply] = await self._queue_sends([(message, self._encode(message))])
+        return self._sent(message, reply)
 
     async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
-        """Fan out ``messages`` in one pipelined round trip; per message, its result or its error."""
-        futures: list[asyncio.Future[Any] | AgentCommsError] = []
-        for message in messages:
+        """Fan out ``messages`` in one write: one SEND call per recipient inbox; per message, its result or error."""
+        results: list[PublishResult | AgentCommsError | None] = [None] * len(messages)
+        groups: dict[tuple[str, str], list[tuple[int, AgentMessage, bytes]]] = {}
+        for index, message in enumerate(messages):
             try:
-                futures.append(self._queue_send(message, self._encode(message)))
+                body = self._encode(message)
             except AgentCommsError as exc:
-                futures.append(exc)
-        results: list[PublishResult | AgentCommsError] = []
-        for message, future in zip(messages, futures, strict=True):
-            if isinstance(future, AgentCommsError):
-                results.append(future)
+                results[index] = exc
                 continue
+            inbox = (message.recipient_id, message.payload.priority)
+            groups.setdefault(inbox, []).append((index, message, body))
+        calls = [
+            (chunk, self._queue_sends([(m, b) for _, m, b in chunk]))
+            for group in groups.values()
+            for chunk in (group[i : i + _SEND_BATCH] for i in range(0, len(group), _SEND_BATCH))
+        ]
+        for chunk, future in calls:
             try:
-                results.append(self._sent(message, await future))
+                replies = await future
             except AgentCommsError as exc:
-                results.append(exc)
-        return results
+                replies = [exc] * len(chunk)
+            for (index, message, _), reply in zip(chunk, replies, strict=True):
+                try:
+                    results[index] = reply if isinstance(reply, AgentCommsError) else self._sent(message, reply)
+                except AgentCommsError as exc:
+                    results[index] = exc
+        return [r for r in results if r is not None]
 
     # -- request / reply -------------------------------------------------------------------
 
@@ -542,7 +557,8 @@ class MessageBroker:
         message = letter.message
         if message is None:
             raise AgentCommsError(f"dead letter {entry_id} is not a valid message ({letter.reason}); purge it instead")
-        result = self._sent(message, await self._queue_send(message, letter.payload, dedup=False))
+        [reply] = await self._queue_sends([(message, letter.payload)], dedup=False)
+        result = self._sent(message, reply)
         await self.client.xdel(keys.dead_letters(agent_id), entry_id)
         return result
 
