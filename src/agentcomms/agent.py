@@ -28,7 +28,7 @@ from agentcomms.exceptions import (
     MessageValidationError,
 )
 from agentcomms.registry import AgentRegistry, Presence
-from agentcomms.schemas import AgentInfo, AgentMessage, AgentResponse, MessageIntent, Priority
+from agentcomms.schemas import AgentInfo, AgentMessage, AgentResponse, MessageIntent, Priority, describe_errors
 from agentcomms.sender import MessageSender
 from agentcomms.settings import AgentConfig, Settings
 from agentcomms.subscription import Subscription
@@ -76,7 +76,7 @@ class BaseAgent:
         try:
             self.config = config if isinstance(config, AgentConfig) else AgentConfig.model_validate(config)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe_errors(exc)
             raise ConfigError(f"invalid agent config: {problems}") from exc
         self.agent_id = self.config.agent_id
         self._owns_broker = broker is None

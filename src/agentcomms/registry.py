@@ -31,7 +31,7 @@ from agentcomms.exceptions import (
     RegistrationConflictError,
     RegistrationError,
 )
-from agentcomms.schemas import AgentInfo, AgentStatus, MessageIntent
+from agentcomms.schemas import AgentInfo, AgentStatus, MessageIntent, describe_errors
 from agentcomms.settings import Settings
 
 __all__ = ["AgentRegistry", "Presence", "RegistryStats"]
@@ -282,7 +282,7 @@ class AgentRegistry:
         try:
             return AgentInfo.model_validate(agent_info)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe_errors(exc)
             agent_id = agent_info.get("agent_id")
             raise RegistrationError(problems, agent_id=agent_id if isinstance(agent_id, str) else None) from exc
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 __all__ = [
     "AgentId",
@@ -25,6 +25,7 @@ __all__ = [
     "MessageIntent",
     "MessagePayload",
     "Priority",
+    "describe_errors",
     "export_json_schemas",
     "normalize_agent_id",
 ]
@@ -49,6 +50,12 @@ def normalize_agent_id(value: str) -> str:
     collapsed = re.sub(r"\s+", "_", value.strip().lower())
     cleaned = re.sub(r"[^a-z0-9_.:@-]", "", collapsed).lstrip(".:@-")
     return cleaned[:128]
+
+
+def describe_errors(exc: ValidationError, *, limit: int | None = None) -> str:
+    """A validation error as one line: ``field.path: message; ...`` (the first ``limit`` errors)."""
+    errors = exc.errors(include_url=False)[:limit]
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in errors)
 
 
 def _new_id() -> str:

@@ -18,7 +18,15 @@ from pydantic import ValidationError
 from agentcomms.broker import MessageBroker, PublishResult
 from agentcomms.exceptions import AgentCommsError, MessageValidationError, RequestTimeoutError
 from agentcomms.registry import AgentRegistry
-from agentcomms.schemas import AgentInfo, AgentMessage, AgentResponse, MessageIntent, MessagePayload, Priority
+from agentcomms.schemas import (
+    AgentInfo,
+    AgentMessage,
+    AgentResponse,
+    MessageIntent,
+    MessagePayload,
+    Priority,
+    describe_errors,
+)
 from agentcomms.settings import Settings
 
 __all__ = ["MessageSender", "SenderStats"]
@@ -118,7 +126,7 @@ class MessageSender:
             payload = MessagePayload(data=dict(data or {}), priority=priority, context=dict(context or {}))
             return AgentMessage(payload=payload, **fields)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe_errors(exc)
             raise MessageValidationError(f"invalid message to {recipient_id!r}: {problems}") from exc
 
     @overload

@@ -15,7 +15,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, Vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentcomms.exceptions import ConfigError
-from agentcomms.schemas import AgentId, Name, ShortList
+from agentcomms.schemas import AgentId, Name, ShortList, describe_errors
 
 __all__ = ["AgentConfig", "AgentsFile", "Settings", "load_agents_config"]
 
@@ -105,5 +105,5 @@ def load_agents_config(path: str | Path) -> AgentsFile:
     try:
         return AgentsFile.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe_errors(exc)
         raise ConfigError(f"invalid agents config: {problems}", path=str(path)) from exc

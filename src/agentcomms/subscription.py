@@ -38,7 +38,7 @@ from agentcomms._redis import (
     stop_reader,
 )
 from agentcomms.exceptions import BrokerConnectionError
-from agentcomms.schemas import AgentMessage, AgentResponse
+from agentcomms.schemas import AgentMessage, AgentResponse, describe_errors
 
 if TYPE_CHECKING:
     from agentcomms.broker import MessageBroker
@@ -260,8 +260,7 @@ class Subscription:
             errors = exc.errors(include_url=False)
             if errors and errors[0]["type"] == "json_invalid":
                 return f"malformed: not JSON ({errors[0]['msg']})"
-            summary = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in errors[:5])
-            return f"invalid schema: {summary}"
+            return f"invalid schema: {describe_errors(exc, limit=5)}"
         if message.recipient_id != self.agent_id:
             return f"wrong recipient: addressed to {message.recipient_id!r}"
         if message.reply_to is not None and not keys.is_reply_stream(message.reply_to):

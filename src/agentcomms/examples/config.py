@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agentcomms.exceptions import ConfigError
+from agentcomms.schemas import describe_errors
 from agentcomms.settings import AgentConfig, AgentsFile
 
 __all__ = ["create_agent_config", "create_startup_config", "save_startup_config"]
@@ -37,7 +38,7 @@ def create_agent_config(
             redis_url=redis_url,
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe_errors(exc)
         raise ConfigError(f"invalid agent config: {problems}") from exc
 
 
