@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -289,6 +290,7 @@ class Pipeliner:
         self._outbox: list[tuple[Command, asyncio.Future[Any]]] = []
         self._sent: collections.deque[tuple[Command, asyncio.Future[Any]]] = collections.deque()
         self._write_scheduled = False
+        self._batching = 0
         self._ready = False  # connected, handshake done: writes may go out
         self._has_sent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -305,11 +307,22 @@ class Pipeliner:
         """Queue one command; the future resolves to its reply or its error."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._outbox.append((args, future))
-        if self._ready and not self._sent and not self._write_scheduled:
+        if self._ready and not self._sent and not self._write_scheduled and not self._batching:
             self._write()  # idle: write now, for latency; under load writes are coalesced per tick
         else:
             self._schedule_write()
         return future
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold writes while a batch is queued, so that it goes out as one write."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if self._outbox:
+                self._schedule_write()
 
     def _schedule_write(self) -> None:
         if not self._write_scheduled:

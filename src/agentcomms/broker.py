@@ -322,11 +322,12 @@ class MessageBroker:
                 continue
             inbox = (message.recipient_id, message.payload.priority)
             groups.setdefault(inbox, []).append((index, message, body))
-        calls = [
-            (chunk, self._queue_sends([(m, b) for _, m, b in chunk]))
-            for group in groups.values()
-            for chunk in (group[i : i + _SEND_BATCH] for i in range(0, len(group), _SEND_BATCH))
-        ]
+        with self.pipeliner.batch():  # one write for the whole fan-out
+            calls = [
+                (chunk, self._queue_sends([(m, b) for _, m, b in chunk]))
+                for group in groups.values()
+                for chunk in (group[i : i + _SEND_BATCH] for i in range(0, len(group), _SEND_BATCH))
+            ]
         for chunk, future in calls:
             try:
                 replies = await future
