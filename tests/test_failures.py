@@ -265,3 +265,19 @@ async def test_idle_readers_with_default_blocks_do_not_time_out(
         await asyncio.sleep(5.5)
         assert (await broker.request(message(agent_id))).data == "awake"
     assert not [r for r in caplog.records if "lost Redis" in r.getMessage()]
+
+
+async def test_reply_reader_survives_its_stream_being_clobbered(
+    broker: MessageBroker, agent_id: str, raw: Redis
+) -> None:
+    async def handler(msg: AgentMessage) -> str:
+        return "ok"
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    assert (await broker.request(message(agent_id))).data == "ok"
+    await raw.delete(broker.reply_stream)
+    await raw.set(broker.reply_stream, "not a stream")  # XREAD now fails with WRONGTYPE
+    with pytest.raises(RequestTimeoutError):
+        await broker.request(message(agent_id), timeout=0.5)  # the reply XADD fails too: logged, not hidden
+    await raw.delete(broker.reply_stream)
+    assert (await broker.request(message(agent_id))).data == "ok"  # the reader lived on

@@ -391,7 +391,7 @@ class Pipeliner:
                 reply = await self._connection.read_response()
             except ResponseError as exc:  # an error reply, read in full: the connection is in step
                 reply = exc
-            except TRANSIENT_ERRORS as exc:
+            except (*TRANSIENT_ERRORS, RedisError) as exc:  # lost, or out of step (a protocol error)
                 logger.warning("Redis connection lost (%s); %d commands will be sent again", exc, len(self._sent))
                 self._ready = False
                 await self._connection.disconnect(nowait=True)

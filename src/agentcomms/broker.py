@@ -401,7 +401,7 @@ class MessageBroker:
                         "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", self.reply_stream, last
                     )
                     attempt = 0
-                except TRANSIENT_ERRORS as exc:
+                except (*TRANSIENT_ERRORS, RedisError) as exc:  # e.g. WRONGTYPE if the key was overwritten
                     if self._closing:
                         return
                     logger.warning("reply reader lost Redis (%s); reconnecting", exc)
