@@ -53,14 +53,13 @@ def entries(response: Any) -> list[Entry]:
     return cast(list[Entry], response or [])
 
 
-def make_client(url: str, *, password: str | None, db: int, single_connection: bool = False) -> Redis:
-    """A redis-py asyncio client that returns bytes; ``single_connection`` for blocking readers."""
+def make_client(url: str, *, password: str | None, db: int) -> Redis:
+    """A redis-py asyncio client that returns bytes."""
     kwargs: dict[str, Any] = {"password": password, "db": db}
     if not url.startswith("unix://"):
         kwargs["socket_keepalive"] = True
     return Redis.from_url(
         url,
-        single_connection_client=single_connection,
         protocol=2,  # response shapes the same on every supported redis-py (8.x defaults to RESP3)
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
         max_connections=64,
@@ -255,14 +254,6 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return {id, body or ''}
 """
 )
-
-
-async def run_script(client: Redis, script: Script, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
-    """EVALSHA ``script``, falling back to EVAL once if Redis does not know it."""
-    try:
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return await client.eval(script.body, len(keys), *keys, *args)
 
 
 Command = tuple[EncodableT, ...]

@@ -10,10 +10,9 @@ with the error rather than dropping it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -291,15 +290,3 @@ class BaseAgent:
         raise KnowledgeNotConfiguredError(
             f"{self.agent_id}: knowledge search is not configured (no knowledge memory is set up for agentcomms yet)"
         )
-
-
-async def run_until_stopped(agents: Sequence[BaseAgent], stop: asyncio.Event) -> None:
-    """Initialize ``agents``, wait for ``stop``, then shut them down (used by ``agentcomms run-agent``)."""
-    started: list[BaseAgent] = []
-    try:
-        for agent in agents:
-            started.append(await agent.initialize())
-        await stop.wait()
-    finally:
-        for agent in reversed(started):
-            await agent.shutdown()

@@ -227,11 +227,6 @@ class MessageBroker:
             raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
         return self._pipeliner
 
-    def blocking_client(self) -> Redis:
-        """A new single-connection client for a blocking reader."""
-        password = self.settings.redis_password.get_secret_value() if self.settings.redis_password else None
-        return make_client(self.url, password=password, db=self.settings.redis_db, single_connection=True)
-
     @property
     def stats(self) -> BrokerStats:
         """A snapshot of this instance's counters."""
