@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,7 +22,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -258,15 +258,29 @@ return {id, body or ''}
 
 Command = tuple[EncodableT, ...]
 
+FLUSH_AT = 64
+"""Queued commands (or messages in one SEND) that are written at once instead of at the end of the tick.
+
+Coalescing a whole tick saves writes, but while the last reply of a burst is being
+processed, Redis and the far side would sit idle; a long queue goes out in parts.
+"""
+
+LazyCommand = Callable[[], Command | None]
+"""Builds a command when its write goes out (``None``: nothing to send); see :meth:`Pipeliner.call_lazy`."""
+
 
 class Pipeliner:
     """One connection, continuously pipelined: commands are written when called, replies read in order.
 
     ``call`` queues a command and returns a future. On an idle connection it is written
     at once; while replies are awaited, everything queued during one event-loop tick is
-    packed and written together by a callback (no task switch). One reader task matches
-    replies to futures in order. Cancelling a caller only drops its future: a written
-    command's reply is still read, so the connection never falls out of step.
+    packed and written together by a callback (no task switch). One reader task reads
+    whatever bytes arrived, parses every complete reply in them with hiredis, and
+    matches them to futures in order. Cancelling a caller only drops its future: a
+    written command's reply is still read, so the connection never falls out of step.
+
+    redis-py opens the connection (address, TLS, AUTH, SELECT, client name); after its
+    handshake the pipeliner reads and writes that connection's stream itself.
 
     After a lost connection every command not yet answered is written again, in order,
     for up to ``reconnect_timeout``: only idempotent commands (or ones made idempotent
@@ -278,14 +292,17 @@ class Pipeliner:
         self._connection.socket_timeout = READER_TIMEOUT
         self._reconnect_timeout = reconnect_timeout
         self._url = url
-        self._outbox: list[tuple[Command, asyncio.Future[Any]]] = []
-        self._sent: collections.deque[tuple[Command, asyncio.Future[Any]]] = collections.deque()
+        # a ``None`` future: a command fired without waiting (a failure is logged)
+        self._outbox: list[tuple[Command | LazyCommand, asyncio.Future[Any] | None]] = []
+        self._sent: collections.deque[tuple[Command, asyncio.Future[Any] | None]] = collections.deque()
         self._write_scheduled = False
         self._batching = 0
         self._ready = False  # connected, handshake done: writes may go out
         self._has_sent = asyncio.Event()
+        self._parser = self._new_parser()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self.flush_at = FLUSH_AT
         self.round_trips = 0
         """Writes (batches of commands) so far, for statistics and benchmarks."""
 
@@ -296,13 +313,31 @@ class Pipeliner:
 
     def call(self, *args: EncodableT) -> asyncio.Future[Any]:
         """Queue one command; the future resolves to its reply or its error."""
+        return self._queue(args)
+
+    def call_lazy(self, build: LazyCommand) -> asyncio.Future[Any]:
+        """Queue a command built only when it is written, so that callers can add to it until then.
+
+        ``build()`` runs once, at the write (at once if the connection is idle). If it
+        returns ``None`` nothing is sent and the future is cancelled.
+        """
+        return self._queue(build)
+
+    def _queue(self, command: Command | LazyCommand) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append((args, future))
-        if self._ready and not self._sent and not self._write_scheduled and not self._batching:
-            self._write()  # idle: write now, for latency; under load writes are coalesced per tick
-        else:
-            self._schedule_write()
+        self._outbox.append((command, future))
+        self._after_queue()
         return future
+
+    def _after_queue(self) -> None:
+        if not self._ready or self._batching:
+            self._schedule_write()
+        elif len(self._outbox) >= self.flush_at:
+            self._write()  # a long queue goes out now, so that Redis and the far side start on it
+        elif not self._sent and not self._write_scheduled:
+            self._write()  # an idle connection: write now, for latency
+        else:
+            self._schedule_write()  # under load: what is queued in this tick goes out together
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -315,6 +350,11 @@ class Pipeliner:
             if self._outbox:
                 self._schedule_write()
 
+    def flush(self) -> None:
+        """Write what is queued now rather than at the end of the tick (not inside :meth:`batch`)."""
+        if self._outbox and self._ready and not self._batching:
+            self._write()
+
     def _schedule_write(self) -> None:
         if not self._write_scheduled:
             self._write_scheduled = True
@@ -322,7 +362,8 @@ class Pipeliner:
 
     def fire(self, *args: EncodableT) -> None:
         """Queue a command whose result nobody waits for (a failure is logged)."""
-        self.call(*args).add_done_callback(_log_failure)
+        self._outbox.append((args, None))
+        self._after_queue()
 
     def script(self, script: Script, keys: Sequence[str], args: Sequence[EncodableT]) -> asyncio.Future[Any]:
         """Queue an EVALSHA of ``script``."""
@@ -333,7 +374,18 @@ class Pipeliner:
         writer = getattr(self._connection, "_writer", None)
         if not self._ready or writer is None:
             return  # the reader task writes the outbox once it is connected
-        batch = [(args, future) for args, future in self._outbox if not future.cancelled()]
+        batch: list[tuple[Command, asyncio.Future[Any] | None]] = []
+        for command, future in self._outbox:
+            if future is not None and future.cancelled():
+                continue
+            if callable(command):
+                built = command()
+                if built is None:
+                    if future is not None:
+                        future.cancel()
+                    continue
+                command = built
+            batch.append((command, future))
         self._outbox = []
         if not batch:
             return
@@ -379,15 +431,30 @@ class Pipeliner:
                 await self._has_sent.wait()
                 continue
             try:
-                reply = await self._connection.read_response()
-            except ResponseError as exc:  # an error reply, read in full: the connection is in step
-                reply = exc
+                await self._read_replies()
             except (*TRANSIENT_ERRORS, RedisError) as exc:  # lost, or out of step (a protocol error)
                 logger.warning("Redis connection lost (%s); %d commands will be sent again", exc, len(self._sent))
                 self._ready = False
                 await self._connection.disconnect(nowait=True)
                 deadline = deadline or loop.time() + self._reconnect_timeout
                 continue
+
+    def _new_parser(self) -> hiredis.Reader:
+        # error replies become the exceptions redis-py would raise (NoScriptError, ...); they are delivered, not raised
+        parse_error = getattr(self._connection._parser, "parse_error", ResponseError)
+        return hiredis.Reader(protocolError=InvalidResponse, replyError=parse_error)
+
+    async def _read_replies(self) -> None:
+        """Wait for bytes, then deliver every complete reply they hold (one await per read, not per reply)."""
+        stream: asyncio.StreamReader = self._connection._reader
+        async with asyncio.timeout(READER_TIMEOUT):  # Redis owes replies: silence this long means a dead link
+            data = await stream.read(65536)
+        if not data:
+            raise RedisConnectionError("Redis closed the connection")
+        self._parser.feed(data)
+        while (reply := self._parser.gets()) is not False:  # False: no complete reply left (RESP2 has no booleans)
+            if not self._sent:
+                raise InvalidResponse("a reply arrived that no command was waiting for")
             self._deliver(reply)
 
     async def _connect(self) -> bool:
@@ -397,6 +464,7 @@ class Pipeliner:
             logger.debug("pipeliner cannot connect yet: %s", exc)
             return False
         self._ready = True
+        self._parser = self._new_parser()  # bytes of the lost connection are meaningless now
         # what was written and not answered goes out again first, in order
         self._outbox = [*self._sent, *self._outbox]
         self._sent.clear()
@@ -409,6 +477,9 @@ class Pipeliner:
             # Redis restarted and forgot the script: send it in full once
             self._outbox.append((("EVAL", _SCRIPTS_BY_SHA[str(args[1])].body, *args[2:]), future))
             self._schedule_write()
+        elif future is None:
+            if isinstance(reply, Exception):
+                logger.warning("a command sent without waiting failed: %s", reply)
         elif future.done():
             pass  # its caller gave up; the reply was read all the same
         elif isinstance(reply, Exception):
@@ -419,12 +490,7 @@ class Pipeliner:
     def _fail_all(self, reason: str) -> None:
         error = BrokerConnectionError(reason, url=self._url)
         for _, future in [*self._sent, *self._outbox]:
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(error)
         self._sent.clear()
         self._outbox = []
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("a command sent without waiting failed: %s", future.exception())
