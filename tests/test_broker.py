@@ -34,6 +34,12 @@ def message(recipient: str, sender: str = "agent.sender", **data: Any) -> AgentM
     )
 
 
+async def inbox_of(raw: Redis, agent_id: str) -> list[tuple[str, AgentMessage]]:
+    """Entry id and message of everything in an agent's normal-priority inbox, oldest first."""
+    found: Any = await raw.xrange(keys.inbox(agent_id))
+    return [(entry_id.decode(), AgentMessage.model_validate_json(fields[b"m"])) for entry_id, fields in found]
+
+
 async def collect(broker: MessageBroker, agent_id: str, count: int, **options: Any) -> list[AgentMessage]:
     """Subscribe, wait until ``count`` messages arrived, stop, return them in arrival order."""
     received: list[AgentMessage] = []
@@ -128,6 +134,70 @@ async def test_duplicate_message_id_is_suppressed(broker: MessageBroker, agent_i
     assert not first.duplicate and second.duplicate and second.entry_id == first.entry_id
     assert await raw.xlen(keys.inbox(agent_id)) == 1
     assert broker.stats.duplicates == 1
+
+
+async def test_sends_in_one_tick_share_one_script_call(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    await broker.health_check()  # connected and idle
+    sent = [message(agent_id, n=n) for n in range(40)]
+    repeated = sent[7]
+    await raw.config_resetstat()
+    before = broker.stats.round_trips
+    results = await asyncio.gather(*(broker.publish_message(m) for m in [*sent, repeated]))
+    # the first goes out at once on the idle connection; the other 40 join one SEND call
+    assert (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"] == 2
+    assert broker.stats.round_trips - before == 2
+    assert [r.message_id for r in results[:40]] == [m.message_id for m in sent] and not any(
+        r.duplicate for r in results[:40]
+    )
+    assert results[40].duplicate and results[40].entry_id == results[7].entry_id  # dedup works inside one call too
+    assert [entry_id for entry_id, _ in await inbox_of(raw, agent_id)] == [
+        r.entry_id for r in results[:40]
+    ]  # in the order of the calls
+
+
+async def test_a_batch_sent_in_between_is_not_overtaken(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    await broker.health_check()
+    first, second, third, fourth = (message(agent_id, n=n) for n in range(4))
+    await asyncio.gather(
+        broker.publish_message(first),  # written at once
+        broker.publish_message(second),  # opens a shared SEND call
+        broker.publish_many([third]),  # closes it: nothing sent later may join and overtake this one
+        broker.publish_message(fourth),
+    )
+    assert [m.payload.data["n"] for _, m in await inbox_of(raw, agent_id)] == [0, 1, 2, 3]
+
+
+async def test_a_send_cancelled_before_its_write_is_not_sent(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    await broker.health_check()
+    tasks = [asyncio.create_task(broker.publish_message(message(agent_id, n=n))) for n in range(3)]
+    await asyncio.sleep(0)  # one loop turn: all three queued; the first is written, two wait for the end of the tick
+    tasks[1].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [m.payload.data["n"] for _, m in await inbox_of(raw, agent_id)] == [0, 2]
+
+
+async def test_a_waiting_handler_does_not_hold_up_the_next_messages(broker: MessageBroker, agent_id: str) -> None:
+    for n in range(4):
+        await broker.publish_message(message(agent_id, n=n))  # all read in one batch once the agent starts
+    release, done = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(msg: AgentMessage) -> None:
+        n = msg.payload.data["n"]
+        if n == 0:
+            await release.wait()  # set only once the three behind it were handled
+        handled.append(n)
+        if len(handled) == 3:
+            release.set()
+        if len(handled) == 4:
+            done.set()
+
+    subscription = await broker.subscribe_to_agent(agent_id, handler, concurrency=2)
+    async with asyncio.timeout(20):
+        await done.wait()
+    await subscription.stop()
+    assert handled == [1, 2, 3, 0]
 
 
 async def test_full_inbox_rejects_instead_of_trimming(redis_url: str, agent_id: str, raw: Redis) -> None:

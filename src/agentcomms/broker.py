@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from agentcomms._redis import (
     READER_TIMEOUT,
     SEND,
     TRANSIENT_ERRORS,
+    Command,
     Pipeliner,
     RawConnection,
     backoff,
@@ -62,6 +64,25 @@ _SEND_BATCH = 1000
 
 _TRIM_EVERY = 256
 """Replies read before the reply stream is trimmed (it is trimmed sooner when it goes idle)."""
+
+
+_OpenSend = list[tuple[AgentMessage, bytes, asyncio.Future[Any]]]
+"""Messages to one inbox waiting for their shared SEND call to be written."""
+
+
+def _answer_sends(batch: _OpenSend, done: asyncio.Future[Any]) -> None:
+    """Hand each message of a shared SEND call its own reply (or the call's error)."""
+    if done.cancelled():
+        return  # nothing was sent: every caller had given up
+    error = done.exception()
+    replies = done.result() if error is None else [error] * len(batch)
+    for (_, _, future), reply in zip(batch, replies, strict=True):
+        if future.done():
+            continue
+        if isinstance(reply, BaseException):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +159,7 @@ class MessageBroker:
         self._reply_reader_id: int | None = None
         self._closing = False
         self._waiting: dict[str, asyncio.Future[AgentResponse]] = {}
+        self._open_sends: dict[str, _OpenSend] = {}
         self._subscriptions: set[Subscription] = set()
         self._stats = BrokerStats()
 
@@ -259,24 +281,59 @@ class MessageBroker:
             line += "," + json.dumps(extra, separators=(",", ":"))[1:-1]
         return line + "}"
 
-    def _queue_sends(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> asyncio.Future[Any]:
-        """One SEND call for messages to the same inbox (same recipient and priority)."""
+    def _send_command(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> Command:
+        """The SEND call for messages to the same inbox (same recipient and priority)."""
         settings = self.settings
         first = batch[0][0]
         recipient = first.recipient_id
         feed = settings.event_feed
-        return self.pipeliner.script(
-            SEND,
-            [keys.inbox(recipient, first.payload.priority), *(keys.dedup(recipient, m.message_id) for m, _ in batch)],
-            [
-                keys.GROUP,
-                settings.max_inbox_length,
-                int(settings.dedup_window * 1000) if dedup else 0,
-                keys.EVENTS_CHANNEL if feed else "",
-                *(body for _, body in batch),
-                *((self.event("sent", m) for m, _ in batch) if feed else ()),
-            ],
+        return (
+            "EVALSHA",
+            SEND.sha,
+            1 + len(batch),
+            keys.inbox(recipient, first.payload.priority),
+            *(keys.dedup(recipient, m.message_id) for m, _ in batch),
+            keys.GROUP,
+            settings.max_inbox_length,
+            int(settings.dedup_window * 1000) if dedup else 0,
+            keys.EVENTS_CHANNEL if feed else "",
+            *(body for _, body in batch),
+            *((self.event("sent", m) for m, _ in batch) if feed else ()),
         )
+
+    def _queue_sends(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> asyncio.Future[Any]:
+        """Queue one SEND call for ``batch`` as it is (messages to one inbox)."""
+        first = batch[0][0]
+        # a send still open for this inbox takes no more messages: they would overtake this batch
+        self._open_sends.pop(keys.inbox(first.recipient_id, first.payload.priority), None)
+        return self.pipeliner.call(*self._send_command(batch, dedup=dedup))
+
+    def _send(self, message: AgentMessage, body: bytes) -> asyncio.Future[Any]:
+        """Queue one message; those to the same inbox in one event-loop tick share one SEND call.
+
+        The future resolves to the message's own ``[status, value]`` from the script.
+        """
+        inbox = keys.inbox(message.recipient_id, message.payload.priority)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = self._open_sends.get(inbox)
+        if batch is not None:
+            batch.append((message, body, future))
+            if len(batch) >= self.pipeliner.flush_at:
+                del self._open_sends[inbox]
+                self.pipeliner.flush()
+            return future
+        batch = [(message, body, future)]
+        self._open_sends[inbox] = batch
+        # built when written: on an idle connection at once (a batch of one), under load at the end of the tick
+        sent = self.pipeliner.call_lazy(functools.partial(self._close_send, inbox, batch))
+        sent.add_done_callback(functools.partial(_answer_sends, batch))
+        return future
+
+    def _close_send(self, inbox: str, batch: _OpenSend) -> Command | None:
+        if self._open_sends.get(inbox) is batch:
+            del self._open_sends[inbox]
+        batch[:] = [item for item in batch if not item[2].cancelled()]  # callers that gave up before the write
+        return self._send_command([(m, b) for m, b, _ in batch]) if batch else None
 
     def _sent(self, message: AgentMessage, reply: list[bytes]) -> PublishResult:
         status, value = decode(reply[0]), decode(reply[1])
@@ -302,7 +359,7 @@ class MessageBroker:
             InboxFullError: the recipient has ``max_inbox_length`` messages waiting.
             BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
         """
-        [reply] = await self._queue_sends([(message, self._encode(message))])
+        reply = await self._send(message, self._encode(message))
         return self._sent(message, reply)
 
     async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
@@ -356,22 +413,47 @@ class MessageBroker:
                 "payload": message.payload.model_copy(update={"requires_response": True, "response_timeout": timeout}),
             }
         )
-        await self._ensure_reply_reader()
-        future: asyncio.Future[AgentResponse] = asyncio.get_running_loop().create_future()
+        if self._reply_ready is None or not self._reply_ready.is_set():
+            await self._ensure_reply_reader()
         correlation = request.message_id
         if correlation in self._waiting:
             raise AgentCommsError(f"a request with message_id {correlation} is already waiting for its reply")
-        self._waiting[correlation] = future
+        body = self._encode(request)
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[AgentResponse] = loop.create_future()
+        self._waiting[correlation] = reply
         self._stats.requests += 1
+        # one future to await: the send's failure, the reply, or the deadline (a timer, cheaper than a timeout scope)
+        sent = self._send(request, body)
+        sent.add_done_callback(functools.partial(self._request_sent, request, reply))
+        timer = loop.call_at(loop.time() + timeout, self._request_expired, request, timeout, reply)
         try:
-            async with asyncio.timeout(timeout):
-                await self.publish_message(request)
-                return await future
-        except TimeoutError as exc:
-            self._stats.timeouts += 1
-            raise RequestTimeoutError(agent_id=message.recipient_id, message_id=correlation, timeout=timeout) from exc
+            return await reply
         finally:
+            timer.cancel()
+            sent.cancel()  # a request not yet written when its caller gives up is not sent at all
             self._waiting.pop(correlation, None)
+
+    def _request_sent(
+        self, request: AgentMessage, reply: asyncio.Future[AgentResponse], sent: asyncio.Future[Any]
+    ) -> None:
+        if reply.done() or sent.cancelled():
+            return
+        try:
+            error = sent.exception()
+            if error is None:
+                self._sent(request, sent.result())  # a duplicate keeps waiting: the first one's reply may come
+                return
+        except AgentCommsError as exc:  # InboxFullError
+            error = exc
+        reply.set_exception(error)
+
+    def _request_expired(self, request: AgentMessage, timeout: float, reply: asyncio.Future[AgentResponse]) -> None:
+        if not reply.done():
+            self._stats.timeouts += 1
+            reply.set_exception(
+                RequestTimeoutError(agent_id=request.recipient_id, message_id=request.message_id, timeout=timeout)
+            )
 
     async def _ensure_reply_reader(self) -> None:
         if self._reply_reader is None:

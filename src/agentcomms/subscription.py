@@ -1,8 +1,9 @@
 """Subscription: one running consumer of an agent id's inbox.
 
-The loop reads new entries with XREADGROUP on its own connection, hands each to the
-handler (at most ``concurrency`` at once), and acknowledges it together with its reply
-in the broker's next pipeline. Every ``claim_idle / 3`` it also
+The loop reads new entries with XREADGROUP on its own connection and queues them for a
+pool of at most ``concurrency`` worker tasks, which run the handler and acknowledge each
+message together with its reply in the broker's next pipeline. Every ``claim_idle / 3``
+it also
 
 * keeps its own long-running entries from looking abandoned (XCLAIM ... JUSTID), and
 * takes over entries pending longer than ``claim_idle`` (a dead instance's, or ones
@@ -12,6 +13,7 @@ in the broker's next pipeline. Every ``claim_idle / 3`` it also
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -50,6 +52,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[AgentMessage], Awaitable[Any]]
 """An async function taking a message; for a request its return value becomes the reply."""
 
+_Work = tuple[str, str, dict[bytes, bytes], int]
+"""A queued message: stream, entry id, fields, deliveries so far."""
+
 _PENDING_PAGE = 100
 _ACK_BATCH = 1000
 """Entry ids acknowledged by one ACK call at the most (Lua's unpack limit is about 8,000)."""
@@ -68,10 +73,10 @@ class SubscriptionStats:
 
 
 def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResponse:
-    response = result if isinstance(result, AgentResponse) else AgentResponse(success=True, data=result)
-    return response.model_copy(
-        update={"correlation_id": message.correlation_id or message.message_id, "responder_id": agent_id}
-    )
+    correlation_id = message.correlation_id or message.message_id
+    if isinstance(result, AgentResponse):
+        return result.model_copy(update={"correlation_id": correlation_id, "responder_id": agent_id})
+    return AgentResponse(success=True, data=result, correlation_id=correlation_id, responder_id=agent_id)
 
 
 class Subscription:
@@ -89,14 +94,16 @@ class Subscription:
         self._streams = keys.inboxes(agent_id)
         self._new = [">"] * len(self._streams)
         self._concurrency = concurrency
-        self._semaphore = asyncio.Semaphore(concurrency)
         self._claim_idle_ms = int(settings.claim_idle * 1000)
         self._tick = max(0.02, min(settings.claim_idle / 3, MAX_BLOCK_MS / 1000))
         self._max_bytes = settings.max_message_bytes
         self._max_deliveries = settings.max_deliveries
         self._inflight: dict[tuple[str, str], float] = {}
         self._last_error: dict[tuple[str, str], str] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: collections.deque[_Work] = collections.deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._idle: list[asyncio.Future[None]] = []
+        self._waking = False
         self._slot_free = asyncio.Event()
         self._reader: RawConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -143,12 +150,20 @@ class Subscription:
         self._slot_free.set()
         if self._task is not None:
             await stop_reader(self._task, self._broker.client, self._reader_id)
-        if self._tasks:
-            _, unfinished = await asyncio.wait(set(self._tasks), timeout=timeout)
+        idle, self._idle = self._idle, []
+        for wake in idle:  # idle workers end; busy ones end once the queue is empty
+            wake.set_result(None)
+        if self._workers:
+            _, unfinished = await asyncio.wait(set(self._workers), timeout=timeout)
             for task in unfinished:
                 task.cancel()
             if unfinished:
-                logger.warning("%s: %d handlers unfinished at stop; handed back", self.agent_id, len(unfinished))
+                logger.warning(
+                    "%s: %d handlers and %d queued messages unfinished at stop; handed back",
+                    self.agent_id,
+                    len(unfinished),
+                    len(self._queue),
+                )
                 await asyncio.gather(*unfinished, return_exceptions=True)
         if self._ack_scheduled:
             self._flush_acks()
@@ -240,9 +255,49 @@ class Subscription:
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> None:
         self._inflight[(stream, entry_id)] = time.monotonic()
         self.stats.received += 1
-        task = asyncio.create_task(self._process(stream, entry_id, fields, deliveries))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queue.append((stream, entry_id, fields, deliveries))
+        self._wake_worker()
+
+    # -- the workers -----------------------------------------------------------------------
+    #
+    # A task per message costs more than most handlers (creating, scheduling and finishing
+    # it). Workers are long-lived instead: a worker runs queued messages one after another
+    # for as long as their handlers finish without waiting, and one more worker is woken
+    # whenever messages are left in the queue, so that when a handler does wait (on an
+    # LLM, a database) the next message starts at once on another worker. A batch of
+    # quick handlers costs two wake-ups, not a task each; at most ``concurrency``
+    # handlers run at once.
+
+    def _wake_worker(self) -> None:
+        if self._waking:
+            return  # one already woken, not yet running, will take the next message
+        if self._idle:
+            self._idle.pop().set_result(None)
+        elif len(self._workers) < self._concurrency:
+            task = asyncio.get_running_loop().create_task(self._work(), name=f"worker-{self.agent_id}")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+        else:
+            return  # all busy: each takes the next queued message when its handler finishes
+        self._waking = True
+
+    async def _work(self) -> None:
+        queue, loop = self._queue, asyncio.get_running_loop()
+        while True:
+            self._waking = False
+            while queue:
+                work = queue.popleft()
+                if queue:
+                    self._wake_worker()  # stand by in case this handler waits
+                try:
+                    await self._process(*work)
+                except Exception:  # _process handles handler errors; this is a bug, not a reason to stop
+                    logger.exception("%s: unexpected error processing %s", self.agent_id, work[1])
+            if self._stopped:
+                return
+            wake: asyncio.Future[None] = loop.create_future()
+            self._idle.append(wake)
+            await wake
 
     # -- one message -----------------------------------------------------------------------
 
@@ -286,12 +341,11 @@ class Subscription:
                 self.stats.expired += 1
                 await self._dead_letter(stream, entry_id, "expired: not handled within response_timeout", deliveries)
                 return
-            async with self._semaphore:
-                try:
-                    result = await self._handler(message)
-                except Exception as exc:
-                    await self._failed(key, message, deliveries, exc)
-                    return
+            try:
+                result = await self._handler(message)
+            except Exception as exc:
+                await self._failed(key, message, deliveries, exc)
+                return
             self._complete(stream, entry_id, message, result)
             acknowledging = True  # _acked() finishes the bookkeeping when the ack is answered
         except BrokerConnectionError as exc:
