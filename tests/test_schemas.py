@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import uuid
 
 import pytest
 from pydantic import ValidationError
@@ -72,3 +74,19 @@ def test_json_schemas_export() -> None:
     message_schema = schemas["AgentMessage"]
     assert {"sender_id", "recipient_id", "intent"} <= set(message_schema["required"])
     json.dumps(schemas)  # plain JSON
+
+
+def _ids(count: int) -> list[str]:
+    return [AgentMessage(sender_id="a", recipient_id="b", intent="x").message_id for _ in range(count)]
+
+
+def test_message_ids_are_random_uuid4_text_and_a_forked_child_gets_its_own() -> None:
+    ids = _ids(3000)  # more than one pooled read of random bytes
+    assert len(set(ids)) == 3000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    _ids(1)  # the parent has unused pooled bytes when it forks
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply(_ids, (500,))
+    assert not set(child) & set(_ids(500))

@@ -7,8 +7,8 @@ each for other languages and for validation at the edges.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -58,8 +58,36 @@ def describe_errors(exc: ValidationError, *, limit: int | None = None) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in errors)
 
 
+_ID_POOL_SIZE = 16 * 256
+_id_pool = b""
+_id_at = 0
+
+
 def _new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text, like ``str(uuid.uuid4())`` at a quarter of the cost.
+
+    uuid4() makes a system call per id and builds a UUID object; this formats 16 bytes
+    taken from one ``os.urandom`` read per 256 ids.
+    """
+    global _id_pool, _id_at
+    if _id_at >= len(_id_pool):
+        _id_pool, _id_at = os.urandom(_ID_POOL_SIZE), 0
+    at = _id_at
+    _id_at = at + 16
+    h = _id_pool[at : at + 16].hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+"""The RFC 4122 variant bits over the first digit of the fourth group."""
+
+
+def _forget_ids() -> None:
+    global _id_pool, _id_at
+    _id_pool, _id_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_ids)  # a forked child must not hand out its parent's next ids
 
 
 def _utcnow() -> datetime:
@@ -122,24 +150,14 @@ class AgentMessage(BaseModel):
     conversation_id: MessageId = Field(default_factory=_new_id)
     sender_id: AgentId
     recipient_id: AgentId
-    intent: MessageIntent | IntentName
+    intent: MessageIntent | IntentName = Field(union_mode="left_to_right")
+    """A built-in intent becomes the enum member (tried first); any other valid name stays text."""
     payload: MessagePayload = Field(default_factory=MessagePayload)
     timestamp: datetime = Field(default_factory=_utcnow)
     reply_to: Annotated[str, StringConstraints(max_length=200)] | None = None
     """The caller's reply stream; set by the broker for requests."""
     correlation_id: MessageId | None = None
     """Set on requests: the reply carries it back so the caller can match it."""
-
-    @field_validator("intent", mode="before")
-    @classmethod
-    def _known_intent(cls, value: object) -> object:
-        # A custom intent that happens to equal a built-in one becomes the enum member.
-        if isinstance(value, str) and not isinstance(value, MessageIntent):
-            try:
-                return MessageIntent(value)
-            except ValueError:
-                return value
-        return value
 
     @field_validator("timestamp")
     @classmethod
