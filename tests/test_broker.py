@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -131,7 +132,7 @@ async def test_duplicate_message_id_is_suppressed(broker: MessageBroker, agent_i
     sent = message(agent_id)
     first = await broker.publish_message(sent)
     second = await broker.publish_message(sent)
-    assert not first.duplicate and second.duplicate and second.entry_id == first.entry_id
+    assert not first.duplicate and first.entry_id and second.duplicate and second.entry_id == ""
     assert await raw.xlen(keys.inbox(agent_id)) == 1
     assert broker.stats.duplicates == 1
 
@@ -149,7 +150,7 @@ async def test_sends_in_one_tick_share_one_script_call(broker: MessageBroker, ag
     assert [r.message_id for r in results[:40]] == [m.message_id for m in sent] and not any(
         r.duplicate for r in results[:40]
     )
-    assert results[40].duplicate and results[40].entry_id == results[7].entry_id  # dedup works inside one call too
+    assert results[40].duplicate and not results[7].duplicate  # dedup works inside one call too
     assert [entry_id for entry_id, _ in await inbox_of(raw, agent_id)] == [
         r.entry_id for r in results[:40]
     ]  # in the order of the calls
@@ -205,15 +206,40 @@ async def test_full_inbox_rejects_instead_of_trimming(redis_url: str, agent_id: 
     async with MessageBroker(settings=settings) as broker:
         for n in range(3):
             await broker.publish_message(message(agent_id, n=n))
+        refused = message(agent_id, n=3)
         with pytest.raises(InboxFullError) as caught:
-            await broker.publish_message(message(agent_id, n=3))
-        assert caught.value.agent_id == agent_id and caught.value.limit == 3
+            await broker.publish_message(refused)
+        assert caught.value.agent_id == agent_id and caught.value.limit == 3 and caught.value.length == 3
         assert "full" in str(caught.value)
         received = await collect(broker, agent_id, 3)
         assert [m.payload.data["n"] for m in received] == [0, 1, 2]
         # handled messages are removed, so the inbox takes new ones again
         assert await raw.xlen(keys.inbox(agent_id)) == 0
-        await broker.publish_message(message(agent_id, n=4))
+        # and a refused message was not marked as seen: sent again, it is accepted, not called a duplicate
+        assert not (await broker.publish_message(refused)).duplicate
+
+
+async def test_a_message_id_is_accepted_again_after_the_dedup_window(redis_url: str, agent_id: str, raw: Redis) -> None:
+    async def server_clock_passes(ms: int) -> None:
+        # the window is judged on the Redis server's clock: the wait is the scenario itself
+        while True:
+            seconds, micros = await raw.time()
+            if seconds * 1000 + micros // 1000 > ms:
+                return
+            await asyncio.sleep(0.01)
+
+    settings = Settings(redis_url=redis_url, dedup_window=1.0)
+    async with MessageBroker(settings=settings) as broker:
+        early, later = message(agent_id), message(agent_id)
+        accepted_ms = int((await broker.publish_message(early)).entry_id.split("-")[0])
+        assert (await broker.publish_message(early)).duplicate
+        await server_clock_passes(accepted_ms + 500)
+        await broker.publish_message(later)  # keeps the dedup set alive past the first one's window
+        await server_clock_passes(accepted_ms + 1000)
+        assert not (await broker.publish_message(early)).duplicate  # its mark expired; the inbox takes it again
+        assert (await broker.publish_message(later)).duplicate  # still within its own window
+        assert await raw.zcard(keys.dedup(agent_id)) == 2  # the expired mark was replaced, not kept alongside
+        assert 0 < await raw.pttl(keys.dedup(agent_id)) <= 1000  # an idle inbox's dedup set goes away by itself
 
 
 async def test_oversized_message_is_rejected_before_sending(redis_url: str, agent_id: str, raw: Redis) -> None:
@@ -308,6 +334,45 @@ async def test_event_feed_shows_sent_and_handled(broker: MessageBroker, agent_id
                 break
     await feed.aclose()
     assert kinds == ["sent", "handled"]
+
+
+async def test_event_feed_yields_each_event_of_a_batch(broker: MessageBroker, agent_id: str) -> None:
+    feed = broker.events()
+    assert isinstance(feed, AsyncGenerator)
+    assert (await anext(feed))["event"] == "subscribed"
+    batch = [message(agent_id, n=n) for n in range(3)]
+    await broker.publish_many(batch)  # one SEND call: its three events travel in one feed message
+    async with asyncio.timeout(10):
+        events = [await anext(feed) for _ in range(3)]
+    await feed.aclose()
+    assert [(e["event"], e["message_id"]) for e in events] == [("sent", m.message_id) for m in batch]
+
+
+async def test_event_feed_costs_nothing_while_nobody_listens(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    async def handler(msg: AgentMessage) -> str:
+        return "ok"
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    await raw.config_resetstat()
+    await broker.request(message(agent_id))
+    await broker.publish_many([message(agent_id, n=n) for n in range(5)])
+    stats = await raw.info("commandstats")
+    assert "cmdstat_evalsha" in stats
+    assert "cmdstat_publish" not in stats and "cmdstat_xrange" not in stats  # no events built, none published
+
+
+async def test_a_pattern_subscriber_gets_the_events_too(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    pubsub = raw.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe("ac:ev*")
+    sent = message(agent_id)
+    await broker.publish_message(sent)
+    async with asyncio.timeout(10):
+        while (feed := await pubsub.get_message(timeout=None)) is None:
+            pass
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    event = json.loads(feed["data"])
+    assert event["event"] == "sent" and event["message_id"] == sent.message_id
+    assert event["sender_id"] == sent.sender_id and event["intent"] == sent.intent
 
 
 async def test_health_check(broker: MessageBroker, agent_id: str) -> None:

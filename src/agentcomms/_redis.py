@@ -182,49 +182,91 @@ _SCRIPTS_BY_SHA: dict[str, Script] = {}
 """Every script by SHA, so the pipeliner can re-send one in full after NOSCRIPT."""
 
 
+_FEED_LUA = """
+-- The feed costs nothing while nobody listens: events are built here, from the message
+-- bodies, only if the channel has a subscriber (or any pattern subscription exists).
+local function listened(channel)
+  if channel == '' then return false end
+  return redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 or redis.call('PUBSUB', 'NUMPAT') > 0
+end
+local function event(kind, body, ts)
+  local ok, m = pcall(cjson.decode, body)
+  if not ok or type(m) ~= 'table' then return nil end
+  return cjson.encode({event = kind, message_id = m.message_id, sender_id = m.sender_id,
+                       recipient_id = m.recipient_id, intent = m.intent, ts = ts})
+end
+local function server_seconds()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+"""
+
 SEND = Script(
-    """
--- KEYS[1] inbox stream, KEYS[2..n+1] the messages' dedup markers
+    _FEED_LUA
+    + """
+-- KEYS[1] inbox stream, KEYS[2] the inbox's dedup set (message id -> server ms when first accepted)
 -- ARGV: group, max length, dedup window ms (0 = no dedup, for a redrive), event channel ('' = none),
---       then n bodies, then n events
--- returns per message {'ok', id} | {'dup', id of the first} | {'full', length}
-local n = #KEYS - 1
+--       n, then n message ids, then n bodies
+-- returns per message its entry id, or 'dup', or 'full <length>'
+-- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message.
+local n = tonumber(ARGV[5])
 local len = redis.call('XLEN', KEYS[1])
 if len == 0 then
   -- the first writer creates the group at 0: messages sent before the agent's first start are kept
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 end
-local max, dedup = tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
+local max, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, known = 0, {}
+if window > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window))
+  known = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, 6, 5 + n))
+end
+local feed = listened(ARGV[4])
+local ts = feed and server_seconds()
+local out, events, marks, here = {}, {}, {}, {}
 for i = 1, n do
-  local seen = dedup > 0 and redis.call('GET', KEYS[i + 1])
-  if seen then
-    out[i] = {'dup', seen}
+  local id = ARGV[5 + i]
+  if window > 0 and (known[i] or here[id]) then
+    out[i] = 'dup'
   elseif len >= max then
-    out[i] = {'full', tostring(len)}
+    out[i] = 'full ' .. len
   else
-    local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4 + i])
-    if dedup > 0 then redis.call('SET', KEYS[i + 1], id, 'PX', ARGV[3]) end
-    if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[4 + n + i]) end
+    out[i] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[5 + n + i])
     len = len + 1
-    out[i] = {'ok', id}
+    if window > 0 then
+      here[id] = true
+      marks[#marks + 1] = now
+      marks[#marks + 1] = id
+    end
+    if feed then events[#events + 1] = event('sent', ARGV[5 + n + i], ts) end
   end
 end
+if #marks > 0 then redis.call('ZADD', KEYS[2], unpack(marks)) end
+if window > 0 then redis.call('PEXPIRE', KEYS[2], window) end
+-- one feed message for the whole call: one JSON event per line
+if #events > 0 then redis.call('PUBLISH', ARGV[4], table.concat(events, '\\n')) end
 return out
 """
 )
 
 
 ACK = Script(
-    """
--- KEYS[1] inbox stream; ARGV: group, event channel ('' = none), n, n entry ids, then the events to publish
+    _FEED_LUA
+    + """
+-- KEYS[1] inbox stream; ARGV: group, event channel ('' = none), n entry ids
 -- acknowledge and remove together: XDEL alone would leave a dangling pending entry
-local n = tonumber(ARGV[3])
-local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + n))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 4, 3 + n))
-if ARGV[2] ~= '' then
-  for i = 4 + n, #ARGV do redis.call('PUBLISH', ARGV[2], ARGV[i]) end
+if listened(ARGV[2]) then
+  local ts, events = server_seconds(), {}
+  for i = 3, #ARGV do
+    local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+    if entry and entry[2][1] == 'm' then events[#events + 1] = event('handled', entry[2][2], ts) end
+  end
+  if #events > 0 then redis.call('PUBLISH', ARGV[2], table.concat(events, '\\n')) end
 end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
 return acked
 """
 )

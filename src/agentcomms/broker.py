@@ -87,7 +87,7 @@ def _answer_sends(batch: _OpenSend, done: asyncio.Future[Any]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """Where a message went: its stream entry id, or ``duplicate=True`` if it had been accepted before."""
+    """Where a message went: its stream entry id, or ``duplicate=True`` (and no entry id) if it was accepted before."""
 
     message_id: str
     recipient_id: str
@@ -268,37 +268,36 @@ class MessageBroker:
         return body
 
     def event(self, kind: str, message: AgentMessage, **extra: Any) -> str:
-        """One line of the monitoring feed, as JSON.
-
-        Built by hand: it is made twice per message, and every field in it is validated to
-        characters that need no escaping (ids and intents); ``extra`` is encoded properly.
-        """
-        line = (
-            f'{{"event":"{kind}","message_id":"{message.message_id}","sender_id":"{message.sender_id}",'
-            f'"recipient_id":"{message.recipient_id}","intent":"{message.intent}","ts":{time.time():.6f}'
-        )
-        if extra:
-            line += "," + json.dumps(extra, separators=(",", ":"))[1:-1]
-        return line + "}"
+        """One line of the monitoring feed, as JSON (``sent`` and ``handled`` are built by the scripts)."""
+        fields = {
+            "event": kind,
+            "message_id": message.message_id,
+            "sender_id": message.sender_id,
+            "recipient_id": message.recipient_id,
+            "intent": str(message.intent),
+            "ts": round(time.time(), 6),
+            **extra,
+        }
+        return json.dumps(fields, separators=(",", ":"))
 
     def _send_command(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> Command:
         """The SEND call for messages to the same inbox (same recipient and priority)."""
         settings = self.settings
         first = batch[0][0]
         recipient = first.recipient_id
-        feed = settings.event_feed
         return (
             "EVALSHA",
             SEND.sha,
-            1 + len(batch),
+            2,
             keys.inbox(recipient, first.payload.priority),
-            *(keys.dedup(recipient, m.message_id) for m, _ in batch),
+            keys.dedup(recipient),
             keys.GROUP,
             settings.max_inbox_length,
             int(settings.dedup_window * 1000) if dedup else 0,
-            keys.EVENTS_CHANNEL if feed else "",
+            keys.EVENTS_CHANNEL if settings.event_feed else "",
+            len(batch),
+            *(m.message_id for m, _ in batch),
             *(body for _, body in batch),
-            *((self.event("sent", m) for m, _ in batch) if feed else ()),
         )
 
     def _queue_sends(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> asyncio.Future[Any]:
@@ -335,18 +334,18 @@ class MessageBroker:
         batch[:] = [item for item in batch if not item[2].cancelled()]  # callers that gave up before the write
         return self._send_command([(m, b) for m, b, _ in batch]) if batch else None
 
-    def _sent(self, message: AgentMessage, reply: list[bytes]) -> PublishResult:
-        status, value = decode(reply[0]), decode(reply[1])
-        if status == "full":
-            self._stats.rejected += 1
-            raise InboxFullError(agent_id=message.recipient_id, length=int(value), limit=self.settings.max_inbox_length)
-        duplicate = status == "dup"
-        if duplicate:
+    def _sent(self, message: AgentMessage, reply: bytes) -> PublishResult:
+        """The result of one message from its SEND call's reply: an entry id, ``dup`` or ``full <length>``."""
+        if reply == b"dup":
             self._stats.duplicates += 1
             logger.debug("message %s to %s is a duplicate; dropped", message.message_id, message.recipient_id)
-        else:
-            self._stats.sent += 1
-        return PublishResult(message.message_id, message.recipient_id, value, duplicate)
+            return PublishResult(message.message_id, message.recipient_id, "", duplicate=True)
+        if reply.startswith(b"full"):
+            self._stats.rejected += 1
+            length = int(reply.split()[1])
+            raise InboxFullError(agent_id=message.recipient_id, length=length, limit=self.settings.max_inbox_length)
+        self._stats.sent += 1
+        return PublishResult(message.message_id, message.recipient_id, reply.decode())
 
     async def publish_message(self, message: AgentMessage) -> PublishResult:
         """Put ``message`` into its recipient's inbox (durable once this returns).
@@ -570,7 +569,8 @@ class MessageBroker:
         """The live message feed (Pub/Sub): lossy, for dashboards and ``tail`` only.
 
         The first item is ``{"event": "subscribed"}`` once the feed is listening; after a
-        lost connection it resubscribes and yields ``{"event": "resubscribed"}``.
+        lost connection it resubscribes and yields ``{"event": "resubscribed"}``. On the
+        channel itself a message holds one JSON event per line (a batch publishes once).
         """
         attempt = 0
         first = True
@@ -583,7 +583,8 @@ class MessageBroker:
                 while True:
                     message = await pubsub.get_message(timeout=None)
                     if message is not None and message["type"] == "message":
-                        yield json.loads(message["data"])
+                        for line in message["data"].splitlines():  # a feed message holds one event per line
+                            yield json.loads(line)
             except TRANSIENT_ERRORS as exc:
                 logger.warning("event feed lost Redis (%s); resubscribing", exc)
                 await asyncio.sleep(backoff(attempt))

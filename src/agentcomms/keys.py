@@ -34,9 +34,9 @@ def inboxes(agent_id: str) -> list[str]:
     return [inbox(agent_id, p) for p in PRIORITIES]
 
 
-def dedup(agent_id: str, message_id: str) -> str:
-    """Marker of a message id already accepted into ``agent_id``'s inbox; expires after the dedup window."""
-    return f"{PREFIX}:{{{agent_id}}}:seen:{message_id}"
+def dedup(agent_id: str) -> str:
+    """Sorted set of the message ids accepted into ``agent_id``'s inboxes within the dedup window (score: ms)."""
+    return f"{PREFIX}:{{{agent_id}}}:seen"
 
 
 def dead_letters(agent_id: str) -> str:

@@ -110,7 +110,7 @@ class Subscription:
         self._clock_offset_ms = 0.0
         self._reader_id: int | None = None
         self._ttl_refreshed: dict[str, float] = {}
-        self._acks: dict[str, list[tuple[str, str]]] = {}
+        self._acks: dict[str, list[str]] = {}
         self._ack_futures: set[asyncio.Future[Any]] = set()
         self._ack_scheduled = False
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
@@ -390,16 +390,15 @@ class Subscription:
                 ).model_dump_json()
             broker.pipeliner.fire("XADD", message.reply_to, "*", "r", body)
             self._refresh_ttl(message.reply_to)
-        event = broker.event("handled", message) if broker.settings.event_feed else ""
-        self._acknowledge(stream, entry_id, event)
+        self._acknowledge(stream, entry_id)
 
-    def _acknowledge(self, stream: str, entry_id: str, event: str) -> None:
+    def _acknowledge(self, stream: str, entry_id: str) -> None:
         """Queue an acknowledgement; those queued in one event-loop tick go out as one ACK call per stream.
 
         It is queued after the reply's XADD, and commands run in order on one connection,
         so once the ack is answered the reply was written.
         """
-        self._acks.setdefault(stream, []).append((entry_id, event))
+        self._acks.setdefault(stream, []).append(entry_id)
         if not self._ack_scheduled:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
@@ -410,10 +409,8 @@ class Subscription:
         channel = keys.EVENTS_CHANNEL if self._broker.settings.event_feed else ""
         for stream, items in batches.items():
             for start in range(0, len(items), _ACK_BATCH):
-                chunk = items[start : start + _ACK_BATCH]
-                ids = [entry_id for entry_id, _ in chunk]
-                events = [event for _, event in chunk if event]
-                acked = self._broker.pipeliner.script(ACK, [stream], [keys.GROUP, channel, len(ids), *ids, *events])
+                ids = items[start : start + _ACK_BATCH]
+                acked = self._broker.pipeliner.script(ACK, [stream], [keys.GROUP, channel, *ids])
                 self._ack_futures.add(acked)
                 acked.add_done_callback(functools.partial(self._acked, stream, ids))
 
