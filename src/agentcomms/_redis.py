@@ -211,24 +211,26 @@ SEND = Script(
 -- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message.
 local n = tonumber(ARGV[5])
 local len = redis.call('XLEN', KEYS[1])
-if len == 0 then
+if len == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
   -- the first writer creates the group at 0: messages sent before the agent's first start are kept
-  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 end
 local max, window = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now, known = 0, {}
 if window > 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window))
   known = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, 6, 5 + n))
+  -- ids older than the window count as unseen below; dropping them is garbage collection,
+  -- done by big calls and by about one small call in 16
+  if n >= 16 or now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window)) end
 end
 local feed = listened(ARGV[4])
 local ts = feed and server_seconds()
 local out, events, marks, here = {}, {}, {}, {}
 for i = 1, n do
   local id = ARGV[5 + i]
-  if window > 0 and (known[i] or here[id]) then
+  if window > 0 and ((known[i] and tonumber(known[i]) >= now - window) or here[id]) then
     out[i] = 'dup'
   elseif len >= max then
     out[i] = 'full ' .. len

@@ -248,9 +248,12 @@ class Subscription:
                 await asyncio.sleep(backoff(attempt))
                 attempt, reconnected = attempt + 1, True
                 continue
-            for stream, batch in raw_entries(response):
-                for entry_id, fields in batch:
-                    self._dispatch(decode(stream), decode(entry_id), fields, deliveries=1)
+            if response:
+                for stream, batch in raw_entries(response):
+                    for entry_id, fields in batch:
+                        self._dispatch(decode(stream), decode(entry_id), fields, deliveries=1)
+                # let the workers start on them first: their replies go out before the next read is written
+                await asyncio.sleep(0)
 
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> None:
         self._inflight[(stream, entry_id)] = time.monotonic()
