@@ -136,11 +136,6 @@ def fields_dict(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:
     return dict(zip(items, items, strict=True))
 
 
-def raw_entries(response: Any) -> list[tuple[bytes, list[Entry]]]:
-    """A raw XREAD / XREADGROUP reply as ``[(stream, [(id, fields), ...]), ...]``."""
-    return [(stream, [(entry_id, fields_dict(flat)) for entry_id, flat in batch]) for stream, batch in response or ()]
-
-
 def backoff(attempt: int, *, base: float = 0.05, cap: float = 2.0) -> float:
     """Delay before reconnect attempt ``attempt`` (0-based): exponential with full jitter."""
     return random.uniform(0, min(cap, base * (2**attempt)))
@@ -205,50 +200,46 @@ SEND = Script(
     _FEED_LUA
     + """
 -- KEYS[1] inbox stream, KEYS[2] the inbox's dedup set (message id -> server ms when first accepted)
--- ARGV: group, max length, dedup window ms (0 = no dedup, for a redrive), event channel ('' = none),
+-- ARGV: max length, dedup window ms (0 = no dedup, for a redrive), event channel ('' = none),
 --       n, then n message ids, then n bodies
 -- returns per message its entry id, or 'dup', or 'full <length>'
+-- No consumer group is made here: a stream keeps every entry, and a consumer creates its group at 0.
 -- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message.
-local n = tonumber(ARGV[5])
+local max, window, channel, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local len = redis.call('XLEN', KEYS[1])
-if len == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
-  -- the first writer creates the group at 0: messages sent before the agent's first start are kept
-  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-end
-local max, window = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now, known = 0, {}
 if window > 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  known = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, 6, 5 + n))
+  known = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, 5, 4 + n))
   -- ids older than the window count as unseen below; dropping them is garbage collection,
   -- done by big calls and by about one small call in 16
   if n >= 16 or now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window)) end
 end
-local feed = listened(ARGV[4])
+local feed = listened(channel)
 local ts = feed and server_seconds()
 local out, events, marks, here = {}, {}, {}, {}
 for i = 1, n do
-  local id = ARGV[5 + i]
+  local id, body = ARGV[4 + i], ARGV[4 + n + i]
   if window > 0 and ((known[i] and tonumber(known[i]) >= now - window) or here[id]) then
     out[i] = 'dup'
   elseif len >= max then
     out[i] = 'full ' .. len
   else
-    out[i] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[5 + n + i])
+    out[i] = redis.call('XADD', KEYS[1], '*', 'm', body)
     len = len + 1
     if window > 0 then
       here[id] = true
       marks[#marks + 1] = now
       marks[#marks + 1] = id
     end
-    if feed then events[#events + 1] = event('sent', ARGV[5 + n + i], ts) end
+    if feed then events[#events + 1] = event('sent', body, ts) end
   end
 end
 if #marks > 0 then redis.call('ZADD', KEYS[2], unpack(marks)) end
 if window > 0 then redis.call('PEXPIRE', KEYS[2], window) end
 -- one feed message for the whole call: one JSON event per line
-if #events > 0 then redis.call('PUBLISH', ARGV[4], table.concat(events, '\\n')) end
+if #events > 0 then redis.call('PUBLISH', channel, table.concat(events, '\\n')) end
 return out
 """
 )
@@ -393,6 +384,11 @@ class Pipeliner:
             self._batching -= 1
             if self._outbox:
                 self._schedule_write()
+
+    def write_now(self) -> None:
+        """Write what is queued now, even inside :meth:`batch`."""
+        if self._outbox and self._ready:
+            self._write()
 
     def flush(self) -> None:
         """Write what is queued now rather than at the end of the tick (not inside :meth:`batch`)."""

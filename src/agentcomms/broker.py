@@ -59,12 +59,15 @@ __all__ = ["BrokerStats", "DeadLetter", "Handler", "MessageBroker", "PublishResu
 
 logger = logging.getLogger(__name__)
 
-_SEND_BATCH = 1000
-"""Messages to one inbox sent by one SEND call at the most."""
+_SEND_BATCH = 128
+"""Messages to one inbox sent by one SEND call of ``publish_many`` at the most."""
 
 _TRIM_EVERY = 256
 """Replies read before the reply stream is trimmed (it is trimmed sooner when it goes idle)."""
 
+
+_dump_message = AgentMessage.__pydantic_serializer__.to_json
+_validate_response = AgentResponse.__pydantic_validator__.validate_json
 
 _OpenSend = list[tuple[AgentMessage, bytes, asyncio.Future[Any]]]
 """Messages to one inbox waiting for their shared SEND call to be written."""
@@ -259,7 +262,7 @@ class MessageBroker:
     # -- sending ---------------------------------------------------------------------------
 
     def _encode(self, message: AgentMessage) -> bytes:
-        body = message.model_dump_json().encode()
+        body = _dump_message(message)
         if len(body) > self.settings.max_message_bytes:
             self._stats.rejected += 1
             raise MessageTooLargeError(
@@ -291,7 +294,6 @@ class MessageBroker:
             2,
             keys.inbox(recipient, first.payload.priority),
             keys.dedup(recipient),
-            keys.GROUP,
             settings.max_inbox_length,
             int(settings.dedup_window * 1000) if dedup else 0,
             keys.EVENTS_CHANNEL if settings.event_feed else "",
@@ -362,23 +364,30 @@ class MessageBroker:
         return self._sent(message, reply)
 
     async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
-        """Fan out ``messages`` in one write: one SEND call per recipient inbox; per message, its result or error."""
+        """Send ``messages`` together: one SEND call per recipient inbox; per message, its result or error.
+
+        A fan-out (one message to each of many inboxes) is one write. Many messages to one
+        inbox go out in calls of up to ``_SEND_BATCH``, each written as soon as it is
+        encoded, so that Redis stores the first while the next are being encoded.
+        """
         results: list[PublishResult | AgentCommsError | None] = [None] * len(messages)
-        groups: dict[tuple[str, str], list[tuple[int, AgentMessage, bytes]]] = {}
+        groups: dict[tuple[str, str], list[tuple[int, AgentMessage]]] = {}
         for index, message in enumerate(messages):
-            try:
-                body = self._encode(message)
-            except AgentCommsError as exc:
-                results[index] = exc
-                continue
-            inbox = (message.recipient_id, message.payload.priority)
-            groups.setdefault(inbox, []).append((index, message, body))
-        with self.pipeliner.batch():  # one write for the whole fan-out
-            calls = [
-                (chunk, self._queue_sends([(m, b) for _, m, b in chunk]))
-                for group in groups.values()
-                for chunk in (group[i : i + _SEND_BATCH] for i in range(0, len(group), _SEND_BATCH))
-            ]
+            groups.setdefault((message.recipient_id, message.payload.priority), []).append((index, message))
+        calls: list[tuple[list[tuple[int, AgentMessage, bytes]], asyncio.Future[Any]]] = []
+        with self.pipeliner.batch():  # one write for a fan-out
+            for group in groups.values():
+                for start in range(0, len(group), _SEND_BATCH):
+                    chunk: list[tuple[int, AgentMessage, bytes]] = []
+                    for index, message in group[start : start + _SEND_BATCH]:
+                        try:
+                            chunk.append((index, message, self._encode(message)))
+                        except AgentCommsError as exc:
+                            results[index] = exc
+                    if chunk:
+                        calls.append((chunk, self._queue_sends([(m, b) for _, m, b in chunk])))
+                    if start + _SEND_BATCH < len(group):
+                        self.pipeliner.write_now()  # more of this inbox follows: let Redis start on this part
         for chunk, future in calls:
             try:
                 replies = await future
@@ -500,7 +509,7 @@ class MessageBroker:
 
     def _deliver_reply(self, body: bytes) -> None:
         try:
-            response = AgentResponse.model_validate_json(body)
+            response = _validate_response(body)
         except ValidationError:
             self._stats.replies_unmatched += 1
             logger.warning("ignoring a malformed reply on %s", self.reply_stream)

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,6 @@ from agentcomms._redis import (
     backoff,
     decode,
     fields_dict,
-    raw_entries,
     stop_reader,
 )
 from agentcomms.exceptions import BrokerConnectionError
@@ -52,8 +51,11 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[AgentMessage], Awaitable[Any]]
 """An async function taking a message; for a request its return value becomes the reply."""
 
-_Work = tuple[str, str, dict[bytes, bytes], int]
-"""A queued message: stream, entry id, fields, deliveries so far."""
+_Work = tuple[str, str, Sequence[bytes] | None, int]
+"""A queued message: stream, entry id, its raw ``[field, value, ...]``, deliveries so far."""
+
+_validate_message = AgentMessage.__pydantic_validator__.validate_json
+_dump_response = AgentResponse.__pydantic_serializer__.to_json
 
 _PENDING_PAGE = 100
 _ACK_BATCH = 1000
@@ -249,16 +251,19 @@ class Subscription:
                 attempt, reconnected = attempt + 1, True
                 continue
             if response:
-                for stream, batch in raw_entries(response):
-                    for entry_id, fields in batch:
-                        self._dispatch(decode(stream), decode(entry_id), fields, deliveries=1)
+                for stream, batch in response:  # raw: [stream, [[entry id, [field, value, ...]], ...]]
+                    self._dispatch(decode(stream), batch, deliveries=1)
                 # let the workers start on them first: their replies go out before the next read is written
                 await asyncio.sleep(0)
 
-    def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> None:
-        self._inflight[(stream, entry_id)] = time.monotonic()
-        self.stats.received += 1
-        self._queue.append((stream, entry_id, fields, deliveries))
+    def _dispatch(self, stream: str, batch: list[list[Any]], *, deliveries: int) -> None:
+        """Queue raw entries ``[entry id, [field, value, ...]]`` of one stream for the workers."""
+        now, inflight, queue = time.monotonic(), self._inflight, self._queue
+        for entry_id, flat in batch:
+            key = (stream, entry_id.decode())
+            inflight[key] = now
+            queue.append((*key, flat, deliveries))
+        self.stats.received += len(batch)
         self._wake_worker()
 
     # -- the workers -----------------------------------------------------------------------
@@ -304,16 +309,21 @@ class Subscription:
 
     # -- one message -----------------------------------------------------------------------
 
-    def _parse(self, fields: dict[bytes, bytes]) -> AgentMessage | str:
-        """The message in an entry, or why it is not one (checked before parsing where possible)."""
-        body = fields.get(b"m")
-        if body is None:
-            names = ", ".join(sorted(decode(k) for k in fields)) or "none"
-            return f"malformed: entry has no 'm' field (fields: {names[:200]})"
+    def _parse(self, flat: Sequence[bytes] | None) -> AgentMessage | str:
+        """The message in a raw entry's fields, or why it is not one (checked before parsing where possible)."""
+        if flat is not None and len(flat) == 2 and flat[0] == b"m":
+            body = flat[1]  # what every entry we write looks like
+        else:
+            fields = fields_dict(flat)
+            found = fields.get(b"m")
+            if found is None:
+                names = ", ".join(sorted(decode(k) for k in fields)) or "none"
+                return f"malformed: entry has no 'm' field (fields: {names[:200]})"
+            body = found
         if len(body) > self._max_bytes:
             return f"too large: {len(body)} bytes, limit {self._max_bytes}"
         try:
-            message = AgentMessage.model_validate_json(body)
+            message: AgentMessage = _validate_message(body)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
             if errors and errors[0]["type"] == "json_invalid":
@@ -332,11 +342,11 @@ class Subscription:
         sent_ms = int(entry_id.split("-", 1)[0])  # the entry id is the Redis server's clock at XADD
         return self._server_ms() > sent_ms + timeout * 1000
 
-    async def _process(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+    async def _process(self, stream: str, entry_id: str, flat: Sequence[bytes] | None, deliveries: int) -> None:
         key = (stream, entry_id)
         acknowledging = False
         try:
-            message = self._parse(fields)
+            message = self._parse(flat)
             if isinstance(message, str):
                 await self._dead_letter(stream, entry_id, message, deliveries)
                 return
@@ -383,14 +393,15 @@ class Subscription:
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
             try:
-                body = response.model_dump_json()
+                body = _dump_response(response)
             except PydanticSerializationError as exc:
-                body = AgentResponse.fail(
+                failure = AgentResponse.fail(
                     "invalid_result",
                     f"the handler's result cannot be sent as JSON: {exc}",
                     correlation_id=response.correlation_id,
                     responder_id=self.agent_id,
-                ).model_dump_json()
+                )
+                body = _dump_response(failure)
             broker.pipeliner.fire("XADD", message.reply_to, "*", "r", body)
             self._refresh_ttl(message.reply_to)
         self._acknowledge(stream, entry_id)
@@ -446,7 +457,7 @@ class Subscription:
             return  # another instance took it first
         self.stats.dead_lettered += 1
         self._last_error.pop((stream, entry_id), None)
-        message = self._parse({b"m": body}) if body else None
+        message = self._parse([b"m", body]) if body else None
         if not isinstance(message, AgentMessage):
             return
         pipeliner = self._broker.pipeliner
@@ -524,4 +535,4 @@ class Subscription:
             taken = decode(entry[0])
             self.stats.reclaimed += 1
             logger.info("%s: took over %s after %d deliveries", self.agent_id, taken, retry[taken])
-            self._dispatch(stream, taken, fields_dict(entry[1]), deliveries=retry[taken] + 1)
+            self._dispatch(stream, [entry], deliveries=retry[taken] + 1)
