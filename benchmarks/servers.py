@@ -101,13 +101,20 @@ async def floor_sink(url: str, stream: str, count: int) -> None:
 
 
 async def ours_sink(url: str, agent_id: str, count: int) -> None:
+    taken = 0
+    all_taken = asyncio.Event()
+
     async def take(message: AgentMessage) -> None:
-        return None
+        nonlocal taken
+        taken += 1
+        if taken >= count:
+            all_taken.set()
 
     async with MessageBroker(settings=Settings(redis_url=url), client_name=f"sink{os.getpid()}") as broker:
         subscription = await broker.subscribe_to_agent(agent_id, take, concurrency=500)
         ready()
-        while subscription.stats.handled < count:  # handled counts acknowledged messages
+        await all_taken.wait()  # no polling while messages flow (the floor's sink does not poll either)
+        while subscription.stats.handled < count:  # handled counts acknowledged messages: the last acks
             await asyncio.sleep(0.001)
     sys.stdout.write("DONE\n")
     sys.stdout.flush()

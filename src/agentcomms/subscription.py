@@ -393,7 +393,7 @@ class Subscription:
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
             try:
-                body = _dump_response(response)
+                body = _dump_response(response, exclude_none=True)
             except PydanticSerializationError as exc:
                 failure = AgentResponse.fail(
                     "invalid_result",
@@ -401,7 +401,7 @@ class Subscription:
                     correlation_id=response.correlation_id,
                     responder_id=self.agent_id,
                 )
-                body = _dump_response(failure)
+                body = _dump_response(failure, exclude_none=True)
             broker.pipeliner.fire("XADD", message.reply_to, "*", "r", body)
             self._refresh_ttl(message.reply_to)
         self._acknowledge(stream, entry_id)
