@@ -179,10 +179,9 @@ _SCRIPTS_BY_SHA: dict[str, Script] = {}
 
 _FEED_LUA = """
 -- The feed costs nothing while nobody listens: events are built here, from the message
--- bodies, only if the channel has a subscriber (or any pattern subscription exists).
+-- bodies, only if the channel has a subscriber (SUBSCRIBE to it; a pattern does not count).
 local function listened(channel)
-  if channel == '' then return false end
-  return redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 or redis.call('PUBSUB', 'NUMPAT') > 0
+  return channel ~= '' and redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
 end
 local function event(kind, body, ts)
   local ok, m = pcall(cjson.decode, body)
@@ -199,45 +198,60 @@ end
 SEND = Script(
     _FEED_LUA
     + """
--- KEYS[1] inbox stream, KEYS[2] the inbox's dedup set (message id -> server ms when first accepted)
+-- KEYS[1] inbox stream, KEYS[2] the inbox's dedup set (message id -> server ms when accepted)
 -- ARGV: max length, dedup window ms (0 = no dedup, for a redrive), event channel ('' = none),
 --       n, then n message ids, then n bodies
 -- returns per message its entry id, or 'dup', or 'full <length>'
 -- No consumer group is made here: a stream keeps every entry, and a consumer creates its group at 0.
--- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message.
+-- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message. Its member
+-- '~' (never a message id) holds when its TTL was last set and its expired ids were last dropped:
+-- that housekeeping runs once per tenth of the window, not on every call.
 local max, window, channel, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local len = redis.call('XLEN', KEYS[1])
-local now, known = 0, {}
+local known, now = {}, nil
 if window > 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  known = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, 5, 4 + n))
-  -- ids older than the window count as unseen below; dropping them is garbage collection,
-  -- done by big calls and by about one small call in 16
-  if n >= 16 or now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window)) end
+  known = redis.call('ZMSCORE', KEYS[2], '~', unpack(ARGV, 5, 4 + n))
+  for i = 2, n + 1 do
+    if known[i] and not now then
+      local t = redis.call('TIME')  -- only a known id needs the clock: is it older than the window?
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+  end
 end
 local feed = listened(channel)
 local ts = feed and server_seconds()
-local out, events, marks, here = {}, {}, {}, {}
+local out, events, marks, here, last = {}, {}, {}, {}, nil
 for i = 1, n do
   local id, body = ARGV[4 + i], ARGV[4 + n + i]
-  if window > 0 and ((known[i] and tonumber(known[i]) >= now - window) or here[id]) then
+  local seen = known[i + 1]
+  if window > 0 and ((seen and tonumber(seen) >= now - window) or here[id]) then
     out[i] = 'dup'
   elseif len >= max then
     out[i] = 'full ' .. len
   else
-    out[i] = redis.call('XADD', KEYS[1], '*', 'm', body)
+    last = redis.call('XADD', KEYS[1], '*', 'm', body)
+    out[i] = last
     len = len + 1
     if window > 0 then
       here[id] = true
-      marks[#marks + 1] = now
       marks[#marks + 1] = id
     end
     if feed then events[#events + 1] = event('sent', body, ts) end
   end
 end
-if #marks > 0 then redis.call('ZADD', KEYS[2], unpack(marks)) end
-if window > 0 then redis.call('PEXPIRE', KEYS[2], window) end
+if #marks > 0 then
+  local ms = tonumber(string.match(last, '^(%d+)'))  -- the server's clock, as the entry id holds it
+  local args = {}
+  for i = 1, #marks do
+    args[2 * i - 1], args[2 * i] = ms, marks[i]
+  end
+  if not known[1] or tonumber(known[1]) < ms - window / 10 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (ms - window))
+    redis.call('PEXPIRE', KEYS[2], window + window / 10)
+    args[#args + 1], args[#args + 2] = ms, '~'
+  end
+  redis.call('ZADD', KEYS[2], unpack(args))
+end
 -- one feed message for the whole call: one JSON event per line
 if #events > 0 then redis.call('PUBLISH', channel, table.concat(events, '\\n')) end
 return out

@@ -504,6 +504,8 @@ class MessageBroker:
                     # drop what was read, off the hot path: in batches, or when the stream is idle
                     self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last)
                     untrimmed = 0
+                if response:
+                    await asyncio.sleep(0)  # the waiting callers resume before the next read is written
         finally:
             await reader.close()
 
