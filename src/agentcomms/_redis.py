@@ -67,20 +67,62 @@ def make_client(url: str, *, password: str | None, db: int) -> Redis:
     )
 
 
+class ReplyReader:
+    """Replies read straight from a redis-py connection's stream and parsed with hiredis.
+
+    redis-py opens the connection (address, TLS, AUTH, SELECT, client name); after its
+    handshake, reading goes through here: one await per read of whatever bytes arrived,
+    every complete reply in them parsed at once, instead of redis-py's ``read_response``
+    per reply (an await and a timeout scope each). Error replies come back as the
+    exceptions redis-py would raise (``NoScriptError``, ``ResponseError``), not raised.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self._parser = self._new_parser()
+
+    def _new_parser(self) -> hiredis.Reader:
+        parse_error = getattr(self._connection._parser, "parse_error", ResponseError)
+        return hiredis.Reader(protocolError=InvalidResponse, replyError=parse_error)
+
+    def reset(self) -> None:
+        """Forget buffered bytes: call after every (re)connect."""
+        self._parser = self._new_parser()
+
+    async def read(self, timeout: float | None) -> list[Any]:
+        """Wait for bytes (at most ``timeout`` s), then return every complete reply buffered.
+
+        Raises:
+            ConnectionError: Redis closed the connection.
+            TimeoutError: nothing arrived in time.
+            InvalidResponse: a protocol error (the connection is out of step).
+        """
+        stream: asyncio.StreamReader = self._connection._reader
+        async with asyncio.timeout(timeout):
+            data = await stream.read(65536)
+        if not data:
+            raise RedisConnectionError("Redis closed the connection")
+        self._parser.feed(data)
+        replies = []
+        while (reply := self._parser.gets()) is not False:  # False: no complete reply left (RESP2 has no booleans)
+            replies.append(reply)
+        return replies
+
+
 class RawConnection:
     """One redis-py connection used directly: pipelined commands in, raw RESP2 replies out.
 
     The hot path goes through this instead of the client API: the client wraps each
     command in retry, metrics and response-callback layers that cost about a quarter of
-    a loopback round trip (see docs/benchmarks.md). Connection handling, AUTH/SELECT and
-    the (hiredis) parser are still redis-py's.
+    a loopback round trip (see docs/benchmarks.md). Connection handling and AUTH/SELECT
+    are still redis-py's; replies are read by a :class:`ReplyReader`.
     """
 
     def __init__(self, client: Redis, *, read_timeout: float | None = None) -> None:
         self._connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        if read_timeout is not None:
-            # a blocking reader: redis-py's default socket timeout (5 s in 8.x) would cut a long BLOCK short
-            self._connection.socket_timeout = read_timeout
+        # a blocking reader waits longer than its longest BLOCK; others as long as redis-py would
+        self._read_timeout = read_timeout if read_timeout is not None else self._connection.socket_timeout
+        self._replies = ReplyReader(self._connection)
 
     async def execute(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
         """Send ``commands`` in one write; per command its reply, or the ResponseError it got.
@@ -92,15 +134,15 @@ class RawConnection:
         try:
             if not connection.is_connected:
                 await connection.connect()
+                self._replies.reset()
             # hiredis packs in C (redis-py's asyncio connection packs in Python); its stub mistypes the tuple
             packed = b"".join(hiredis.pack_command(cast(Any, tuple(c))) for c in commands)
             await connection.send_packed_command(packed, check_health=False)
             results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as exc:  # the reply was read in full; the connection is in step
-                    results.append(exc)
+            while len(results) < len(commands):
+                results += await self._replies.read(self._read_timeout)
+            if len(results) > len(commands):
+                raise InvalidResponse("more replies arrived than commands were sent")
             return results
         except BaseException:
             await connection.disconnect(nowait=True)
@@ -329,7 +371,8 @@ class Pipeliner:
     written command's reply is still read, so the connection never falls out of step.
 
     redis-py opens the connection (address, TLS, AUTH, SELECT, client name); after its
-    handshake the pipeliner reads and writes that connection's stream itself.
+    handshake the pipeliner writes to that connection's stream and reads it with a
+    :class:`ReplyReader`.
 
     After a lost connection every command not yet answered is written again, in order,
     for up to ``reconnect_timeout``: only idempotent commands (or ones made idempotent
@@ -348,7 +391,7 @@ class Pipeliner:
         self._batching = 0
         self._ready = False  # connected, handshake done: writes may go out
         self._has_sent = asyncio.Event()
-        self._parser = self._new_parser()
+        self._replies = ReplyReader(self._connection)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.flush_at = FLUSH_AT
@@ -493,20 +536,9 @@ class Pipeliner:
                 deadline = deadline or loop.time() + self._reconnect_timeout
                 continue
 
-    def _new_parser(self) -> hiredis.Reader:
-        # error replies become the exceptions redis-py would raise (NoScriptError, ...); they are delivered, not raised
-        parse_error = getattr(self._connection._parser, "parse_error", ResponseError)
-        return hiredis.Reader(protocolError=InvalidResponse, replyError=parse_error)
-
     async def _read_replies(self) -> None:
-        """Wait for bytes, then deliver every complete reply they hold (one await per read, not per reply)."""
-        stream: asyncio.StreamReader = self._connection._reader
-        async with asyncio.timeout(READER_TIMEOUT):  # Redis owes replies: silence this long means a dead link
-            data = await stream.read(65536)
-        if not data:
-            raise RedisConnectionError("Redis closed the connection")
-        self._parser.feed(data)
-        while (reply := self._parser.gets()) is not False:  # False: no complete reply left (RESP2 has no booleans)
+        # Redis owes replies: silence this long means a dead link
+        for reply in await self._replies.read(READER_TIMEOUT):
             if not self._sent:
                 raise InvalidResponse("a reply arrived that no command was waiting for")
             self._deliver(reply)
@@ -518,7 +550,7 @@ class Pipeliner:
             logger.debug("pipeliner cannot connect yet: %s", exc)
             return False
         self._ready = True
-        self._parser = self._new_parser()  # bytes of the lost connection are meaningless now
+        self._replies.reset()  # bytes of the lost connection are meaningless now
         # what was written and not answered goes out again first, in order
         self._outbox = [*self._sent, *self._outbox]
         self._sent.clear()

@@ -413,13 +413,12 @@ class MessageBroker:
             RequestTimeoutError: no reply in time.
             MessageTooLargeError, InboxFullError, BrokerConnectionError: as for :meth:`publish_message`.
         """
-        timeout = timeout or message.payload.response_timeout or self.settings.message_timeout
+        payload = message.payload
+        timeout = timeout or payload.response_timeout or self.settings.message_timeout
+        if not payload.requires_response or payload.response_timeout != timeout:
+            payload = payload.model_copy(update={"requires_response": True, "response_timeout": timeout})
         request = message.model_copy(
-            update={
-                "reply_to": self.reply_stream,
-                "correlation_id": message.message_id,
-                "payload": message.payload.model_copy(update={"requires_response": True, "response_timeout": timeout}),
-            }
+            update={"reply_to": self.reply_stream, "correlation_id": message.message_id, "payload": payload}
         )
         if self._reply_ready is None or not self._reply_ready.is_set():
             await self._ensure_reply_reader()
