@@ -419,6 +419,7 @@ class Suite:
             "agentcomms_dedup_bytes": dedup / a.inbox,
             "floor_stream_bytes": floor / a.inbox,
             "message_json_bytes": len(body),
+            "agentcomms_json_bytes": len(message.model_dump_json(exclude_none=True)),
         }
 
 
@@ -531,7 +532,8 @@ def report(results: dict[str, Any], meta: dict[str, str]) -> tuple[str, list[tup
         lines += [
             "### Memory in Redis",
             "",
-            f"An inbox holding {mem['messages']:,} messages ({mem['message_json_bytes']} bytes of JSON each):",
+            f"An inbox holding {mem['messages']:,} messages (the floor stores the full {mem['message_json_bytes']}-byte JSON;"
+            f" agentcomms leaves null fields out: {mem.get('agentcomms_json_bytes', 0)} bytes):",
             "",
             "| | bytes per message |",
             "|---|---|",
