@@ -52,6 +52,8 @@ console = Console()
 Samples = dict[str, list[float]]
 SPAWNED: list[subprocess.Popen[str]] = []
 BODY = {"query": "What's our current sales pipeline and Q4 forecast?", "context": "dashboard"}
+LATENCY_BLOCK = 100
+"""Sequential requests per client before the next client's turn (see Suite.latencies)."""
 
 
 # -- processes and measurements ------------------------------------------------------------
@@ -255,30 +257,59 @@ class Suite:
                 task = self.progress.add_task("round trip", total=a.repeats * len(names))
                 for repeat in range(a.repeats):
                     order = names if repeat % 2 == 0 else list(reversed(names))
+                    await self.latencies(a, order, calls, pids, samples)
+                    s = samples["faststream"]  # its client runs in its own process: one block
+                    cpu, wire = cpu_seconds(pids["faststream"]), self.net_bytes()
+                    result = await asyncio.to_thread(ask_caller, f"seq {a.sequential}")
+                    s["p50"].append(result["p50"])
+                    s["p99"].append(result["p99"])
+                    s["cpu_client"].append(result["cpu"])
+                    s["cpu_server"].append((cpu_seconds(pids["faststream"]) - cpu) / a.sequential * 1e6)
+                    s["bytes"].append((self.net_bytes() - wire) / a.sequential)
                     for name in order:
-                        s = samples[name]
-                        cpu, server_cpu, wire = time.process_time(), cpu_seconds(pids[name]), self.net_bytes()
-                        if name == "faststream":
-                            result = await asyncio.to_thread(ask_caller, f"seq {a.sequential}")
-                            s["p50"].append(result["p50"])
-                            s["p99"].append(result["p99"])
-                            s["cpu_client"].append(result["cpu"])
-                        else:
-                            seq = await sequential(calls[name], a.sequential)
-                            s["cpu_client"].append((time.process_time() - cpu) / a.sequential * 1e6)
-                            s["p50"].append(percentile(seq, 0.5))
-                            s["p99"].append(percentile(seq, 0.99))
-                        s["cpu_server"].append((cpu_seconds(pids[name]) - server_cpu) / a.sequential * 1e6)
-                        s["bytes"].append((self.net_bytes() - wire) / a.sequential)
                         if name == "faststream":
                             count = max(a.concurrent // 5, 100)
-                            s["rps"].append(await asyncio.to_thread(ask_caller, f"flight {count} {a.in_flight}"))
+                            rps = await asyncio.to_thread(ask_caller, f"flight {count} {a.in_flight}")
                         else:
-                            s["rps"].append(await in_flight(calls[name], a.concurrent, a.in_flight))
+                            rps = await in_flight(calls[name], a.concurrent, a.in_flight)
+                        samples[name]["rps"].append(rps)
                         self.progress.advance(task)
             await floor.close()
             await pubsub.close()
         self.results["roundtrip"] = samples
+
+    async def latencies(
+        self,
+        a: argparse.Namespace,
+        order: list[str],
+        calls: dict[str, Callable[[], Awaitable[object]]],
+        pids: dict[str, int],
+        samples: dict[str, Samples],
+    ) -> None:
+        """Sequential round trips of the in-process clients, alternating in blocks of LATENCY_BLOCK.
+
+        A slow spell of the machine (another process, an AOF rewrite) then hits every
+        client alike instead of whichever happened to run in it.
+        """
+        local = [name for name in order if name in calls]
+        seen: dict[str, list[float]] = {name: [] for name in local}
+        spent: dict[str, list[float]] = {name: [0.0, 0.0] for name in local}  # client s, server s
+        for index, start in enumerate(range(0, a.sequential, LATENCY_BLOCK)):
+            size = min(LATENCY_BLOCK, a.sequential - start)
+            for name in local if index % 2 == 0 else list(reversed(local)):
+                cpu, server_cpu = time.process_time(), cpu_seconds(pids[name])
+                seen[name] += await sequential(calls[name], size)
+                spent[name][0] += time.process_time() - cpu
+                spent[name][1] += cpu_seconds(pids[name]) - server_cpu
+        for name in local:
+            s = samples[name]
+            s["p50"].append(percentile(seen[name], 0.5))
+            s["p99"].append(percentile(seen[name], 0.99))
+            s["cpu_client"].append(spent[name][0] / a.sequential * 1e6)
+            s["cpu_server"].append(spent[name][1] / a.sequential * 1e6)
+            wire = self.net_bytes()  # bytes per request: counted apart, so that the counting is not timed
+            await sequential(calls[name], a.sequential // 2)
+            s["bytes"].append((self.net_bytes() - wire) / (a.sequential // 2))
 
     async def oneway(self) -> None:
         a = self.args
@@ -324,6 +355,11 @@ class Suite:
                                 await broker.publish_many(batch)
                             await asyncio.to_thread(sink.stdout.readline)  # type: ignore[union-attr]
                     samples[name].append(a.messages / (time.perf_counter() - started))
+                    # keep the data set small: Redis's AOF rewrites (a forked child) cost time in proportion to it
+                    if name == "floor":
+                        self.sync.delete(stream)
+                    else:
+                        self.sync.delete(*agentcomms.keys.inboxes(agent_id), agentcomms.keys.dedup(agent_id))
                     self.progress.advance(task)
             await client.aclose()
         self.results["oneway"] = samples
