@@ -294,13 +294,18 @@ class Suite:
         local = [name for name in order if name in calls]
         seen: dict[str, list[float]] = {name: [] for name in local}
         spent: dict[str, list[float]] = {name: [0.0, 0.0] for name in local}  # client s, server s
+        paired: list[float] = []  # per block: agentcomms p50 / floor p50, measured back to back
         for index, start in enumerate(range(0, a.sequential, LATENCY_BLOCK)):
             size = min(LATENCY_BLOCK, a.sequential - start)
+            block: dict[str, list[float]] = {}
             for name in local if index % 2 == 0 else list(reversed(local)):
                 cpu, server_cpu = time.process_time(), cpu_seconds(pids[name])
-                seen[name] += await sequential(calls[name], size)
+                block[name] = await sequential(calls[name], size)
+                seen[name] += block[name]
                 spent[name][0] += time.process_time() - cpu
                 spent[name][1] += cpu_seconds(pids[name]) - server_cpu
+            paired.append(percentile(block["agentcomms"], 0.5) / percentile(block["floor"], 0.5))
+        samples["agentcomms"].setdefault("paired", []).append(statistics.median(paired))
         for name in local:
             s = samples[name]
             s["p50"].append(percentile(seen[name], 0.5))
@@ -497,9 +502,13 @@ def report(results: dict[str, Any], meta: dict[str, str]) -> tuple[str, list[tup
         p50 = med(rt["agentcomms"]["p50"]) / med(rt["floor"]["p50"])
         rps = med(rt["agentcomms"]["rps"]) / med(rt["floor"]["rps"])
         vs_fs = med(rt["agentcomms"]["rps"]) / med(rt["faststream"]["rps"])
+        paired = rt["agentcomms"].get("paired", [])
         lines += [
             "",
             f"Ratios: p50 agentcomms/floor **{p50:.2f}x**; req/s agentcomms/floor **{rps:.2f}x**; req/s agentcomms/FastStream **{vs_fs:.1f}x**.",
+            "",
+            f"p50 agentcomms/floor paired by block (each 100-request block against the floor's block next to it; "
+            f"median of the blocks, per repeat): {figure(paired, ',.2f')}.",
             "",
         ]
         goals += [
