@@ -394,7 +394,6 @@ class Pipeliner:
         self._replies = ReplyReader(self._connection)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.flush_at = FLUSH_AT
         self.round_trips = 0
         """Writes (batches of commands) so far, for statistics and benchmarks."""
 
@@ -424,7 +423,7 @@ class Pipeliner:
     def _after_queue(self) -> None:
         if not self._ready or self._batching:
             self._schedule_write()
-        elif len(self._outbox) >= self.flush_at:
+        elif len(self._outbox) >= FLUSH_AT:
             self._write()  # a long queue goes out now, so that Redis and the far side start on it
         elif not self._sent and not self._write_scheduled:
             self._write()  # an idle connection: write now, for latency
@@ -443,13 +442,8 @@ class Pipeliner:
                 self._schedule_write()
 
     def write_now(self) -> None:
-        """Write what is queued now, even inside :meth:`batch`."""
+        """Write what is queued now rather than at the end of the tick, even inside :meth:`batch`."""
         if self._outbox and self._ready:
-            self._write()
-
-    def flush(self) -> None:
-        """Write what is queued now rather than at the end of the tick (not inside :meth:`batch`)."""
-        if self._outbox and self._ready and not self._batching:
             self._write()
 
     def _schedule_write(self) -> None:

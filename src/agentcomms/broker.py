@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from agentcomms import keys
 from agentcomms._redis import (
     DEAD_LETTER,
+    FLUSH_AT,
     MAX_BLOCK_MS,
     READER_TIMEOUT,
     SEND,
@@ -312,16 +313,16 @@ class MessageBroker:
     def _send(self, message: AgentMessage, body: bytes) -> asyncio.Future[Any]:
         """Queue one message; those to the same inbox in one event-loop tick share one SEND call.
 
-        The future resolves to the message's own ``[status, value]`` from the script.
+        The future resolves to the message's own reply from the script: its entry id, ``dup`` or ``full <length>``.
         """
         inbox = keys.inbox(message.recipient_id, message.payload.priority)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch = self._open_sends.get(inbox)
         if batch is not None:
             batch.append((message, body, future))
-            if len(batch) >= self.pipeliner.flush_at:
+            if len(batch) >= FLUSH_AT:
                 del self._open_sends[inbox]
-                self.pipeliner.flush()
+                self.pipeliner.write_now()
             return future
         batch = [(message, body, future)]
         self._open_sends[inbox] = batch
