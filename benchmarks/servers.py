@@ -14,12 +14,14 @@ Each prints READY when it is listening, and the sinks print DONE once COUNT mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from agentcomms import AgentMessage, MessageBroker, Settings
 
@@ -29,12 +31,16 @@ def ready() -> None:
     sys.stdout.flush()
 
 
-async def floor_rr(url: str, stream: str, _: int) -> None:
+async def floor_client(url: str, stream: str) -> Redis:
+    """A plain client, with the floor's consumer group on ``stream`` (made at 0 if it does not exist)."""
     redis = Redis.from_url(url)
-    try:
+    with contextlib.suppress(ResponseError):  # BUSYGROUP: made by an earlier run
         await redis.xgroup_create(stream, "g", id="0", mkstream=True)
-    except Exception:
-        pass
+    return redis
+
+
+async def floor_rr(url: str, stream: str, _: int) -> None:
+    redis = await floor_client(url, stream)
     ready()
     while True:
         response: Any = await redis.xreadgroup("g", "c", {stream: ">"}, count=100, block=1000)
@@ -84,11 +90,7 @@ async def pubsub_rr(url: str, channel: str, _: int) -> None:
 
 
 async def floor_sink(url: str, stream: str, count: int) -> None:
-    redis = Redis.from_url(url)
-    try:
-        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
-    except Exception:
-        pass
+    redis = await floor_client(url, stream)
     ready()
     acked = 0
     while acked < count:
