@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,7 +63,8 @@ def redact_url(url: str | None) -> str:
         query = "&".join(
             "password=***" if item.startswith("password=") else item for item in parts.query.split("&") if item
         )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
+        return rebuilt + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
     except ValueError:
         return "<unparsable URL>"
 
