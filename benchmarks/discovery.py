@@ -72,7 +72,7 @@ async def measure(url: str, args: argparse.Namespace, *, quiet: bool = False) ->
     registries = {size: AgentRegistry(redis_url=f"{url}/{db}", settings=Settings()) for db, size in enumerate(sizes)}
     for size, registry in registries.items():
         await registry.initialize()
-        await registry.broker.client.flushdb()
+        await registry.broker.pipeliner.call("FLUSHDB", replay=True)
         started = time.perf_counter()
         await populate(registry, size)
         if not quiet:
@@ -97,7 +97,7 @@ async def measure(url: str, args: argparse.Namespace, *, quiet: bool = False) ->
                 results[(name, size)]["p50"].append(percentile(samples, 0.5))
                 results[(name, size)]["p99"].append(percentile(samples, 0.99))
     for registry in registries.values():
-        await registry.broker.client.flushdb()
+        await registry.broker.pipeliner.call("FLUSHDB", replay=True)
         await registry.close()
     rows = [
         {

@@ -8,13 +8,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
 from redis.asyncio import Redis
 
 from agentcomms import EmbeddedRedis, MessageBroker, Settings, keys
-from agentcomms._redis import read_reply
 
 TESTS = Path(__file__).parent
 
@@ -57,6 +57,11 @@ async def raw(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 def agent_id() -> str:
     return f"agent.test.{uuid.uuid4().hex[:8]}"
+
+
+def read_reply(response: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """redis-py's XREAD reply as typed data (it types it as Any)."""
+    return cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], response or [])
 
 
 async def wait_for_dead_letters(raw: Redis, agent_id: str, count: int, timeout: float = 20) -> list[dict[bytes, bytes]]:

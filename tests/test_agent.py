@@ -96,6 +96,7 @@ async def test_built_in_health_and_capabilities(settings: Settings) -> None:
         assert capabilities.data["capabilities"] == ["echoing"]
         assert set(capabilities.data["supported_intents"]) == {
             "get_roadmap", "assign_task", "request_knowledge", "request_review", "health_check", "capability_query",
+                "agent_status",
         }  # fmt: skip
 
 

@@ -250,7 +250,7 @@ async def test_4_new_agent_from_scratch(redis_url: str) -> None:
     await agent.shutdown()
     assert not isinstance(reply, type(None)) and reply.get("success") is True and reply.get("data") is None
     [info] = found
-    assert info.supported_intents == ["get_roadmap", "assign_task", "health_check", "capability_query"]
+    assert info.supported_intents == ["get_roadmap", "assign_task", "health_check", "capability_query", "agent_status"]
 
 
 async def test_sending_broadcasting_and_discovery(redis_url: str, team_file: Path) -> None:

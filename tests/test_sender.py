@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from agentcomms import (
+    AgentInfo,
+    AgentMessage,
     AgentNotFoundError,
     AgentRegistry,
+    BaseAgent,
     InboxFullError,
     MessageSender,
     MessageValidationError,
@@ -19,6 +24,15 @@ from agentcomms import (
     keys,
 )
 from agentcomms.examples import TwinAgent, create_agent_config
+
+
+class Listener(BaseAgent):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.insights: asyncio.Queue[AgentMessage] = asyncio.Queue()
+
+    async def handle_share_insights(self, message: AgentMessage) -> None:
+        self.insights.put_nowait(message)
 
 
 @pytest.fixture
@@ -53,11 +67,44 @@ async def test_assign_task_and_request_knowledge(sender: MessageSender, sarah: T
 
 
 async def test_send_without_waiting_and_with_timeout(sender: MessageSender, raw: Redis) -> None:
+    offline = AgentInfo(agent_id="agent.offline", user_name="o", role="cfo", department="finance")
+    await sender.registry.register_agent(offline)
+    await sender.registry.leave("agent.offline")  # registered, not running
     result = await sender.send_message("agent.offline", "share_insights", {"insight": "x"})
     assert result.recipient_id == "agent.offline"
     assert await raw.xlen(keys.inbox("agent.offline")) == 1  # waits in the inbox for the agent
+    assert await raw.ttl(keys.inbox("agent.offline")) == -1  # a registered agent's inbox never expires
     with pytest.raises(RequestTimeoutError):
         await sender.send_message("agent.offline", "share_insights", {}, wait_for_response=True, timeout=0.1)
+
+
+async def test_an_id_the_registry_never_saw_fails_fast_and_leaves_no_keys(sender: MessageSender, raw: Redis) -> None:
+    before = await raw.dbsize()
+    with pytest.raises(AgentNotFoundError, match="agent.ghost"):
+        await sender.request("agent.ghost", "request_knowledge", {"query": "anyone?"}, timeout=30)
+    with pytest.raises(AgentNotFoundError, match="agent.ghost"):
+        await sender.send_message("agent.ghost", "share_insights", {"insight": "x"})
+    with pytest.raises(AgentNotFoundError):
+        await sender.assign_task("agent.ghost", "T1", "nobody will do this")
+    assert await raw.dbsize() == before  # no inbox, no dedup set, no reply stream
+    assert sender.stats.failed_sends == 3
+
+
+async def test_opting_in_to_an_unregistered_id_makes_an_inbox_that_expires(
+    sender: MessageSender, raw: Redis, settings: Settings
+) -> None:
+    result = await sender.send_message("agent.later", "share_insights", {"insight": "x"}, allow_unregistered=True)
+    assert not result.duplicate
+    inbox = keys.inbox("agent.later")
+    ttl = await raw.ttl(inbox)
+    assert 0 < ttl <= settings.unregistered_inbox_ttl
+    assert 0 < await raw.ttl(keys.dedup("agent.later"))
+    # the agent registers and starts: it gets the message, and its inbox is kept from then on
+    async with Listener(create_agent_config("agent.later", "l", "cfo", "finance"), settings=settings) as later:
+        async with asyncio.timeout(10):
+            insight = await later.insights.get()
+        assert insight.payload.data == {"insight": "x"}
+        assert await raw.ttl(inbox) == -1
 
 
 async def test_invalid_input_is_a_validation_error(sender: MessageSender) -> None:

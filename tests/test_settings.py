@@ -51,9 +51,7 @@ def test_passwords_are_redacted_from_urls() -> None:
     assert "s3cret" not in str(caught.value)
 
 
-def test_the_data_folder_is_per_user_not_per_working_directory(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_the_data_folder_is_per_user_not_per_working_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AGENTCOMMS_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)

@@ -1,14 +1,17 @@
 """agentcomms: reliable messaging, discovery and knowledge access for digital-twin agents over Redis."""
 
 from agentcomms.agent import BaseAgent
-from agentcomms.broker import BrokerStats, DeadLetter, MessageBroker, PublishResult
+from agentcomms.broker import BrokerStats, MessageBroker, PublishResult
+from agentcomms.deadletters import DeadLetter
 from agentcomms.embedded import EmbeddedRedis
 from agentcomms.exceptions import (
     AgentCommsError,
     AgentNotFoundError,
     BrokerClosedError,
     BrokerConnectionError,
+    CommandOutcomeUnknownError,
     ConfigError,
+    DeadLetterNotFoundError,
     EmbeddedRedisError,
     HandlerError,
     InboxFullError,
@@ -16,6 +19,9 @@ from agentcomms.exceptions import (
     MessageTooLargeError,
     MessageValidationError,
     NoAgentAvailableError,
+    RedisCommandError,
+    RedisOutOfMemoryError,
+    RedisPermissionError,
     RegistrationConflictError,
     RegistrationError,
     RequestTimeoutError,
@@ -33,8 +39,8 @@ from agentcomms.schemas import (
     export_json_schemas,
 )
 from agentcomms.sender import MessageSender, SenderStats
-from agentcomms.settings import AgentConfig, Settings, load_agents_config
-from agentcomms.subscription import Handler, Subscription
+from agentcomms.settings import AgentConfig, Settings, create_agent_config, load_agents_config
+from agentcomms.subscription import Handler, Subscription, SubscriptionStats
 
 __version__ = "0.1.0"
 
@@ -51,8 +57,10 @@ __all__ = [
     "BrokerClosedError",
     "BrokerConnectionError",
     "BrokerStats",
+    "CommandOutcomeUnknownError",
     "ConfigError",
     "DeadLetter",
+    "DeadLetterNotFoundError",
     "EmbeddedRedis",
     "EmbeddedRedisError",
     "ErrorDetail",
@@ -70,6 +78,9 @@ __all__ = [
     "Presence",
     "Priority",
     "PublishResult",
+    "RedisCommandError",
+    "RedisOutOfMemoryError",
+    "RedisPermissionError",
     "RegistrationConflictError",
     "RegistrationError",
     "RegistryStats",
@@ -77,7 +88,9 @@ __all__ = [
     "SenderStats",
     "Settings",
     "Subscription",
+    "SubscriptionStats",
     "__version__",
+    "create_agent_config",
     "export_json_schemas",
     "load_agents_config",
 ]

@@ -10,6 +10,7 @@ with the error rather than dropping it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,6 +19,7 @@ from typing import Any, Self
 
 from pydantic import ValidationError
 
+from agentcomms import _signals
 from agentcomms.broker import MessageBroker, PublishResult
 from agentcomms.exceptions import (
     AgentCommsError,
@@ -36,7 +38,8 @@ __all__ = ["BaseAgent"]
 
 logger = logging.getLogger(__name__)
 
-BUILT_IN_INTENTS = (MessageIntent.HEALTH_CHECK, MessageIntent.CAPABILITY_QUERY)
+BUILT_IN_INTENTS = (MessageIntent.HEALTH_CHECK, MessageIntent.CAPABILITY_QUERY, MessageIntent.AGENT_STATUS)
+"""Answered by every agent: a handler method of the same name overrides the default answer."""
 
 
 def _handler_name(intent: str) -> str:
@@ -47,7 +50,11 @@ class BaseAgent:
     """An agent on the network: registered, heart-beating, answering the intents it has handlers for.
 
     Subclass it and add ``handle_<intent>`` methods; on its own it answers only the
-    built-in HEALTH_CHECK and CAPABILITY_QUERY.
+    built-in HEALTH_CHECK, CAPABILITY_QUERY and AGENT_STATUS.
+
+    A program that never calls :meth:`shutdown` still leaves cleanly: when ``asyncio.run``
+    ends (a return, Ctrl-C) the agent leaves the registry, and on SIGTERM, unless the
+    program handles that signal itself, every agent shuts down and the process exits 143.
 
     Args:
         config: the agent's id, user name, role, department and capabilities
@@ -90,6 +97,7 @@ class BaseAgent:
         self.version = version
         self._subscription: Subscription | None = None
         self._presence: Presence | None = None
+        self._stopping: asyncio.Future[None] | None = None
 
     # -- what the agent offers: override these ---------------------------------------------
 
@@ -99,8 +107,17 @@ class BaseAgent:
         return handler if callable(handler) else None
 
     async def get_supported_intents(self) -> list[MessageIntent | str]:
-        """Intents this agent handles; by default every built-in intent it has a handler for."""
-        return [intent for intent in MessageIntent if self.handler_for(intent.value) is not None]
+        """Intents this agent handles, registered for discovery: by default every intent it has a handler for.
+
+        Handlers of custom intents count too (``handle_review_budget`` → ``review_budget``).
+        """
+        found: list[MessageIntent | str] = [i for i in MessageIntent if self.handler_for(i.value) is not None]
+        for name in dir(type(self)):
+            if name.startswith("handle_") and callable(getattr(self, name, None)):
+                intent = name.removeprefix("handle_")
+                if intent not in found and re.fullmatch(r"[a-z][a-z0-9_]*", intent):
+                    found.append(intent)
+        return found
 
     async def get_agent_capabilities(self) -> list[str]:
         """Capabilities to register; by default those of the config."""
@@ -116,6 +133,16 @@ class BaseAgent:
             "failed": stats.failed if stats else 0,
             "in_flight": self._subscription.in_flight if self._subscription else 0,
         }
+
+    async def agent_status(self, message: AgentMessage) -> dict[str, Any] | None:
+        """The default answer to AGENT_STATUS: the health status; a one-way status message is noted in the log.
+
+        Define ``handle_agent_status`` to answer with your own.
+        """
+        if message.reply_to is None:
+            logger.info("%s: status message from %s: %s", self.agent_id, message.sender_id, message.payload.data)
+            return None
+        return {**await self.health_status(), "role": self.config.role, "department": self.config.department}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -146,6 +173,7 @@ class BaseAgent:
         """
         if self._subscription is not None:
             return self
+        self._stopping = None
         await self.broker.connect()
         try:
             info = await self.info()
@@ -159,24 +187,34 @@ class BaseAgent:
         except BaseException:
             await self.shutdown()
             raise
+        _signals.watch(self)
         logger.info("agent %s (%s, %s) is online", self.agent_id, self.config.role, self.config.department)
         return self
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop gracefully: leave, finish what is in hand, disconnect.
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop gracefully: leave, finish what is in hand, disconnect. Safe to call twice, or concurrently.
 
         Leaving the registry first marks the agent offline at once, so no new work is
-        routed here by role; messages in hand get ``timeout`` s to finish (unfinished ones
-        are handed back to other instances after ``claim_idle``).
+        routed here by role; messages in hand get ``timeout`` s (default
+        ``AGENTCOMMS_SHUTDOWN_TIMEOUT``) to finish; unfinished ones are handed back to
+        other instances after ``claim_idle``.
         """
-        if self._presence is not None:
-            await self._presence.stop()
-            self._presence = None
-        if self._subscription is not None:
-            await self._subscription.stop(timeout)
-            self._subscription = None
-        if self._owns_broker:
-            await self.broker.close()
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.get_running_loop().create_future()
+        try:
+            if self._presence is not None:
+                await self._presence.stop()
+                self._presence = None
+            if self._subscription is not None:
+                await self._subscription.stop(self.settings.shutdown_timeout if timeout is None else timeout)
+                self._subscription = None
+            if self._owns_broker:
+                await self.broker.close()
+        finally:
+            _signals.unwatch(self)
+            self._stopping.set_result(None)
         logger.info("agent %s stopped", self.agent_id)
 
     async def __aenter__(self) -> Self:
@@ -196,6 +234,8 @@ class BaseAgent:
         if intent == MessageIntent.CAPABILITY_QUERY:
             return (await self.info()).model_dump(mode="json", exclude={"status", "started_at", "last_seen"})
         handler = self.handler_for(intent)
+        if handler is None and intent == MessageIntent.AGENT_STATUS:
+            handler = self.agent_status
         if handler is None:
             logger.warning("%s has no handler for intent %r (from %s)", self.agent_id, intent, message.sender_id)
             return AgentResponse.fail("unsupported_intent", f"{self.agent_id} does not handle {intent!r}")
@@ -221,9 +261,13 @@ class BaseAgent:
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
     ) -> PublishResult:
-        """Send a one-way message: an :class:`AgentMessage`, or a recipient id with intent and data."""
+        """Send a one-way message: an :class:`AgentMessage`, or a recipient id with intent and data.
+
+        Raises:
+            AgentNotFoundError: the recipient was never registered (see :meth:`MessageSender.send_message`).
+        """
         if isinstance(message_or_recipient, AgentMessage):
-            return await self.broker.publish_message(message_or_recipient)
+            return await self.sender.publish_message(message_or_recipient)
         if intent is None:
             raise MessageValidationError("send_message(recipient_id, ...) needs an intent")
         return await self.sender.send_message(

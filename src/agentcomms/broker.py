@@ -6,12 +6,14 @@
   is being sent at the same moment.
 * Requests carry ``reply_to`` (the caller's reply stream) and a correlation id; replies are
   read by one blocking reader per broker and matched to waiting callers.
+
+The broker is the delivery layer: it does not consult the registry. ``MessageSender`` and
+``BaseAgent`` refuse recipients the registry has never seen (see ``sender``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -23,38 +25,34 @@ from types import TracebackType
 from typing import Any, Self
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from agentcomms import keys
-from agentcomms._redis import (
-    DEAD_LETTER,
-    FLUSH_AT,
-    MAX_BLOCK_MS,
-    READER_TIMEOUT,
-    SEND,
-    TRANSIENT_ERRORS,
-    Command,
-    Pipeliner,
-    RawConnection,
-    backoff,
-    decode,
-    entries,
-    make_client,
-    stop_reader,
-)
+from agentcomms import deadletters, keys
+from agentcomms.deadletters import DeadLetter
 from agentcomms.embedded import EmbeddedRedis, shared_embedded_redis
 from agentcomms.exceptions import (
     AgentCommsError,
     BrokerClosedError,
-    BrokerConnectionError,
     InboxFullError,
     MessageTooLargeError,
     RequestTimeoutError,
 )
 from agentcomms.schemas import AgentMessage, AgentResponse
-from agentcomms.settings import Settings
+from agentcomms.settings import Settings, redact_url
 from agentcomms.subscription import Handler, Subscription
+from agentcomms.transport import (
+    FLUSH_AT,
+    MAX_BLOCK_MS,
+    BlockingReader,
+    ConnectionSpec,
+    LinkLost,
+    NotReady,
+    Pipeliner,
+    backoff,
+    stop_blocked,
+    subscribe,
+)
+from agentcomms.transport.link import Command
+from agentcomms.transport.scripts import SEND
 
 __all__ = ["BrokerStats", "DeadLetter", "Handler", "MessageBroker", "PublishResult"]
 
@@ -74,21 +72,6 @@ _OpenSend = list[tuple[AgentMessage, bytes, asyncio.Future[Any]]]
 """Messages to one inbox waiting for their shared SEND call to be written."""
 
 
-def _answer_sends(batch: _OpenSend, done: asyncio.Future[Any]) -> None:
-    """Hand each message of a shared SEND call its own reply (or the call's error)."""
-    if done.cancelled():
-        return  # nothing was sent: every caller had given up
-    error = done.exception()
-    replies = done.result() if error is None else [error] * len(batch)
-    for (_, _, future), reply in zip(batch, replies, strict=True):
-        if future.done():
-            continue
-        if isinstance(reply, BaseException):
-            future.set_exception(reply)
-        else:
-            future.set_result(reply)
-
-
 @dataclass(frozen=True, slots=True)
 class PublishResult:
     """Where a message went: its stream entry id, or ``duplicate=True`` (and no entry id) if it was accepted before."""
@@ -97,29 +80,6 @@ class PublishResult:
     recipient_id: str
     entry_id: str
     duplicate: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message that could not be delivered, with why and after how many deliveries."""
-
-    agent_id: str
-    entry_id: str
-    reason: str
-    deliveries: int
-    source_id: str
-    payload: bytes
-    """The message as it was in the inbox (empty if the entry had no ``m`` field; see ``raw``)."""
-    raw: str | None = None
-    """The entry's fields as JSON when it was not a message at all."""
-
-    @property
-    def message(self) -> AgentMessage | None:
-        """The payload parsed as a message, or ``None`` if it is not one."""
-        try:
-            return AgentMessage.model_validate_json(self.payload) if self.payload else None
-        except ValidationError:
-            return None
 
 
 @dataclass(slots=True)
@@ -134,6 +94,7 @@ class BrokerStats:
     replies_unmatched: int = 0
     timeouts: int = 0
     round_trips: int = 0
+    reconnects: int = 0
 
 
 class MessageBroker:
@@ -153,15 +114,16 @@ class MessageBroker:
     ) -> None:
         self.settings = settings or Settings()
         self._url = redis_url or self.settings.redis_url
+        self._uses_embedded = self._url is None
         self.client_id = f"{client_name}.{uuid.uuid4().hex[:12]}"
         self.reply_stream = keys.replies(self.client_id)
-        self._client: Redis | None = None
+        self._spec: ConnectionSpec | None = None
         self._pipeliner: Pipeliner | None = None
         self._embedded: EmbeddedRedis | None = None
         self._reply_reader: asyncio.Task[None] | None = None
-        self._reply_ready: asyncio.Event | None = None
-        self._reply_reader_id: int | None = None
+        self._replies = BlockingReader(ConnectionSpec(), name="unused")  # replaced at connect
         self._closing = False
+        self._closed_event: asyncio.Event | None = None
         self._waiting: dict[str, asyncio.Future[AgentResponse]] = {}
         self._open_sends: dict[str, _OpenSend] = {}
         self._subscriptions: set[Subscription] = set()
@@ -171,39 +133,47 @@ class MessageBroker:
 
     @property
     def url(self) -> str:
-        """The Redis URL in use (password not included)."""
+        """The Redis URL in use, with any password replaced by ``***``."""
         if self._url is None:
             raise BrokerClosedError("broker is not connected yet")
-        return self._url
+        return redact_url(self._url)
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this broker uses the embedded redis-server (no URL was given)."""
+        return self._uses_embedded
 
     @property
     def connected(self) -> bool:
         """Whether :meth:`connect` succeeded and :meth:`close` has not been called."""
-        return self._client is not None
+        return self._pipeliner is not None
 
     async def connect(self) -> Self:
         """Connect to Redis (starting the embedded server if no URL is set).
 
+        A Redis that is still loading its data is waited for, up to ``reconnect_timeout``.
+
         Raises:
             BrokerConnectionError: Redis does not answer.
+            RedisPermissionError: Redis refused the credentials.
+            ConfigError: the URL is not a Redis URL.
         """
-        if self._client is not None:
+        if self._pipeliner is not None:
             return self
         if self._url is None:
             self._url, self._embedded = await asyncio.to_thread(
                 shared_embedded_redis, self.settings.data_dir, binary=self.settings.redis_server
             )
         password = self.settings.redis_password.get_secret_value() if self.settings.redis_password else None
-        client = make_client(self.url, password=password, db=self.settings.redis_db)
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise BrokerConnectionError(f"cannot reach Redis: {exc}", url=self._url) from exc
-        self._client = client
-        self._pipeliner = Pipeliner(client, reconnect_timeout=self.settings.reconnect_timeout, url=self._url)
-        self._pipeliner.start()
-        logger.info("broker %s connected to %s", self.client_id, self._url)
+        assert self._url is not None
+        spec = ConnectionSpec.from_url(self._url, password=password, db=self.settings.redis_db)
+        pipeliner = Pipeliner(spec, reconnect_timeout=self.settings.reconnect_timeout, name=self.client_id)
+        await pipeliner.connect()
+        self._spec, self._pipeliner = spec, pipeliner
+        self._replies = BlockingReader(spec, name=f"{self.client_id}.replies")
+        self._closing = False
+        self._closed_event = asyncio.Event()
+        logger.info("broker %s connected to %s", self.client_id, spec.address)
         return self
 
     initialize = connect
@@ -214,8 +184,10 @@ class MessageBroker:
         for subscription in list(self._subscriptions):
             await subscription.stop()
         self._closing = True
-        if self._reply_reader is not None:
-            await stop_reader(self._reply_reader, self.client, self._reply_reader_id)
+        if self._closed_event is not None:
+            self._closed_event.set()
+        if self._reply_reader is not None and self._pipeliner is not None:
+            await stop_blocked(self._reply_reader, self._replies, self._pipeliner)
             self._reply_reader = None
         for future in self._waiting.values():
             if not future.done():
@@ -224,9 +196,6 @@ class MessageBroker:
         if self._pipeliner is not None:
             await self._pipeliner.aclose()
             self._pipeliner = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
@@ -240,24 +209,26 @@ class MessageBroker:
         await self.close()
 
     @property
-    def client(self) -> Redis:
-        """The connection pool for commands (not for blocking reads)."""
-        if self._client is None:
-            raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
-        return self._client
-
-    @property
     def pipeliner(self) -> Pipeliner:
-        """The batching command sender (internal, shared with subscriptions)."""
+        """The pipelined connection every ordinary command goes through (shared with subscriptions and the registry)."""
         if self._pipeliner is None:
             raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
         return self._pipeliner
 
     @property
+    def spec(self) -> ConnectionSpec:
+        """The Redis server and credentials in use."""
+        if self._spec is None:
+            raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
+        return self._spec
+
+    @property
     def stats(self) -> BrokerStats:
         """A snapshot of this instance's counters."""
         snapshot = BrokerStats(**asdict(self._stats))
-        snapshot.round_trips = self._pipeliner.round_trips if self._pipeliner else 0
+        if self._pipeliner is not None:
+            snapshot.round_trips = self._pipeliner.round_trips
+            snapshot.reconnects = self._pipeliner.reconnects
         return snapshot
 
     # -- sending ---------------------------------------------------------------------------
@@ -271,20 +242,7 @@ class MessageBroker:
             )
         return body
 
-    def event(self, kind: str, message: AgentMessage, **extra: Any) -> str:
-        """One line of the monitoring feed, as JSON (``sent`` and ``handled`` are built by the scripts)."""
-        fields = {
-            "event": kind,
-            "message_id": message.message_id,
-            "sender_id": message.sender_id,
-            "recipient_id": message.recipient_id,
-            "intent": str(message.intent),
-            "ts": round(time.time(), 6),
-            **extra,
-        }
-        return json.dumps(fields, separators=(",", ":"))
-
-    def _send_command(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> Command:
+    def _send_command(self, batch: Sequence[tuple[AgentMessage, bytes]], *, inbox_ttl: float | None = None) -> Command:
         """The SEND call for messages to the same inbox (same recipient and priority)."""
         settings = self.settings
         first = batch[0][0]
@@ -292,23 +250,30 @@ class MessageBroker:
         return (
             "EVALSHA",
             SEND.sha,
-            2,
+            3,
             keys.inbox(recipient, first.payload.priority),
             keys.dedup(recipient),
+            keys.dead_letters(recipient),
             settings.max_inbox_length,
-            int(settings.dedup_window * 1000) if dedup else 0,
+            int(settings.dedup_window * 1000),
             keys.EVENTS_CHANNEL if settings.event_feed else "",
             len(batch),
+            int(inbox_ttl * 1000) if inbox_ttl else 0,
             *(m.message_id for m, _ in batch),
             *(body for _, body in batch),
         )
 
-    def _queue_sends(self, batch: Sequence[tuple[AgentMessage, bytes]], *, dedup: bool = True) -> asyncio.Future[Any]:
+    def _queue_sends(
+        self, batch: Sequence[tuple[AgentMessage, bytes]], *, inbox_ttl: float | None = None
+    ) -> asyncio.Future[Any]:
         """Queue one SEND call for ``batch`` as it is (messages to one inbox)."""
         first = batch[0][0]
         # a send still open for this inbox takes no more messages: they would overtake this batch
         self._open_sends.pop(keys.inbox(first.recipient_id, first.payload.priority), None)
-        return self.pipeliner.call(*self._send_command(batch, dedup=dedup))
+        # safe to repeat after a lost connection: the dedup set makes a repeated message a duplicate
+        sent = self.pipeliner.call(*self._send_command(batch, inbox_ttl=inbox_ttl), replay=True)
+        sent.add_done_callback(functools.partial(self._hostile_ids_cleared, first.recipient_id))
+        return sent
 
     def _send(self, message: AgentMessage, body: bytes) -> asyncio.Future[Any]:
         """Queue one message; those to the same inbox in one event-loop tick share one SEND call.
@@ -327,8 +292,8 @@ class MessageBroker:
         batch = [(message, body, future)]
         self._open_sends[inbox] = batch
         # built when written: on an idle connection at once (a batch of one), under load at the end of the tick
-        sent = self.pipeliner.call_lazy(functools.partial(self._close_send, inbox, batch))
-        sent.add_done_callback(functools.partial(_answer_sends, batch))
+        sent = self.pipeliner.call_lazy(functools.partial(self._close_send, inbox, batch), replay=True)
+        sent.add_done_callback(functools.partial(self._answer_sends, inbox, batch))
         return future
 
     def _close_send(self, inbox: str, batch: _OpenSend) -> Command | None:
@@ -336,6 +301,42 @@ class MessageBroker:
             del self._open_sends[inbox]
         batch[:] = [item for item in batch if not item[2].cancelled()]  # callers that gave up before the write
         return self._send_command([(m, b) for m, b, _ in batch]) if batch else None
+
+    def _answer_sends(self, inbox: str, batch: _OpenSend, done: asyncio.Future[Any]) -> None:
+        """Hand each message of a shared SEND call its own reply (or the call's error).
+
+        The call may fail before it was ever built (Redis unreachable for ``reconnect_timeout``):
+        then the batch is closed here, so later sends to the inbox start a new one.
+        """
+        if self._open_sends.get(inbox) is batch:
+            del self._open_sends[inbox]
+        if done.cancelled():
+            return  # nothing was sent: every caller had given up
+        error = done.exception()
+        if error is None:
+            replies = done.result()
+            self._hostile_ids_cleared(batch[0][0].recipient_id if batch else "", done)
+        else:
+            replies = [error] * len(batch)
+        for (_, _, future), reply in zip(batch, replies, strict=False):
+            if future.done():
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def _hostile_ids_cleared(self, recipient: str, done: asyncio.Future[Any]) -> None:
+        """The SEND script's last element: entries it moved out of the way (an id that blocked every send)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        replies = done.result()
+        moved = int(replies[-1]) if replies and isinstance(replies[-1], int) else 0
+        if moved:
+            self.pipeliner.fire("SADD", keys.DEAD_LETTER_INDEX, recipient, replay=True)
+            logger.warning(
+                "inbox of %s held %d entries dated in the future; moved to its dead letters", recipient, moved
+            )
 
     def _sent(self, message: AgentMessage, reply: bytes) -> PublishResult:
         """The result of one message from its SEND call's reply: an entry id, ``dup`` or ``full <length>``."""
@@ -350,18 +351,28 @@ class MessageBroker:
         self._stats.sent += 1
         return PublishResult(message.message_id, message.recipient_id, reply.decode())
 
-    async def publish_message(self, message: AgentMessage) -> PublishResult:
+    async def publish_message(self, message: AgentMessage, *, inbox_ttl: float | None = None) -> PublishResult:
         """Put ``message`` into its recipient's inbox (durable once this returns).
 
         A message whose ``message_id`` was accepted within the dedup window is not added
-        again: the result says ``duplicate=True``.
+        again: the result says ``duplicate=True``. ``inbox_ttl`` (seconds) makes the inbox
+        expire that long after this send unless a consumer starts reading it: for
+        recipients the registry does not know (see ``MessageSender``).
 
         Raises:
             MessageTooLargeError: the message is over ``max_message_bytes``.
             InboxFullError: the recipient has ``max_inbox_length`` messages waiting.
+            RedisOutOfMemoryError: Redis is at ``maxmemory``; nothing was stored.
             BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
         """
-        reply = await self._send(message, self._encode(message))
+        pipeliner = self.pipeliner
+        body = self._encode(message)
+        if pipeliner.write_paused:
+            await pipeliner.wait_writable()
+        if inbox_ttl:
+            [reply, _] = await self._queue_sends([(message, body)], inbox_ttl=inbox_ttl)
+        else:
+            reply = await self._send(message, body)
         return self._sent(message, reply)
 
     async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
@@ -376,6 +387,7 @@ class MessageBroker:
         for index, message in enumerate(messages):
             groups.setdefault((message.recipient_id, message.payload.priority), []).append((index, message))
         calls: list[tuple[list[tuple[int, AgentMessage, bytes]], asyncio.Future[Any]]] = []
+        await self.pipeliner.wait_writable()
         with self.pipeliner.batch():  # one write for a fan-out
             for group in groups.values():
                 for start in range(0, len(group), _SEND_BATCH):
@@ -394,7 +406,7 @@ class MessageBroker:
                 replies = await future
             except AgentCommsError as exc:
                 replies = [exc] * len(chunk)
-            for (index, message, _), reply in zip(chunk, replies, strict=True):
+            for (index, message, _), reply in zip(chunk, replies, strict=False):
                 try:
                     results[index] = reply if isinstance(reply, AgentCommsError) else self._sent(message, reply)
                 except AgentCommsError as exc:
@@ -404,37 +416,40 @@ class MessageBroker:
     # -- request / reply -------------------------------------------------------------------
 
     async def request(self, message: AgentMessage, *, timeout: float | None = None) -> AgentResponse:
-        """Send ``message`` and wait for its reply.
+        """Send ``message`` and wait for its reply; it always ends by ``timeout``.
 
         The timeout is ``timeout``, else the message's ``response_timeout``, else
-        ``MESSAGE_TIMEOUT``. If it passes before the recipient handled the request, the
-        request is dead-lettered as expired when it is read, and never answered late.
+        ``MESSAGE_TIMEOUT``, counted from this call. If it passes before the recipient
+        handled the request, the request is dead-lettered as expired when it is read,
+        and never answered late.
 
         Raises:
-            RequestTimeoutError: no reply in time.
-            MessageTooLargeError, InboxFullError, BrokerConnectionError: as for :meth:`publish_message`.
+            RequestTimeoutError: no reply in time (also when Redis was unreachable all along).
+            MessageTooLargeError, InboxFullError, RedisOutOfMemoryError: the request was not stored.
         """
+        loop = asyncio.get_running_loop()
         payload = message.payload
         timeout = timeout or payload.response_timeout or self.settings.message_timeout
+        deadline = loop.time() + timeout
         if not payload.requires_response or payload.response_timeout != timeout:
             payload = payload.model_copy(update={"requires_response": True, "response_timeout": timeout})
         request = message.model_copy(
             update={"reply_to": self.reply_stream, "correlation_id": message.message_id, "payload": payload}
         )
-        if self._reply_ready is None or not self._reply_ready.is_set():
-            await self._ensure_reply_reader()
         correlation = request.message_id
         if correlation in self._waiting:
             raise AgentCommsError(f"a request with message_id {correlation} is already waiting for its reply")
         body = self._encode(request)
-        loop = asyncio.get_running_loop()
+        if self._reply_reader is None:
+            # the reader reads the stream from its start whenever it connects: a reply written first is not missed
+            self._reply_reader = loop.create_task(self._read_replies(), name=f"replies-{self.client_id}")
         reply: asyncio.Future[AgentResponse] = loop.create_future()
         self._waiting[correlation] = reply
         self._stats.requests += 1
         # one future to await: the send's failure, the reply, or the deadline (a timer, cheaper than a timeout scope)
         sent = self._send(request, body)
         sent.add_done_callback(functools.partial(self._request_sent, request, reply))
-        timer = loop.call_at(loop.time() + timeout, self._request_expired, request, timeout, reply)
+        timer = loop.call_at(deadline, self._request_expired, request, timeout, reply)
         try:
             return await reply
         finally:
@@ -454,7 +469,7 @@ class MessageBroker:
                 return
         except AgentCommsError as exc:  # InboxFullError
             error = exc
-        reply.set_exception(error)
+        reply.set_exception(error)  # not stored: InboxFullError, RedisOutOfMemoryError, BrokerConnectionError ...
 
     def _request_expired(self, request: AgentMessage, timeout: float, reply: asyncio.Future[AgentResponse]) -> None:
         if not reply.done():
@@ -463,51 +478,55 @@ class MessageBroker:
                 RequestTimeoutError(agent_id=request.recipient_id, message_id=request.message_id, timeout=timeout)
             )
 
-    async def _ensure_reply_reader(self) -> None:
-        if self._reply_reader is None:
-            self._reply_ready = asyncio.Event()
-            self._reply_reader = asyncio.create_task(self._read_replies(), name=f"replies-{self.client_id}")
-        assert self._reply_ready is not None
-        if not self._reply_ready.is_set():
-            await self._reply_ready.wait()
-
     async def _read_replies(self) -> None:
-        reader = RawConnection(self.client, read_timeout=READER_TIMEOUT)
+        """Read this broker's reply stream for as long as the broker is open; never ends on an error."""
+        reader = self._replies
         last = "0-0"  # the stream is this instance's own and new: read it from the start
         attempt = untrimmed = 0
+        while not self._closing:
+            try:
+                block = MAX_BLOCK_MS if not untrimmed else 200  # wake soon to trim once replies stop
+                response = await reader.call(
+                    "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", self.reply_stream, last, block_ms=block
+                )
+                attempt = 0
+            except (LinkLost, NotReady, AgentCommsError) as exc:  # lost, LOADING, WRONGTYPE if overwritten ...
+                if self._closing:
+                    return
+                logger.log(
+                    logging.WARNING if attempt == 0 else logging.DEBUG,
+                    "reply reader of %s cannot read (%s); retrying",
+                    self.client_id,
+                    exc,
+                )
+                await self._pause(backoff(attempt))
+                attempt += 1
+                continue
+            except Exception:  # a bug must not leave callers waiting forever: log it and go on
+                logger.exception("reply reader of %s failed; retrying", self.client_id)
+                await self._pause(backoff(attempt))
+                attempt += 1
+                continue
+            for _stream, batch in response or ():
+                for entry_id, flat in batch:  # raw: [id, [b"r", reply]]
+                    last = entry_id.decode()
+                    self._deliver_reply(flat[1] if flat and flat[0] == b"r" else b"")
+                    untrimmed += 1
+            if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
+                # drop what was read, off the hot path: in batches, or when the stream is idle
+                self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last, replay=True)
+                untrimmed = 0
+            if response:
+                await asyncio.sleep(0)  # the waiting callers resume before the next read is written
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the broker closes meanwhile."""
+        if self._closed_event is None:
+            return
         try:
-            self._reply_reader_id = int(await reader.call("CLIENT", "ID"))
-            assert self._reply_ready is not None
-            self._reply_ready.set()
-            while not self._closing:
-                try:
-                    block = MAX_BLOCK_MS if not untrimmed else 200  # wake soon to trim once replies stop
-                    response = await reader.call(
-                        "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", self.reply_stream, last
-                    )
-                    attempt = 0
-                except (*TRANSIENT_ERRORS, RedisError) as exc:  # e.g. WRONGTYPE if the key was overwritten
-                    if self._closing:
-                        return
-                    logger.warning("reply reader lost Redis (%s); reconnecting", exc)
-                    await asyncio.sleep(backoff(attempt))
-                    attempt += 1
-                    with contextlib.suppress(*TRANSIENT_ERRORS):
-                        self._reply_reader_id = int(await reader.call("CLIENT", "ID"))
-                    continue
-                for _stream, batch in response or ():
-                    for entry_id, flat in batch:  # raw: [id, [b"r", reply]]
-                        last = decode(entry_id)
-                        self._deliver_reply(flat[1] if flat and flat[0] == b"r" else b"")
-                        untrimmed += 1
-                if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
-                    # drop what was read, off the hot path: in batches, or when the stream is idle
-                    self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last)
-                    untrimmed = 0
-                if response:
-                    await asyncio.sleep(0)  # the waiting callers resume before the next read is written
-        finally:
-            await reader.close()
+            await asyncio.wait_for(self._closed_event.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _deliver_reply(self, body: bytes) -> None:
         try:
@@ -541,10 +560,13 @@ class MessageBroker:
         :class:`AgentResponse`, or any JSON-able data) becomes the reply. A message is
         acknowledged only after the handler returned and its reply was written; if the
         handler raises, the message is delivered again after ``claim_idle`` and
-        dead-lettered after ``max_deliveries``.
+        dead-lettered after ``max_deliveries``. A one-way message whose handler returns a
+        failed :class:`AgentResponse` is dead-lettered with that error at once.
         """
         subscription = Subscription(
-            self,
+            self.pipeliner,
+            self.spec,
+            self.settings,
             agent_id,
             handler,
             concurrency=concurrency or self.settings.concurrency,
@@ -560,17 +582,20 @@ class MessageBroker:
     async def health_check(self) -> dict[str, Any]:
         """Whether Redis answers, how fast, and this instance's counters."""
         started = time.perf_counter()
+        version = None
         try:
-            info = await self.client.info("server")
-            status = "healthy"
-            error = None
-        except (RedisError, OSError) as exc:
-            info, status, error = {}, "unhealthy", str(exc)
+            info = await asyncio.wait_for(self.pipeliner.call("INFO", "server", replay=True), 5.0)
+            for line in bytes(info).decode(errors="replace").splitlines():
+                if line.startswith("redis_version:"):
+                    version = line.partition(":")[2].strip()
+            status, error = "healthy", None
+        except (AgentCommsError, TimeoutError) as exc:
+            status, error = "unhealthy", str(exc) or "no answer within 5s"
         return {
             "status": status,
             "error": error,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            "redis_version": info.get("redis_version"),
+            "redis_version": version,
             "client_id": self.client_id,
             "subscriptions": sorted(s.agent_id for s in self._subscriptions),
             "stats": asdict(self.stats),
@@ -581,94 +606,65 @@ class MessageBroker:
 
         The first item is ``{"event": "subscribed"}`` once the feed is listening; after a
         lost connection it resubscribes and yields ``{"event": "resubscribed"}``. On the
-        channel itself a message holds one JSON event per line (a batch publishes once).
+        channel itself a message holds one JSON event per line (a batch publishes once);
+        a line that is not a JSON object is skipped.
         """
         attempt = 0
         first = True
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(keys.EVENTS_CHANNEL)
-                yield {"event": "subscribed" if first else "resubscribed"}
-                first, attempt = False, 0
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is not None and message["type"] == "message":
-                        for line in message["data"].splitlines():  # a feed message holds one event per line
-                            yield json.loads(line)
-            except TRANSIENT_ERRORS as exc:
+                async for data in subscribe(self.spec, keys.EVENTS_CHANNEL, name=f"{self.client_id}.feed"):
+                    if not data:
+                        yield {"event": "subscribed" if first else "resubscribed"}
+                        first, attempt = False, 0
+                        continue
+                    for line in data.splitlines():  # a feed message holds one event per line
+                        try:
+                            event = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(event, dict):
+                            yield event
+            except (LinkLost, NotReady, AgentCommsError) as exc:
                 logger.warning("event feed lost Redis (%s); resubscribing", exc)
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # -- dead letters ----------------------------------------------------------------------
 
-    async def dead_letter(
-        self, agent_id: str, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None
-    ) -> bytes | None:
-        """Move one inbox entry to ``agent_id``'s dead-letter stream (internal: used by subscriptions).
-
-        Returns the entry's body, or ``None`` if another instance dead-lettered or claimed it first.
-        """
-        result = await self.pipeliner.script(
-            DEAD_LETTER,
-            [stream, keys.dead_letters(agent_id)],
-            [keys.GROUP, entry_id, reason, deliveries, self.client_id, "" if claim_idle_ms is None else claim_idle_ms],
-        )
-        if result is None:
-            return None
-        self.pipeliner.fire("SADD", keys.DEAD_LETTER_INDEX, agent_id)
-        logger.warning("dead-lettered %s from %s after %d deliveries: %s", entry_id, stream, deliveries, reason)
-        body = result[1]
-        return body if isinstance(body, bytes) else str(body).encode()
-
     async def dead_letter_agents(self) -> list[str]:
         """Agent ids that have dead letters."""
-        members = await self.client.smembers(keys.DEAD_LETTER_INDEX)
-        return sorted(decode(m) for m in members)
+        return await deadletters.dead_letter_agents(self.pipeliner)
 
-    async def dead_letters(self, agent_id: str, *, count: int = 100) -> list[DeadLetter]:
-        """The oldest ``count`` dead letters of ``agent_id``."""
-        found = entries(await self.client.xrange(keys.dead_letters(agent_id), count=count))
-        return [_dead_letter(agent_id, entry_id, fields) for entry_id, fields in found]
+    async def dead_letters(self, agent_id: str, *, count: int = 100, after: str | None = None) -> list[DeadLetter]:
+        """The oldest ``count`` dead letters of ``agent_id`` (after entry id ``after``, to page)."""
+        return await deadletters.list_dead_letters(self.pipeliner, agent_id, count=count, after=after)
 
-    async def redrive_dead_letter(self, agent_id: str, entry_id: str) -> PublishResult:
-        """Send a dead letter back into its inbox (bypassing the dedup window) and remove it.
+    async def count_dead_letters(self, agent_id: str) -> int:
+        """How many dead letters ``agent_id`` has."""
+        return await deadletters.count_dead_letters(self.pipeliner, agent_id)
+
+    async def get_dead_letter(self, agent_id: str, entry_id: str) -> DeadLetter:
+        """One dead letter.
 
         Raises:
-            AgentCommsError: there is no such dead letter, or it is not a valid message.
+            DeadLetterNotFoundError: there is no such dead letter.
         """
-        found = entries(await self.client.xrange(keys.dead_letters(agent_id), min=entry_id, max=entry_id))
-        if not found:
-            raise AgentCommsError(f"no dead letter {entry_id} for {agent_id!r}")
-        letter = _dead_letter(agent_id, *found[0])
-        message = letter.message
-        if message is None:
-            raise AgentCommsError(f"dead letter {entry_id} is not a valid message ({letter.reason}); purge it instead")
-        [reply] = await self._queue_sends([(message, letter.payload)], dedup=False)
-        result = self._sent(message, reply)
-        await self.client.xdel(keys.dead_letters(agent_id), entry_id)
-        return result
+        return await deadletters.get_dead_letter(self.pipeliner, agent_id, entry_id)
+
+    async def redrive_dead_letter(self, agent_id: str, entry_id: str) -> PublishResult:
+        """Move a dead letter back into its inbox and out of the dead letters, atomically (bypassing dedup).
+
+        Raises:
+            DeadLetterNotFoundError: there is no such dead letter.
+            AgentCommsError: it is not a valid message.
+            InboxFullError: the inbox is full.
+        """
+        message, entry = await deadletters.redrive_dead_letter(
+            self.pipeliner, agent_id, entry_id, max_inbox_length=self.settings.max_inbox_length
+        )
+        return PublishResult(message.message_id, agent_id, entry)
 
     async def purge_dead_letters(self, agent_id: str) -> int:
         """Delete all of ``agent_id``'s dead letters; returns how many there were."""
-        stream = keys.dead_letters(agent_id)
-        count = int(await self.client.xlen(stream))
-        await self.client.delete(stream)
-        await self.client.srem(keys.DEAD_LETTER_INDEX, agent_id)
-        return count
-
-
-def _dead_letter(agent_id: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
-    raw = fields.get(b"raw")
-    return DeadLetter(
-        agent_id=agent_id,
-        entry_id=decode(entry_id),
-        reason=decode(fields.get(b"reason", b"")),
-        deliveries=int(fields.get(b"deliveries", b"0")),
-        source_id=decode(fields.get(b"source_id", b"")),
-        payload=fields.get(b"payload", b""),
-        raw=decode(raw) if raw is not None else None,
-    )
+        return await deadletters.purge_dead_letters(self.pipeliner, agent_id)

@@ -67,6 +67,33 @@ class BrokerConnectionError(AgentCommsError, ConnectionError):
         super().__init__(f"{message} ({url})" if url else message)
 
 
+class CommandOutcomeUnknownError(BrokerConnectionError):
+    """Raised when the connection was lost after a command that is not safe to repeat was sent.
+
+    Redis may or may not have run it; agentcomms does not send it again.
+    """
+
+
+class RedisCommandError(AgentCommsError):
+    """Raised when Redis refuses a command with an error that retrying will not fix (``WRONGTYPE``, ``ERR`` ...).
+
+    ``code`` is the error's first word; ``command`` the command's name (its arguments are never shown).
+    """
+
+    def __init__(self, message: str, *, code: str, command: str) -> None:
+        self.code = code
+        self.command = command
+        super().__init__(message)
+
+
+class RedisOutOfMemoryError(RedisCommandError):
+    """Raised when Redis has reached ``maxmemory`` and refuses writes (``OOM``): nothing was stored."""
+
+
+class RedisPermissionError(RedisCommandError, PermissionError):
+    """Raised when Redis refuses a command or the credentials (``NOPERM``, ``NOAUTH``, ``WRONGPASS``)."""
+
+
 class BrokerClosedError(AgentCommsError, RuntimeError):
     """Raised when a broker is used before ``connect()`` or after ``close()``."""
 

@@ -7,6 +7,8 @@ together stay valid on a cluster.
 
 from __future__ import annotations
 
+import re
+
 from agentcomms.schemas import Priority
 
 PREFIX = "ac"
@@ -52,9 +54,15 @@ def replies(client_id: str) -> str:
     return f"{REPLY_PREFIX}{client_id}}}:replies"
 
 
+_REPLY_STREAM = re.compile(r"ac:\{reply\.[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,159}\}:replies")
+
+
 def is_reply_stream(key: str) -> bool:
-    """Whether ``key`` names a reply stream; responders write nowhere else, whatever ``reply_to`` says."""
-    return key.startswith(REPLY_PREFIX) and key.endswith("}:replies") and key.count("}") == 1
+    """Whether ``key`` names a reply stream: ``ac:{reply.<client id>}:replies``, the id made of ``A-Za-z0-9_.:@-``.
+
+    Responders write nowhere else, whatever a message's ``reply_to`` says.
+    """
+    return _REPLY_STREAM.fullmatch(key) is not None
 
 
 # -- registry: every key shares the {registry} hash tag, so each registry script touches one slot --

@@ -22,179 +22,41 @@ from typing import Any, Self
 from pydantic import ValidationError
 
 from agentcomms import keys
-from agentcomms._redis import TRANSIENT_ERRORS, Script, backoff, decode
 from agentcomms.broker import MessageBroker
 from agentcomms.exceptions import (
+    AgentCommsError,
     AgentNotFoundError,
-    BrokerConnectionError,
     NoAgentAvailableError,
     RegistrationConflictError,
     RegistrationError,
 )
 from agentcomms.schemas import AgentInfo, AgentStatus, MessageIntent, describe_errors
 from agentcomms.settings import Settings
+from agentcomms.transport import Script, backoff
+from agentcomms.transport.scripts import (
+    REGISTRY_BEAT,
+    REGISTRY_DEREGISTER,
+    REGISTRY_FIND,
+    REGISTRY_LEAVE,
+    REGISTRY_REGISTER,
+    REGISTRY_SET_STATUS,
+    REGISTRY_STATS,
+)
 
 __all__ = ["AgentRegistry", "Presence", "RegistryStats"]
 
 logger = logging.getLogger(__name__)
 
-_LUA_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-_LUA_BEAT = """
-local function beat(prefix, agent, instance, interval, now)
-  local inst = prefix .. ':inst:' .. agent
-  local deadline = now + 3 * interval
-  redis.call('ZADD', inst, deadline, instance)
-  redis.call('ZREMRANGEBYSCORE', inst, '-inf', now)  -- instances that stopped beating
-  redis.call('ZADD', prefix .. ':deadlines', 'GT', deadline, agent)
-  redis.call('HSET', prefix .. ':seen', agent, now)
-  redis.call('HSET', prefix .. ':instcount', agent, redis.call('ZCARD', inst))
-end
-"""
-
-_REGISTER = Script(
-    _LUA_NOW
-    + _LUA_BEAT
-    + """
--- ARGV: prefix, agent id, info JSON, role (lower case), replace ('1'/'0'), instance, interval ms, index keys JSON
-local prefix, agent = ARGV[1], ARGV[2]
-local old = redis.call('HGET', prefix .. ':agents', agent)
-if old and ARGV[5] ~= '1' then
-  local old_role = cjson.decode(old)['role']
-  if string.lower(old_role) ~= ARGV[4] then return {'conflict', old_role} end
-end
-local old_indexes = redis.call('HGET', prefix .. ':indexes', agent)
-if old_indexes then
-  for _, key in ipairs(cjson.decode(old_indexes)) do redis.call('SREM', key, agent) end
-end
-for _, key in ipairs(cjson.decode(ARGV[8])) do redis.call('SADD', key, agent) end
-redis.call('HSET', prefix .. ':agents', agent, ARGV[3])
-redis.call('HSET', prefix .. ':indexes', agent, ARGV[8])
-redis.call('HSETNX', prefix .. ':started', agent, now)
-redis.call('HDEL', prefix .. ':status', agent)
-beat(prefix, agent, ARGV[6], tonumber(ARGV[7]), now)
-return {'ok', tostring(now)}
-"""
-)
-
-_BEAT = Script(
-    _LUA_NOW
-    + _LUA_BEAT
-    + """
--- ARGV: prefix, agent id, instance, interval ms
-if redis.call('HEXISTS', ARGV[1] .. ':agents', ARGV[2]) == 0 then return false end
-beat(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), now)
-return tostring(now)
-"""
-)
-
-_LEAVE = Script(
-    _LUA_NOW
-    + """
--- ARGV: prefix, agent id, instance. One instance stops cleanly; the agent goes offline with its last one.
-local prefix, agent = ARGV[1], ARGV[2]
-local inst = prefix .. ':inst:' .. agent
-redis.call('ZREM', inst, ARGV[3])
-redis.call('ZREMRANGEBYSCORE', inst, '-inf', now)
-local top = redis.call('ZRANGE', inst, -1, -1, 'WITHSCORES')
-if #top == 0 then
-  redis.call('ZREM', prefix .. ':deadlines', agent)
-else
-  redis.call('ZADD', prefix .. ':deadlines', 'XX', top[2], agent)
-end
-if redis.call('HEXISTS', prefix .. ':agents', agent) == 1 then
-  redis.call('HSET', prefix .. ':instcount', agent, redis.call('ZCARD', inst))
-end
-return #top
-"""
-)
-
-_DEREGISTER = Script(
-    """
--- ARGV: prefix, agent id
-local prefix, agent = ARGV[1], ARGV[2]
-if redis.call('HEXISTS', prefix .. ':agents', agent) == 0 then return 0 end
-local indexes = redis.call('HGET', prefix .. ':indexes', agent)
-if indexes then
-  for _, key in ipairs(cjson.decode(indexes)) do redis.call('SREM', key, agent) end
-end
-for _, hash in ipairs({'agents', 'indexes', 'seen', 'instcount', 'status', 'started'}) do
-  redis.call('HDEL', prefix .. ':' .. hash, agent)
-end
-redis.call('ZREM', prefix .. ':deadlines', agent)
-redis.call('DEL', prefix .. ':inst:' .. agent)
-return 1
-"""
-)
-
-_FIND = Script(
-    _LUA_NOW
-    + """
--- KEYS: index sets to intersect (none: all agents, or the online ones)
--- ARGV: prefix, online only ('1'/'0'), explicit ids (JSON list, or '' to use KEYS)
-local prefix = ARGV[1]
-local online_only = ARGV[2] == '1'
-local deadlines = prefix .. ':deadlines'
-local ids
-if ARGV[3] ~= '' then
-  ids = cjson.decode(ARGV[3])
-elseif #KEYS > 0 then
-  ids = redis.call('SINTER', unpack(KEYS))   -- cost: the smallest set times the number of sets
-elseif online_only then
-  ids = redis.call('ZRANGE', deadlines, '(' .. now, '+inf', 'BYSCORE')
-else
-  ids = redis.call('HKEYS', prefix .. ':agents')
-end
-local out = {tostring(now)}
-for _, id in ipairs(ids) do
-  local info = redis.call('HGET', prefix .. ':agents', id)
-  local deadline = tonumber(redis.call('ZSCORE', deadlines, id) or '0')
-  local online = deadline > now
-  if info and (online or not online_only) then
-    table.insert(out, id)
-    table.insert(out, info)
-    table.insert(out, online and '1' or '0')
-    table.insert(out, redis.call('HGET', prefix .. ':status', id) or '')
-    table.insert(out, redis.call('HGET', prefix .. ':seen', id) or '')
-    table.insert(out, redis.call('HGET', prefix .. ':instcount', id) or '0')
-    table.insert(out, redis.call('HGET', prefix .. ':started', id) or '')
-  end
-end
-return out
-"""
-)
-
-_SET_STATUS = Script(
-    """
--- ARGV: prefix, agent id, status
-if redis.call('HEXISTS', ARGV[1] .. ':agents', ARGV[2]) == 0 then return 0 end
-redis.call('HSET', ARGV[1] .. ':status', ARGV[2], ARGV[3])
-return 1
-"""
-)
-
-_STATS = Script(
-    _LUA_NOW
-    + """
--- ARGV: prefix. Walks every agent: O(number of agents), for dashboards, not for hot paths.
-local prefix = ARGV[1]
-local all = redis.call('HGETALL', prefix .. ':agents')
-local out = {tostring(now)}
-for i = 1, #all, 2 do
-  local info = cjson.decode(all[i + 1])
-  local deadline = tonumber(redis.call('ZSCORE', prefix .. ':deadlines', all[i]) or '0')
-  table.insert(out, info['role'])
-  table.insert(out, info['department'])
-  table.insert(out, deadline > now and '1' or '0')
-end
-return out
-"""
-)
-
-_STORED_FIELDS = {"agent_id", "user_name", "role", "department", "capabilities", "supported_intents", "version"}
+_STORED_FIELDS = {
+    "agent_id",
+    "user_name",
+    "role",
+    "department",
+    "capabilities",
+    "supported_intents",
+    "version",
+    "metadata",
+}
 
 
 @dataclass(slots=True)
@@ -203,6 +65,8 @@ class RegistryStats:
 
     total_agents: int = 0
     online_agents: int = 0
+    malformed_records: int = 0
+    """Records that are not valid (written by hand, or by an incompatible version): skipped and logged."""
     by_role: dict[str, dict[str, int]] = field(default_factory=dict)
     by_department: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -217,6 +81,7 @@ class RegistryStats:
             "total_agents": self.total_agents,
             "online_agents": self.online_agents,
             "offline_agents": self.offline_agents,
+            "malformed_records": self.malformed_records,
             "by_role": self.by_role,
             "by_department": self.by_department,
         }
@@ -226,8 +91,13 @@ def _ms_to_datetime(value: bytes | str) -> datetime | None:
     return datetime.fromtimestamp(int(value) / 1000, UTC) if value else None
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def _normal(value: str) -> str:
-    return value.strip().lower()
+    """How index values are compared: stripped and case-folded (``Straßenbau`` = ``STRASSENBAU``), in Python only."""
+    return value.strip().casefold()
 
 
 class AgentRegistry:
@@ -250,6 +120,9 @@ class AgentRegistry:
         self._owns_broker = broker is None
         self.broker = broker or MessageBroker(redis_url, settings=settings, client_name="registry")
         self.settings = self.broker.settings
+        self.malformed_records = 0
+        """Malformed records met by discovery and statistics so far (each skipped and logged once)."""
+        self._malformed_seen: set[str] = set()
 
     async def initialize(self) -> Self:
         """Connect (only needed when the registry owns its broker)."""
@@ -270,8 +143,9 @@ class AgentRegistry:
         await self.close()
 
     async def _script(self, script: Script, args: Sequence[str | int], index_keys: Sequence[str] = ()) -> Any:
-        # through the pipeliner: batched with other commands, and never cancelled mid-flight
-        return await self.broker.pipeliner.script(script, index_keys, [keys.REGISTRY, *args])
+        # through the pipeliner: batched with other commands, and never cancelled mid-flight; every
+        # registry script is safe to repeat after a lost connection (it sets state, it does not add to it)
+        return await self.broker.pipeliner.script(script, index_keys, [keys.REGISTRY, *args], replay=True)
 
     # -- registration ----------------------------------------------------------------------
 
@@ -305,23 +179,24 @@ class AgentRegistry:
         """
         info = self._validate(agent_info)
         interval = heartbeat_interval or self.settings.heartbeat_interval
-        indexes = [keys.registry_index("role", info.role), keys.registry_index("department", info.department)]
+        role_index = keys.registry_index("role", info.role)  # first: the script compares roles by it
+        indexes = [role_index, keys.registry_index("department", info.department)]
         indexes += [keys.registry_index("capability", c) for c in dict.fromkeys(map(_normal, info.capabilities))]
         intents = dict.fromkeys(_normal(str(i)) for i in info.supported_intents)
         indexes += [keys.registry_index("intent", i) for i in intents]
         result = await self._script(
-            _REGISTER,
+            REGISTRY_REGISTER,
             [
                 info.agent_id,
                 info.model_dump_json(include=_STORED_FIELDS),
-                _normal(info.role),
+                role_index,
                 "1" if replace else "0",
                 instance_id or info.agent_id,
                 int(interval * 1000),
                 json.dumps(indexes),
             ],
         )
-        status, value = decode(result[0]), decode(result[1])
+        status, value = _text(result[0]), _text(result[1])
         if status == "conflict":
             raise RegistrationConflictError(agent_id=info.agent_id, existing_role=value, role=info.role)
         logger.info("registered %s (%s, %s)", info.agent_id, info.role, info.department)
@@ -330,16 +205,16 @@ class AgentRegistry:
     async def heartbeat(self, agent_id: str, *, instance_id: str | None = None, interval: float | None = None) -> bool:
         """Record that an instance of ``agent_id`` is alive; ``False`` if the agent is not registered."""
         interval = interval or self.settings.heartbeat_interval
-        result = await self._script(_BEAT, [agent_id, instance_id or agent_id, int(interval * 1000)])
+        result = await self._script(REGISTRY_BEAT, [agent_id, instance_id or agent_id, int(interval * 1000)])
         return result is not None
 
     async def leave(self, agent_id: str, *, instance_id: str | None = None) -> int:
         """An instance stops cleanly; the agent is offline at once if it was the last. Returns instances left."""
-        return int(await self._script(_LEAVE, [agent_id, instance_id or agent_id]))
+        return int(await self._script(REGISTRY_LEAVE, [agent_id, instance_id or agent_id]))
 
     async def deregister_agent(self, agent_id: str) -> bool:
         """Remove an agent and its index entries; ``False`` if it was not registered."""
-        return bool(await self._script(_DEREGISTER, [agent_id]))
+        return bool(await self._script(REGISTRY_DEREGISTER, [agent_id]))
 
     async def update_status(self, agent_id: str, status: AgentStatus | str) -> None:
         """Set the status an online agent reports (``online`` or ``busy``); offline comes from heartbeats.
@@ -354,7 +229,7 @@ class AgentRegistry:
             raise RegistrationError(f"unknown status {status!r}", agent_id=agent_id) from exc
         if value is AgentStatus.OFFLINE:
             raise RegistrationError("status offline is set by leave() or missed heartbeats", agent_id=agent_id)
-        if not await self._script(_SET_STATUS, [agent_id, value.value]):
+        if not await self._script(REGISTRY_SET_STATUS, [agent_id, value.value]):
             raise AgentNotFoundError(agent_id)
 
     async def keep_alive(
@@ -402,22 +277,33 @@ class AgentRegistry:
 
     async def _find(self, index_keys: list[str], *, online_only: bool, ids: list[str] | None = None) -> list[AgentInfo]:
         result = await self._script(
-            _FIND, ["1" if online_only else "0", json.dumps(ids) if ids is not None else ""], index_keys
+            REGISTRY_FIND, ["1" if online_only else "0", json.dumps(ids) if ids is not None else ""], index_keys
         )
         agents = []
         for i in range(1, len(result), 7):
-            _, info, online, status, seen, instances, started = result[i : i + 7]
-            agent = AgentInfo.model_validate_json(info)  # the stored, validated part
-            is_online = online == b"1"
-            if not is_online:
-                agent.status = AgentStatus.OFFLINE
-            else:
-                agent.status = AgentStatus(decode(status)) if status else AgentStatus.ONLINE
-            agent.last_seen = _ms_to_datetime(seen)
-            agent.started_at = _ms_to_datetime(started)
-            agent.instance_count = int(instances) if is_online else 0
+            agent_id, info, online, status, seen, instances, started = result[i : i + 7]
+            try:
+                agent = AgentInfo.model_validate_json(info)  # the stored, validated part
+                is_online = online == b"1"
+                if not is_online:
+                    agent.status = AgentStatus.OFFLINE
+                else:
+                    agent.status = AgentStatus(_text(status)) if status else AgentStatus.ONLINE
+                agent.last_seen = _ms_to_datetime(seen)
+                agent.started_at = _ms_to_datetime(started)
+                agent.instance_count = int(instances) if is_online else 0
+            except (ValidationError, ValueError) as exc:
+                self._malformed(_text(agent_id), exc)
+                continue
             agents.append(agent)
         return sorted(agents, key=lambda a: a.agent_id)
+
+    def _malformed(self, agent_id: str, error: Exception) -> None:
+        """A record someone wrote by hand (or a newer version with fields this one does not know): skipped."""
+        self.malformed_records += 1
+        if agent_id not in self._malformed_seen:
+            self._malformed_seen.add(agent_id)
+            logger.warning("skipping the malformed registry record of %r: %s", agent_id[:200], str(error)[:300])
 
     async def get_agent(self, agent_id: str) -> AgentInfo:
         """The record of one agent, with its current status.
@@ -445,16 +331,24 @@ class AgentRegistry:
             raise NoAgentAvailableError(role, department=department)
         return random.choice(candidates)
 
+    async def is_registered(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` is registered (online or not)."""
+        return bool(await self.broker.pipeliner.call("HEXISTS", keys.REGISTRY_AGENTS, agent_id, replay=True))
+
     async def get_online_agents(self) -> list[AgentInfo]:
         """Every agent online now."""
         return await self._find([], online_only=True)
 
     async def get_registry_stats(self) -> RegistryStats:
         """Counts of agents and online agents, in total and by role and department (walks all agents)."""
-        result = await self._script(_STATS, [])
+        result = await self._script(REGISTRY_STATS, [])
         stats = RegistryStats()
-        for i in range(1, len(result), 3):
-            role, department, online = (decode(v) for v in result[i : i + 3])
+        for i in range(1, len(result), 4):
+            agent_id, role, department, online = (_text(v) for v in result[i : i + 4])
+            if not role or not department:
+                self._malformed(agent_id, ValueError("not a JSON record with a role and a department"))
+                stats.malformed_records += 1
+                continue
             is_online = online == "1"
             stats.total_agents += 1
             stats.online_agents += is_online
@@ -490,6 +384,16 @@ class Presence:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.agent_id}")
 
     async def _run(self) -> None:
+        try:
+            await self._beat_forever()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                # cancelled without stop(): the program ended (asyncio.run cancels what is left) or was
+                # interrupted. Leave now, so the agent is not shown online (and sent work) for 3 intervals.
+                await self._leave(timeout=1.0)
+            raise
+
+    async def _beat_forever(self) -> None:
         attempt = 0
         while not self._stopping:
             await asyncio.sleep(self.interval if attempt == 0 else backoff(attempt, cap=self.interval))
@@ -506,10 +410,21 @@ class Presence:
                         heartbeat_interval=self.interval,
                     )
                 self.beats += 1
+                if attempt:
+                    logger.info("%s: heartbeat works again", self.agent_id)
                 attempt = 0
-            except (*TRANSIENT_ERRORS, BrokerConnectionError) as exc:
+            except AgentCommsError as exc:  # unreachable, READONLY past reconnect_timeout, refused ...
                 attempt += 1
                 logger.warning("%s: heartbeat failed (%s); retrying", self.agent_id, exc)
+            except Exception:  # never stop beating while the agent runs: it would look offline while working
+                attempt += 1
+                logger.exception("%s: heartbeat failed unexpectedly; retrying", self.agent_id)
+
+    async def _leave(self, *, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.registry.leave(self.agent_id, instance_id=self.instance_id), timeout)
+        except (AgentCommsError, TimeoutError) as exc:
+            logger.warning("%s: could not leave cleanly (%s); offline after three missed beats", self.agent_id, exc)
 
     async def stop(self) -> None:
         """Stop beating and leave: the agent is offline at once if this was its last instance."""
@@ -519,7 +434,4 @@ class Presence:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
-        try:
-            await self.registry.leave(self.agent_id, instance_id=self.instance_id)
-        except (*TRANSIENT_ERRORS, BrokerConnectionError) as exc:
-            logger.warning("%s: could not leave cleanly (%s); offline after three missed beats", self.agent_id, exc)
+        await self._leave(timeout=self.registry.settings.reconnect_timeout)

@@ -16,7 +16,7 @@ from typing import Any, Literal, Self, overload
 from pydantic import ValidationError
 
 from agentcomms.broker import MessageBroker, PublishResult
-from agentcomms.exceptions import AgentCommsError, MessageValidationError, RequestTimeoutError
+from agentcomms.exceptions import AgentCommsError, AgentNotFoundError, MessageValidationError, RequestTimeoutError
 from agentcomms.registry import AgentRegistry
 from agentcomms.schemas import (
     AgentInfo,
@@ -30,6 +30,9 @@ from agentcomms.schemas import (
 from agentcomms.settings import Settings
 
 __all__ = ["MessageSender", "SenderStats"]
+
+_KNOWN_FOR = 30.0
+"""Seconds a recipient found in the registry is taken as known without asking again."""
 
 
 @dataclass(slots=True)
@@ -55,6 +58,13 @@ class SenderStats:
 class MessageSender:
     """Send messages to agents, ask them and wait for answers, broadcast, and find agents.
 
+    Messages go only to agent ids the registry knows (registered now, online or not): a
+    request or message to an id it has never seen fails at once with
+    :class:`AgentNotFoundError` instead of waiting out its timeout and leaving an inbox
+    behind. ``allow_unregistered=True`` sends anyway (to an agent that will register
+    later); such an inbox expires ``AGENTCOMMS_UNREGISTERED_INBOX_TTL`` after the last
+    such send unless the agent starts reading it.
+
     Args:
         redis_url: where Redis is (default ``REDIS_URL``, else the embedded server).
         sender_id: the id replies and logs know this sender by (default ``sender.<random>``).
@@ -77,6 +87,7 @@ class MessageSender:
         self.broker = broker or MessageBroker(redis_url, settings=settings, client_name=self.sender_id)
         self.registry = registry or AgentRegistry(self.broker)
         self.stats = SenderStats()
+        self._known: dict[str, float] = {}
 
     async def initialize(self) -> Self:
         """Connect to Redis.
@@ -103,6 +114,27 @@ class MessageSender:
         await self.close()
 
     # -- building and sending --------------------------------------------------------------
+
+    def _knows(self, recipient_id: str) -> bool:
+        return self._known.get(recipient_id, 0.0) > time.monotonic()
+
+    def _remember(self, recipient_ids: Sequence[str]) -> None:
+        if len(self._known) > 10_000:
+            self._known.clear()
+        until = time.monotonic() + _KNOWN_FOR
+        for recipient_id in recipient_ids:
+            self._known[recipient_id] = until
+
+    async def _inbox_ttl(self, recipient_id: str, *, allow_unregistered: bool) -> float | None:
+        """``None`` for a registered recipient; else the inbox TTL if allowed, or AgentNotFoundError."""
+        if self._knows(recipient_id):
+            return None
+        if await self.registry.is_registered(recipient_id):
+            self._remember([recipient_id])
+            return None
+        if allow_unregistered:
+            return self.broker.settings.unregistered_inbox_ttl
+        raise AgentNotFoundError(recipient_id)
 
     def build_message(
         self,
@@ -141,6 +173,7 @@ class MessageSender:
         timeout: float | None = ...,
         context: Mapping[str, Any] | None = ...,
         conversation_id: str | None = ...,
+        allow_unregistered: bool = ...,
     ) -> AgentResponse: ...
 
     @overload
@@ -155,6 +188,7 @@ class MessageSender:
         timeout: float | None = ...,
         context: Mapping[str, Any] | None = ...,
         conversation_id: str | None = ...,
+        allow_unregistered: bool = ...,
     ) -> PublishResult: ...
 
     async def send_message(
@@ -168,10 +202,12 @@ class MessageSender:
         timeout: float | None = None,
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
+        allow_unregistered: bool = False,
     ) -> AgentResponse | PublishResult:
         """Send a message; with ``wait_for_response=True``, wait for the reply and return it.
 
         Raises:
+            AgentNotFoundError: the registry has never seen ``recipient_id`` (and not ``allow_unregistered``).
             RequestTimeoutError: no reply within ``timeout`` (default ``MESSAGE_TIMEOUT``).
             InboxFullError, MessageTooLargeError, MessageValidationError, BrokerConnectionError.
         """
@@ -180,8 +216,19 @@ class MessageSender:
         )
         if wait_for_response:
             return await self.request_message(message, timeout=timeout)
+        return await self.publish_message(message, allow_unregistered=allow_unregistered)
+
+    async def publish_message(self, message: AgentMessage, *, allow_unregistered: bool = False) -> PublishResult:
+        """Send a built message one way (see :meth:`send_message`).
+
+        Raises:
+            AgentNotFoundError: the registry has never seen the recipient (and not ``allow_unregistered``).
+        """
         try:
-            result = await self.broker.publish_message(message)
+            ttl = None
+            if not self._knows(message.recipient_id):
+                ttl = await self._inbox_ttl(message.recipient_id, allow_unregistered=allow_unregistered)
+            result = await self.broker.publish_message(message, inbox_ttl=ttl)
         except AgentCommsError:
             self.stats.failed_sends += 1
             raise
@@ -189,10 +236,17 @@ class MessageSender:
         return result
 
     async def request_message(self, message: AgentMessage, *, timeout: float | None = None) -> AgentResponse:
-        """Send a built message as a request and wait for its reply."""
+        """Send a built message as a request and wait for its reply.
+
+        Raises:
+            AgentNotFoundError: the registry has never seen the recipient: nobody could answer.
+            RequestTimeoutError: no reply in time.
+        """
         started = time.perf_counter()
         self.stats.requests += 1
         try:
+            if not self._knows(message.recipient_id):
+                await self._inbox_ttl(message.recipient_id, allow_unregistered=False)
             response = await self.broker.request(message, timeout=timeout)
         except RequestTimeoutError:
             self.stats.timeouts += 1
@@ -241,6 +295,7 @@ class MessageSender:
             RequestTimeoutError: no reply in time.
         """
         target = await self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
+        self._remember([target.agent_id])
         return await self.request(
             target.agent_id, intent, data, timeout=timeout, context=context, conversation_id=conversation_id
         )
@@ -382,6 +437,7 @@ class MessageSender:
             department=department, role=role, capability=capability, online_only=online_only
         )
         recipients = [a.agent_id for a in agents if a.agent_id != self.sender_id]
+        self._remember(recipients)
         conversation = str(uuid.uuid4())
         messages = [
             self.build_message(r, intent, data, priority=priority, conversation_id=conversation) for r in recipients

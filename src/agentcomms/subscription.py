@@ -1,13 +1,19 @@
 """Subscription: one running consumer of an agent id's inbox.
 
-The loop reads new entries with XREADGROUP on its own connection and queues them for a
-pool of at most ``concurrency`` worker tasks, which run the handler and acknowledge each
-message together with its reply in the broker's next pipeline. Every ``claim_idle / 3``
-it also
+The loop reads new entries with XREADGROUP on a connection of its own and queues them for
+a pool of at most ``concurrency`` worker tasks, which run the handler and acknowledge
+each message together with its reply in the pipeliner's next write. Every
+``claim_idle / 3`` it also
 
+* measures the Redis server's clock against this process's monotonic clock, so that
+  expiry never depends on the local wall clock (which may be stepped),
 * keeps its own long-running entries from looking abandoned (XCLAIM ... JUSTID), and
 * takes over entries pending longer than ``claim_idle`` (a dead instance's, or ones
   whose handler failed), dead-lettering those delivered ``max_deliveries`` times.
+
+The loop never ends on its own: any Redis error, including a restart that is still
+loading its data, is logged, waited out with backoff, and followed by a fresh start
+(consumer groups made again if Redis lost them).
 """
 
 from __future__ import annotations
@@ -16,35 +22,35 @@ import asyncio
 import collections
 import contextlib
 import functools
+import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
-from redis.exceptions import RedisError, ResponseError
 
 from agentcomms import keys
-from agentcomms._redis import (
-    ACK,
-    MAX_BLOCK_MS,
-    READER_TIMEOUT,
-    TRANSIENT_ERRORS,
-    RawConnection,
-    backoff,
-    decode,
-    fields_dict,
-    stop_reader,
-)
-from agentcomms.exceptions import BrokerConnectionError
+from agentcomms.deadletters import move_to_dead_letters
+from agentcomms.exceptions import AgentCommsError, RedisCommandError
 from agentcomms.schemas import AgentMessage, AgentResponse, describe_errors
+from agentcomms.settings import Settings
+from agentcomms.transport import (
+    MAX_BLOCK_MS,
+    BlockingReader,
+    ConnectionSpec,
+    LinkLost,
+    NotReady,
+    Pipeliner,
+    backoff,
+    stop_blocked,
+)
+from agentcomms.transport.scripts import ACK
 
-if TYPE_CHECKING:
-    from agentcomms.broker import MessageBroker
-
-__all__ = ["Handler", "Subscription", "SubscriptionStats"]
+__all__ = ["Handler", "Subscription", "SubscriptionStats", "feed_event"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,8 @@ _PENDING_PAGE = 100
 _ACK_BATCH = 1000
 """Entry ids acknowledged by one ACK call at the most (Lua's unpack limit is about 8,000)."""
 
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
 
 @dataclass(slots=True)
 class SubscriptionStats:
@@ -72,6 +80,24 @@ class SubscriptionStats:
     reclaimed: int = 0
     expired: int = 0
     dead_lettered: int = 0
+    rejected: int = 0
+    """One-way messages whose handler answered with an error (dead-lettered with it)."""
+    replies_failed: int = 0
+    """Replies Redis refused to store (e.g. out of memory); their callers time out."""
+
+
+def feed_event(kind: str, message: AgentMessage, **extra: Any) -> str:
+    """One line of the monitoring feed, as JSON (``sent`` and ``handled`` lines are built by the scripts)."""
+    fields = {
+        "event": kind,
+        "message_id": message.message_id,
+        "sender_id": message.sender_id,
+        "recipient_id": message.recipient_id,
+        "intent": str(message.intent),
+        "ts": round(time.time(), 6),
+        **extra,
+    }
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResponse:
@@ -81,17 +107,39 @@ def _as_response(result: Any, message: AgentMessage, agent_id: str) -> AgentResp
     return AgentResponse(success=True, data=result, correlation_id=correlation_id, responder_id=agent_id)
 
 
+def _field_names(fields: dict[bytes, bytes]) -> str:
+    return ", ".join(sorted(k.decode(errors="replace") for k in fields)) or "none"
+
+
 class Subscription:
-    """Handles the messages of one agent id; created by :meth:`MessageBroker.subscribe_to_agent`."""
+    """Handles the messages of one agent id; created by :meth:`MessageBroker.subscribe_to_agent`.
+
+    Args:
+        pipeliner: carries acknowledgements, replies, dead letters and housekeeping.
+        spec: the server, for the loop's own blocking connection.
+        settings: claim idle time, deliveries, limits, feed.
+        agent_id: whose inbox.
+        handler: called once per message.
+        concurrency: handlers running at once at the most.
+        consumer_name: this instance's name in the consumer group.
+    """
 
     def __init__(
-        self, broker: MessageBroker, agent_id: str, handler: Handler, *, concurrency: int, consumer_name: str
+        self,
+        pipeliner: Pipeliner,
+        spec: ConnectionSpec,
+        settings: Settings,
+        agent_id: str,
+        handler: Handler,
+        *,
+        concurrency: int,
+        consumer_name: str,
     ) -> None:
-        settings = broker.settings
         self.agent_id = agent_id
         self.consumer = consumer_name
         self.stats = SubscriptionStats()
-        self._broker = broker
+        self._pipeliner = pipeliner
+        self._settings = settings
         self._handler = handler
         self._streams = keys.inboxes(agent_id)
         self._new = [">"] * len(self._streams)
@@ -100,6 +148,7 @@ class Subscription:
         self._tick = max(0.02, min(settings.claim_idle / 3, MAX_BLOCK_MS / 1000))
         self._max_bytes = settings.max_message_bytes
         self._max_deliveries = settings.max_deliveries
+        self._channel = keys.EVENTS_CHANNEL if settings.event_feed else ""
         self._inflight: dict[tuple[str, str], float] = {}
         self._last_error: dict[tuple[str, str], str] = {}
         self._queue: collections.deque[_Work] = collections.deque()
@@ -107,16 +156,17 @@ class Subscription:
         self._idle: list[asyncio.Future[None]] = []
         self._waking = False
         self._slot_free = asyncio.Event()
-        self._reader: RawConnection | None = None
+        self._reader = BlockingReader(spec, name=f"{consumer_name}.read")
         self._task: asyncio.Task[None] | None = None
-        self._clock_offset_ms = 0.0
-        self._reader_id: int | None = None
+        self._server_offset_ms = 0.0  # Redis server ms minus this process's monotonic ms
+        self._housekeeping_at = 0.0
         self._ttl_refreshed: dict[str, float] = {}
         self._acks: dict[str, list[str]] = {}
         self._ack_futures: set[asyncio.Future[Any]] = set()
         self._ack_scheduled = False
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
         self._stopped = False
+        self._stopping = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -133,8 +183,12 @@ class Subscription:
         self._stop_callbacks.append(callback)
 
     async def start(self) -> None:
-        """Create the consumer groups (at 0, so nothing sent earlier is skipped) and start reading."""
-        self._reader = RawConnection(self._broker.client, read_timeout=READER_TIMEOUT)
+        """Create the consumer groups (at 0, so nothing sent earlier is skipped) and start reading.
+
+        Raises:
+            BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
+            RedisCommandError: Redis refused to create the groups (e.g. the key is not a stream).
+        """
         await self._prepare()
         self._task = asyncio.create_task(self._run(), name=f"subscription-{self.agent_id}")
         self._task.add_done_callback(self._loop_ended)
@@ -149,9 +203,11 @@ class Subscription:
         if self._stopped:
             return
         self._stopped = True
+        self._stopping.set()
         self._slot_free.set()
         if self._task is not None:
-            await stop_reader(self._task, self._broker.client, self._reader_id)
+            await stop_blocked(self._task, self._reader, self._pipeliner)
+        self._reader.close()
         idle, self._idle = self._idle, []
         for wake in idle:  # idle workers end; busy ones end once the queue is empty
             wake.set_result(None)
@@ -171,8 +227,6 @@ class Subscription:
             self._flush_acks()
         if self._ack_futures:  # acknowledgements of finished handlers still on the wire
             await asyncio.wait(set(self._ack_futures), timeout=timeout)
-        if self._reader is not None:
-            await self._reader.close()
         for callback in self._stop_callbacks:
             callback(self)
         logger.info("%s: subscription %s stopped", self.agent_id, self.consumer)
@@ -185,76 +239,92 @@ class Subscription:
 
     # -- the loop --------------------------------------------------------------------------
 
-    @property
-    def _redis(self) -> RawConnection:
-        assert self._reader is not None
-        return self._reader
-
     async def _prepare(self) -> None:
-        for stream in self._streams:
+        """Groups at 0 (Redis may have restarted without them), and inboxes kept: no TTL once a consumer reads them."""
+        pipeliner = self._pipeliner
+        with pipeliner.batch():
+            created = [
+                pipeliner.call("XGROUP", "CREATE", stream, keys.GROUP, "0", "MKSTREAM", replay=True)
+                for stream in self._streams
+            ]
+            persisted = [pipeliner.call("PERSIST", stream, replay=True) for stream in self._streams]
+        for future in created:
             try:
-                await self._redis.call("XGROUP", "CREATE", stream, keys.GROUP, "0", "MKSTREAM")
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
+                await future
+            except RedisCommandError as exc:
+                if exc.code != "BUSYGROUP":
                     raise
-        self._reader_id = int(await self._redis.call("CLIENT", "ID"))
-        seconds, micros = await self._redis.call("TIME")
-        self._clock_offset_ms = int(seconds) * 1000 + int(micros) / 1000 - time.time() * 1000
+        await asyncio.gather(*persisted)
 
     def _server_ms(self) -> float:
-        return time.time() * 1000 + self._clock_offset_ms
+        return time.monotonic() * 1000 + self._server_offset_ms
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.error("%s: read loop crashed", self.agent_id, exc_info=task.exception())
 
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the subscription is stopped meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         attempt = 0
-        housekeeping_at = 0.0
-        reconnected = False
-        # stop() sets the flag and wakes a blocked read with CLIENT UNBLOCK (see stop_reader)
+        prepared = True
+        # stop() sets the flag and wakes a blocked read with CLIENT UNBLOCK (see stop_blocked)
         while not self._stopped:
             try:
-                if reconnected:
-                    await self._prepare()  # Redis may have restarted: groups and clock again
-                    reconnected = False
-                if loop.time() >= housekeeping_at:
-                    await self._keepalive()
-                    await self._reclaim()
-                    housekeeping_at = loop.time() + self._tick
-                free = self._concurrency - len(self._inflight)
-                if free <= 0:
-                    self._slot_free.clear()
-                    if self._stopped:
-                        return
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._slot_free.wait(), self._tick)
-                    continue
-                block_ms = max(1, int((housekeeping_at - loop.time()) * 1000))
-                response = await self._redis.call(
-                    "XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", free, "BLOCK", block_ms,
-                    "STREAMS", *self._streams, *self._new,
-                )  # fmt: skip
+                if not prepared:
+                    await self._prepare()  # Redis may have restarted without the groups
+                    prepared = True
+                response = await self._read()
+                if attempt:
+                    logger.info("%s: reading again", self.agent_id)
                 attempt = 0
-            except TRANSIENT_ERRORS as exc:
+            except (LinkLost, NotReady, AgentCommsError) as exc:
+                # lost connection, LOADING, READONLY, NOGROUP (Redis restarted without its data) ...
                 if self._stopped:
                     return
-                logger.warning("%s: lost Redis (%s); reconnecting", self.agent_id, exc)
-                await asyncio.sleep(backoff(attempt))
-                attempt, reconnected = attempt + 1, True
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                logger.log(level, "%s: cannot read (%s); retrying", self.agent_id, exc)
+                prepared = False
+                await self._pause(backoff(attempt))
+                attempt += 1
                 continue
-            except RedisError as exc:
-                # NOGROUP (group deleted, Redis restarted without its data) or any other server error
-                logger.warning("%s: Redis error in read loop (%s); retrying", self.agent_id, exc)
-                await asyncio.sleep(backoff(attempt))
-                attempt, reconnected = attempt + 1, True
+            except Exception:  # a bug must not leave a registered agent deaf: log it and go on
+                if self._stopped:
+                    return
+                logger.exception("%s: unexpected error in the read loop; retrying", self.agent_id)
+                prepared = False
+                await self._pause(backoff(attempt))
+                attempt += 1
                 continue
             if response:
                 for stream, batch in response:  # raw: [stream, [[entry id, [field, value, ...]], ...]]
-                    self._dispatch(decode(stream), batch, deliveries=1)
+                    self._dispatch(stream.decode(), batch, deliveries=1)
                 # let the workers start on them first: their replies go out before the next read is written
                 await asyncio.sleep(0)
+
+    async def _read(self) -> Any:
+        """Housekeeping when it is due, then one XREADGROUP for as many entries as there are free slots."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._housekeeping_at:
+            await self._housekeeping()
+            self._housekeeping_at = loop.time() + self._tick
+        free = self._concurrency - len(self._inflight)
+        if free <= 0:
+            self._slot_free.clear()
+            if not self._stopped:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), self._tick)
+            return None
+        if self._stopped:
+            return None
+        block_ms = max(1, int((self._housekeeping_at - loop.time()) * 1000))
+        return await self._reader.call(
+            "XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", free, "BLOCK", block_ms,
+            "STREAMS", *self._streams, *self._new, block_ms=block_ms,
+        )  # fmt: skip
 
     def _dispatch(self, stream: str, batch: list[list[Any]], *, deliveries: int) -> None:
         """Queue raw entries ``[entry id, [field, value, ...]]`` of one stream for the workers."""
@@ -314,11 +384,11 @@ class Subscription:
         if flat is not None and len(flat) == 2 and flat[0] == b"m":
             body = flat[1]  # what every entry we write looks like
         else:
-            fields = fields_dict(flat)
+            items = iter(flat or ())
+            fields = dict(zip(items, items, strict=False))
             found = fields.get(b"m")
             if found is None:
-                names = ", ".join(sorted(decode(k) for k in fields)) or "none"
-                return f"malformed: entry has no 'm' field (fields: {names[:200]})"
+                return f"malformed: entry has no 'm' field (fields: {_field_names(fields)[:200]})"
             body = found
         if len(body) > self._max_bytes:
             return f"too large: {len(body)} bytes, limit {self._max_bytes}"
@@ -359,9 +429,16 @@ class Subscription:
             except Exception as exc:
                 await self._failed(key, message, deliveries, exc)
                 return
+            if message.reply_to is None and isinstance(result, AgentResponse) and not result.success:
+                # a one-way message refused by its handler: nobody would see the error, so it is kept with it
+                self.stats.rejected += 1
+                error = result.error
+                reason = f"rejected: {error.code}: {error.message}" if error else "rejected by the handler"
+                await self._dead_letter(stream, entry_id, reason[:1000], deliveries)
+                return
             self._complete(stream, entry_id, message, result)
             acknowledging = True  # _acked() finishes the bookkeeping when the ack is answered
-        except BrokerConnectionError as exc:
+        except AgentCommsError as exc:
             logger.warning(
                 "%s: could not dead-letter %s (%s); it will be delivered again", self.agent_id, entry_id, exc
             )
@@ -389,7 +466,6 @@ class Subscription:
 
     def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any) -> None:
         """Write the reply (if any) and queue the acknowledgement behind it."""
-        broker = self._broker
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
             try:
@@ -402,15 +478,27 @@ class Subscription:
                     responder_id=self.agent_id,
                 )
                 body = _dump_response(failure, exclude_none=True)
-            broker.pipeliner.fire("XADD", message.reply_to, "*", "r", body)
-            self._refresh_ttl(message.reply_to)
+            self._reply(message.reply_to, body)
         self._acknowledge(stream, entry_id)
+
+    def _reply(self, reply_stream: str, body: bytes) -> None:
+        """Queue a reply (a repeat after a lost connection is harmless: the caller drops duplicates)."""
+        written = self._pipeliner.call("XADD", reply_stream, "*", "r", body, replay=True)
+        written.add_done_callback(self._reply_written)
+        self._refresh_ttl(reply_stream)
+
+    def _reply_written(self, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self.stats.replies_failed += 1
+            logger.error(
+                "%s: a reply could not be written (%s); its caller will time out", self.agent_id, done.exception()
+            )
 
     def _acknowledge(self, stream: str, entry_id: str) -> None:
         """Queue an acknowledgement; those queued in one event-loop tick go out as one ACK call per stream.
 
         It is queued after the reply's XADD, and commands run in order on one connection,
-        so once the ack is answered the reply was written.
+        so once the ack is answered the reply was written (or refused: see ``replies_failed``).
         """
         self._acks.setdefault(stream, []).append(entry_id)
         if not self._ack_scheduled:
@@ -420,11 +508,10 @@ class Subscription:
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
         batches, self._acks = self._acks, {}
-        channel = keys.EVENTS_CHANNEL if self._broker.settings.event_feed else ""
         for stream, items in batches.items():
             for start in range(0, len(items), _ACK_BATCH):
                 ids = items[start : start + _ACK_BATCH]
-                acked = self._broker.pipeliner.script(ACK, [stream], [keys.GROUP, channel, *ids])
+                acked = self._pipeliner.script(ACK, [stream], [keys.GROUP, self._channel, *ids], replay=True)
                 self._ack_futures.add(acked)
                 acked.add_done_callback(functools.partial(self._acked, stream, ids))
 
@@ -450,29 +537,40 @@ class Subscription:
     async def _dead_letter(
         self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None
     ) -> None:
-        body = await self._broker.dead_letter(
-            self.agent_id, stream, entry_id, reason, deliveries, claim_idle_ms=claim_idle_ms
-        )
+        body = await move_to_dead_letters(
+            self._pipeliner, self.agent_id, stream, entry_id, reason, deliveries,
+            consumer=self.consumer, claim_idle_ms=claim_idle_ms,
+        )  # fmt: skip
         if body is None:
-            return  # another instance took it first
+            return  # another instance took it first, or this already happened
         self.stats.dead_lettered += 1
         self._last_error.pop((stream, entry_id), None)
+        if not reason.startswith("expired"):
+            self._tell_caller(body, reason)
         message = self._parse([b"m", body]) if body else None
-        if not isinstance(message, AgentMessage):
-            return
-        pipeliner = self._broker.pipeliner
-        if message.reply_to is not None and not reason.startswith("expired"):
-            # tell the waiting caller now rather than let it time out
-            failure = AgentResponse.fail(
-                "dead_lettered",
-                reason,
-                correlation_id=message.correlation_id or message.message_id,
-                responder_id=self.agent_id,
+        if isinstance(message, AgentMessage) and self._channel:
+            self._pipeliner.fire(
+                "PUBLISH", self._channel, feed_event("dead_lettered", message, reason=reason), replay=False
             )
-            pipeliner.fire("XADD", message.reply_to, "*", "r", failure.model_dump_json())
-            self._refresh_ttl(message.reply_to)
-        if self._broker.settings.event_feed:
-            pipeliner.fire("PUBLISH", keys.EVENTS_CHANNEL, self._broker.event("dead_lettered", message, reason=reason))
+
+    def _tell_caller(self, body: bytes, reason: str) -> None:
+        """If a dead-lettered entry was a request with a valid reply stream, answer ``dead_lettered`` at once.
+
+        Read leniently: a request refused for its schema or its recipient still names who waits.
+        """
+        try:
+            raw = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(raw, dict):
+            return
+        reply_to, correlation = raw.get("reply_to"), raw.get("correlation_id") or raw.get("message_id")
+        if not isinstance(reply_to, str) or not keys.is_reply_stream(reply_to):
+            return
+        if not isinstance(correlation, str) or _MESSAGE_ID.fullmatch(correlation) is None:
+            return
+        failure = AgentResponse.fail("dead_lettered", reason, correlation_id=correlation, responder_id=self.agent_id)
+        self._reply(reply_to, _dump_response(failure, exclude_none=True))
 
     def _refresh_ttl(self, reply_stream: str) -> None:
         """Keep a caller's reply stream expiring ``reply_ttl`` after its last reply (refreshed at most every ttl/10)."""
@@ -481,11 +579,22 @@ class Subscription:
             return
         if len(self._ttl_refreshed) > 10_000:
             self._ttl_refreshed.clear()
-        ttl = self._broker.settings.reply_ttl
+        ttl = self._settings.reply_ttl
         self._ttl_refreshed[reply_stream] = now + ttl / 10
-        self._broker.pipeliner.fire("PEXPIRE", reply_stream, int(ttl * 1000))
+        self._pipeliner.fire("PEXPIRE", reply_stream, int(ttl * 1000), replay=True)
 
     # -- housekeeping ----------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        """The server's clock, then keep-alive of long handlers and takeover of abandoned entries."""
+        sent = time.monotonic()
+        seconds, micros = await self._pipeliner.call("TIME", replay=True)
+        now = time.monotonic()
+        # the server's time at the middle of the round trip, against the monotonic clock (immune to clock steps)
+        server_ms = int(seconds) * 1000 + int(micros) / 1000
+        self._server_offset_ms = server_ms - (sent + now) * 500
+        await self._keepalive()
+        await self._reclaim()
 
     async def _keepalive(self) -> None:
         """Reset the idle time of entries still being handled, so no other instance takes them."""
@@ -495,27 +604,28 @@ class Subscription:
             if started < threshold:
                 by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            await self._redis.call("XCLAIM", stream, keys.GROUP, self.consumer, 0, *ids, "JUSTID")
+            await self._pipeliner.call("XCLAIM", stream, keys.GROUP, self.consumer, 0, *ids, "JUSTID", replay=True)
 
     async def _reclaim(self) -> None:
         """Take over entries idle longer than ``claim_idle``; dead-letter the exhausted ones."""
         for stream in self._streams:
             start = "-"
             while True:
-                page = await self._redis.call(
-                    "XPENDING", stream, keys.GROUP, "IDLE", self._claim_idle_ms, start, "+", _PENDING_PAGE
-                )
+                page = await self._pipeliner.call(
+                    "XPENDING", stream, keys.GROUP, "IDLE", self._claim_idle_ms, start, "+", _PENDING_PAGE,
+                    replay=True,
+                )  # fmt: skip
                 if not page:
                     break
                 await self._take_over(stream, page)
                 if len(page) < _PENDING_PAGE:
                     break
-                start = "(" + decode(page[-1][0])
+                start = "(" + page[-1][0].decode()
 
     async def _take_over(self, stream: str, page: list[list[Any]]) -> None:
         retry: dict[str, int] = {}
         for pending in page:  # [entry id, consumer, idle ms, times delivered]
-            entry_id, delivered = decode(pending[0]), int(pending[3])
+            entry_id, delivered = pending[0].decode(), int(pending[3])
             if (stream, entry_id) in self._inflight:
                 continue
             if delivered >= self._max_deliveries:
@@ -528,11 +638,13 @@ class Subscription:
                 retry[entry_id] = delivered
         if not retry:
             return
-        claimed = await self._redis.call("XCLAIM", stream, keys.GROUP, self.consumer, self._claim_idle_ms, *retry)
+        claimed = await self._pipeliner.call(
+            "XCLAIM", stream, keys.GROUP, self.consumer, self._claim_idle_ms, *retry, replay=True
+        )
         for entry in claimed or ():
             if entry is None or entry[1] is None:
                 continue  # deleted while pending (Redis 6.2): dead-lettered when its deliveries run out
-            taken = decode(entry[0])
+            taken = entry[0].decode()
             self.stats.reclaimed += 1
             logger.info("%s: took over %s after %d deliveries", self.agent_id, taken, retry[taken])
             self._dispatch(stream, [entry], deliveries=retry[taken] + 1)

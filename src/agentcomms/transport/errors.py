@@ -1,0 +1,74 @@
+"""What an error reply from Redis means, and what agentcomms does about it.
+
+hiredis hands error replies to us as :class:`ReplyError` objects; :func:`classify` turns
+one into the typed error a caller sees, and :func:`is_transient` says whether the
+command was refused only because Redis is not ready (loading, busy, failing over), so
+that the transport holds it and sends it again instead of failing the caller.
+"""
+
+from __future__ import annotations
+
+from agentcomms.exceptions import (
+    AgentCommsError,
+    RedisCommandError,
+    RedisOutOfMemoryError,
+    RedisPermissionError,
+)
+
+__all__ = ["ProtocolError", "ReplyError", "classify", "code_of", "is_transient", "needs_reconnect"]
+
+
+class ReplyError(Exception):
+    """An error reply as hiredis parsed it (internal: never reaches callers)."""
+
+
+class ProtocolError(Exception):
+    """Bytes from Redis that are not RESP: the connection is out of step and is dropped (internal)."""
+
+
+TRANSIENT_CODES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOSCRIPT", "READONLY"})
+"""Refusals that say "not now": the command did not run; it is held and sent again while Redis recovers.
+
+READONLY (we reached a replica, e.g. after a failover) also drops the connection so that the
+next one can reach the new primary; NOSCRIPT (a SCRIPT FLUSH) reloads the scripts first.
+"""
+
+_RECONNECT_CODES = frozenset({"READONLY"})
+
+
+def code_of(error: BaseException | str) -> str:
+    """The error code of a Redis error reply: its first word (``ERR``, ``WRONGTYPE``, ``OOM`` ...).
+
+    Errors raised inside a Lua script come back as ``ERR Error running script ... -OOM ...`` on
+    Redis 6.2 and as the inner code on Redis 7; both give the inner code here.
+    """
+    text = str(error)
+    code = text.split(" ", 1)[0].upper()
+    if code == "ERR" and "Error running script" in text:
+        inner = text.rpartition(": -")[2]
+        if inner and inner != text:
+            return inner.split(" ", 1)[0].upper()
+    return code
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a reply error means "Redis is not ready; the command did not run"."""
+    return isinstance(error, ReplyError) and code_of(error) in TRANSIENT_CODES
+
+
+def needs_reconnect(error: BaseException) -> bool:
+    """Whether the connection should be replaced (it reached a replica)."""
+    return isinstance(error, ReplyError) and code_of(error) in _RECONNECT_CODES
+
+
+def classify(error: ReplyError, command: str) -> AgentCommsError:
+    """The typed error a caller sees for an error reply to ``command`` (its name only: arguments stay private)."""
+    code = code_of(error)
+    text = str(error)
+    if code == "OOM":
+        return RedisOutOfMemoryError(
+            f"Redis is out of memory (maxmemory) and refused {command}: {text}", code=code, command=command
+        )
+    if code in ("NOPERM", "NOAUTH", "WRONGPASS"):
+        return RedisPermissionError(f"Redis refused {command}: {text}", code=code, command=command)
+    return RedisCommandError(f"Redis refused {command}: {text}", code=code, command=command)

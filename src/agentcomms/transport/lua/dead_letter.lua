@@ -1,0 +1,26 @@
+-- dead_letter: move one inbox entry to the agent's dead-letter stream, with why.
+-- KEYS[1] inbox stream, KEYS[2] dead-letter stream
+-- ARGV: group, entry id, reason, deliveries, consumer, min idle ms ('' = the caller holds the entry)
+-- Returns {dead-letter id, the entry's body ('' if it had no 'm' field)}, or false if there was
+-- nothing to move: another instance took it first, or this is a repeat of a call that already ran.
+if ARGV[6] ~= '' then
+  -- claim first, so that of two instances only one dead-letters an abandoned entry
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], ARGV[6], ARGV[2], 'JUSTID')
+  if #claimed == 0 then return false end
+end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if #entry == 0 and acked == 0 then return false end
+local reason = ARGV[3]
+if #entry == 0 then reason = reason .. ' (the entry was deleted while pending)' end
+local out = {'reason', reason, 'deliveries', ARGV[4], 'source', KEYS[1], 'source_id', ARGV[2]}
+local body = nil
+if #entry == 1 then
+  local f = entry[1][2]
+  for i = 1, #f, 2 do if f[i] == 'm' then body = f[i + 1] end end
+  if body == nil then table.insert(out, 'raw'); table.insert(out, cjson.encode(f)) end
+end
+table.insert(out, 'payload'); table.insert(out, body or '')
+local id = redis.call('XADD', KEYS[2], '*', unpack(out))
+redis.call('XDEL', KEYS[1], ARGV[2])
+return {id, body or ''}

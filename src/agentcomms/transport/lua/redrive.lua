@@ -1,0 +1,15 @@
+-- redrive: move one dead letter back into an inbox, atomically (safe to repeat).
+-- KEYS[1] dead-letter stream, KEYS[2] inbox stream; ARGV: dead-letter entry id, max inbox length
+-- Returns {'ok', new entry id}, {'full', length}, {'empty'} (no message to send back), or false
+-- if the dead letter is gone (already redriven or purged).
+local entry = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
+if not entry then return false end
+local body = ''
+local f = entry[2]
+for i = 1, #f, 2 do if f[i] == 'payload' then body = f[i + 1] end end
+if body == '' then return {'empty'} end
+local len = redis.call('XLEN', KEYS[2])
+if len >= tonumber(ARGV[2]) then return {'full', len} end
+local id = redis.call('XADD', KEYS[2], '*', 'm', body)
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {'ok', id}

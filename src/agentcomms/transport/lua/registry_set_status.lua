@@ -1,0 +1,5 @@
+-- registry_set_status: the status an online agent reports. ARGV: prefix, agent id, status
+-- Returns 1, or 0 if the agent is not registered.
+if redis.call('HEXISTS', ARGV[1] .. ':agents', ARGV[2]) == 0 then return 0 end
+redis.call('HSET', ARGV[1] .. ':status', ARGV[2], ARGV[3])
+return 1
