@@ -95,6 +95,7 @@ async def stop_blocked(
             pipeliner.fire("CLIENT", "UNBLOCK", reader.client_id, replay=False)
         await asyncio.wait([task], timeout=0.05)
     if not task.done():
+        logger.warning("a blocked read did not end after CLIENT UNBLOCK for %gs; dropping its connection", grace)
         reader.close()
         await asyncio.wait([task], timeout=1.0)
     if not task.done():
