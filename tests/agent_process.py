@@ -41,7 +41,7 @@ async def main() -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def echo(message: AgentMessage) -> dict[str, Any]:
-        return {"echo": message.payload.data, "pid": os.getpid()}
+        return {"echo": message.payload.data, "pid": os.getpid(), "wall": time.time()}
 
     async def hold(message: AgentMessage) -> None:
         print(f"HOLD {message.message_id}", flush=True)

@@ -86,7 +86,7 @@ class AgentProcess:
         self.process = process
 
     @classmethod
-    async def start(cls, url: str, agent_id: str, *args: str) -> AgentProcess:
+    async def start(cls, url: str, agent_id: str, *args: str, env: dict[str, str] | None = None) -> AgentProcess:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             str(TESTS / "agent_process.py"),
@@ -96,7 +96,7 @@ class AgentProcess:
             agent_id,
             *args,
             stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         agent = cls(process)
         await agent.expect("READY")

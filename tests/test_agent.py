@@ -88,6 +88,33 @@ async def test_failing_one_way_message_is_retried_then_dead_lettered(redis_url: 
     assert letter[b"deliveries"] == b"2" and b"RuntimeError: reviewer crashed" in letter[b"reason"]
 
 
+async def test_a_one_way_message_refused_by_the_agent_is_dead_lettered_with_why(settings: Settings, raw: Redis) -> None:
+    async with Echo(config(), settings=settings) as agent:
+        await agent.sender.send_message("agent.echo", "approve_budget", {"amount": 1})  # no handler for it
+        await agent.sender.send_message("agent.echo", MessageIntent.ASSIGN_TASK, {})  # HandlerError
+        letters = await wait_for_dead_letters(raw, "agent.echo", 2)
+    reasons = sorted(letter[b"reason"].decode() for letter in letters)
+    assert reasons[0] == "rejected: invalid_task: task_id is required"
+    assert reasons[1].startswith("rejected: unsupported_intent: agent.echo does not handle 'approve_budget'")
+    assert all(letter[b"deliveries"] == b"1" for letter in letters)  # refused on purpose: not retried
+
+
+async def test_custom_intents_with_a_handler_are_advertised(settings: Settings) -> None:
+    class Budgets(BaseAgent):
+        async def handle_approve_budget(self, message: AgentMessage) -> dict[str, Any]:
+            return {"approved": message.payload.data["amount"] < 100}
+
+    async with Budgets(config("agent.budgets", "cfo"), settings=settings) as agent:
+        info = await agent.info()
+        assert "approve_budget" in info.supported_intents
+        found = await agent.discover_agents(intent="approve_budget")
+        assert [a.agent_id for a in found] == ["agent.budgets"]
+        reply = await agent.sender.request("agent.budgets", "approve_budget", {"amount": 5})
+        assert reply.data == {"approved": True}
+        status = await agent.sender.request("agent.budgets", MessageIntent.AGENT_STATUS)  # built in
+        assert status.data["agent_id"] == "agent.budgets" and status.data["role"] == "cfo"
+
+
 async def test_built_in_health_and_capabilities(settings: Settings) -> None:
     async with Echo(config(), settings=settings) as agent:
         health = await agent.sender.request("agent.echo", MessageIntent.HEALTH_CHECK)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -14,13 +15,16 @@ from redis.asyncio import Redis
 
 from agentcomms import (
     AgentMessage,
+    BrokerConnectionError,
+    DeadLetterNotFoundError,
     EmbeddedRedis,
     MessageBroker,
     RequestTimeoutError,
     Settings,
     keys,
 )
-from conftest import wait_for_dead_letters
+from agentcomms.transport import BlockingReader, ConnectionSpec
+from conftest import read_reply, wait_for_dead_letters
 from test_broker import collect, message
 
 
@@ -249,22 +253,16 @@ async def test_event_feed_resubscribes_after_its_connection_is_killed(
     assert event["event"] == "sent" and event["message_id"] == sent.message_id
 
 
-async def test_idle_readers_with_default_blocks_do_not_time_out(
-    redis_url: str, agent_id: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    # redis-py 8 gives connections a 5 s socket timeout; the default blocks are 5 s long.
-    # The idle period is the scenario itself: longer than one full block.
-    settings = Settings(redis_url=redis_url)  # default claim_idle: 5 s blocks
-    async with MessageBroker(settings=settings) as broker:
-
-        async def handler(msg: AgentMessage) -> str:
-            return "awake"
-
-        await broker.subscribe_to_agent(agent_id, handler)
-        assert (await broker.request(message(agent_id))).data == "awake"  # the reply reader is running too
-        await asyncio.sleep(5.5)
-        assert (await broker.request(message(agent_id))).data == "awake"
-    assert not [r for r in caplog.records if "lost Redis" in r.getMessage()]
+async def test_an_empty_blocking_read_keeps_its_connection(redis_url: str, agent_id: str) -> None:
+    # a read that blocks and returns nothing is not a dead link: the same connection serves the next one
+    reader = BlockingReader(ConnectionSpec.from_url(redis_url), name="test.reader")
+    try:
+        for _ in range(2):
+            assert await reader.call("XREAD", "BLOCK", 200, "STREAMS", keys.inbox(agent_id), "$", block_ms=200) is None
+            first = reader.client_id
+        assert await reader.call("CLIENT", "ID") == first
+    finally:
+        reader.close()
 
 
 async def test_reply_reader_survives_its_stream_being_clobbered(
@@ -281,3 +279,80 @@ async def test_reply_reader_survives_its_stream_being_clobbered(
         await broker.request(message(agent_id), timeout=0.5)  # the reply XADD fails too: logged, not hidden
     await raw.delete(broker.reply_stream)
     assert (await broker.request(message(agent_id))).data == "ok"  # the reader lived on
+
+
+async def test_an_entry_whose_field_name_is_not_utf8_is_dead_lettered_at_once(
+    broker: MessageBroker, agent_id: str, raw: Redis
+) -> None:
+    inbox = keys.inbox(agent_id)
+    await broker.publish_message(message(agent_id, n=0))
+    await raw.xadd(inbox, {b"\xff\xfe": b"x", b"m\xc3": b"y"})
+    await raw.xadd(inbox, {"m": message(agent_id, n=1).model_dump_json()})
+    received = await collect(broker, agent_id, 2)
+    assert [m.payload.data["n"] for m in received] == [0, 1]
+    [letter] = await broker.dead_letters(agent_id)
+    assert letter.deliveries == 1  # not retried: it can never be a message
+    assert letter.reason.startswith("malformed: entry has no 'm' field (fields: ")
+    assert letter.raw is not None and "\ufffd" in letter.raw
+    assert letter.as_dict()["raw"] == letter.raw  # listing and showing it never fail
+
+
+async def test_a_request_refused_for_its_schema_or_recipient_is_answered_dead_lettered(
+    broker: MessageBroker, agent_id: str, raw: Redis
+) -> None:
+    async def handler(msg: AgentMessage) -> str:
+        return "handled"
+
+    await broker.subscribe_to_agent(agent_id, handler)
+    misaddressed = message("agent.someone.else").model_copy(
+        update={"reply_to": broker.reply_stream, "correlation_id": "corr-recipient"}
+    )
+    invalid = {"message_id": "corr-schema", "reply_to": broker.reply_stream, "intent": "NOT AN INTENT"}
+    await raw.xadd(keys.inbox(agent_id), {"m": misaddressed.model_dump_json()})
+    await raw.xadd(keys.inbox(agent_id), {"m": json.dumps(invalid)})
+    replies: dict[str, Any] = {}
+    last: Any = "0-0"
+    async with asyncio.timeout(20):
+        while len(replies) < 2:
+            for _, batch in read_reply(await raw.xread({broker.reply_stream: last}, block=1000)):
+                for entry_id, fields in batch:
+                    last = entry_id
+                    reply = json.loads(fields[b"r"])
+                    replies[reply["correlation_id"]] = reply
+    assert replies["corr-recipient"]["error"]["code"] == "dead_lettered"
+    assert "wrong recipient" in replies["corr-recipient"]["error"]["message"]
+    assert replies["corr-schema"]["error"]["code"] == "dead_lettered"
+    assert "invalid schema" in replies["corr-schema"]["error"]["message"]
+
+
+async def test_the_password_never_shows_in_errors_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = Settings(redis_url="redis://:hunter2@127.0.0.1:1/0")
+    broker = MessageBroker(settings=settings)
+    with pytest.raises(BrokerConnectionError) as caught:
+        await broker.connect()
+    assert "hunter2" not in str(caught.value) and "127.0.0.1:1" in str(caught.value)
+    assert "hunter2" not in broker.url and "hunter2" not in repr(broker.spec if broker.connected else settings)
+    assert "hunter2" not in caplog.text
+
+
+async def test_dead_lettering_twice_writes_one_dead_letter(broker: MessageBroker, agent_id: str, raw: Redis) -> None:
+    from agentcomms.deadletters import move_to_dead_letters
+
+    inbox = keys.inbox(agent_id)
+    await raw.xgroup_create(inbox, keys.GROUP, id="0", mkstream=True)
+    await broker.publish_message(message(agent_id, n=0))
+    [[_, [(entry_id, _)]]] = read_reply(await raw.xreadgroup(keys.GROUP, "c", {inbox: ">"}))
+    moves = [
+        await move_to_dead_letters(
+            broker.pipeliner, agent_id, inbox, entry_id.decode(), "test", 1, consumer="c", claim_idle_ms=None
+        )
+        for _ in range(2)  # as a replay after a lost connection would run it again
+    ]
+    assert moves[0] is not None and moves[1] is None
+    assert await raw.xlen(keys.dead_letters(agent_id)) == 1
+    [letter] = await broker.dead_letters(agent_id)
+    first = await broker.redrive_dead_letter(agent_id, letter.entry_id)
+    with pytest.raises(DeadLetterNotFoundError):
+        await broker.redrive_dead_letter(agent_id, letter.entry_id)  # gone: redriven once, not twice
+    assert await raw.xlen(inbox) == 1 and first.entry_id

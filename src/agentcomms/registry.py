@@ -379,6 +379,11 @@ class Presence:
         """The agent this presence keeps online."""
         return self.info.agent_id
 
+    @property
+    def running(self) -> bool:
+        """Whether it is still beating."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         """Start beating (called by :meth:`AgentRegistry.keep_alive`)."""
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.agent_id}")

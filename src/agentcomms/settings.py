@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     handle_signals: bool = Field(True, validation_alias=_env("HANDLE_SIGNALS"))
     """Let agents handle SIGTERM (leave the registry, finish in-hand work, exit) when the program does not."""
 
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" and isinstance(value, str) else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -178,6 +182,10 @@ class AgentConfig(BaseModel):
     department: Name
     capabilities: ShortList = []
     redis_url: str | None = None
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" and isinstance(value, str) else value
 
 
 class AgentsFile(BaseModel):

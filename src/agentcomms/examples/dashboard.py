@@ -30,9 +30,11 @@ class DashboardInterface:
         dashboard_id: str = "dashboard",
         settings: Settings | None = None,
         timeout: float | None = None,
+        status_timeout: float = 5.0,
     ) -> None:
         self.sender = MessageSender(redis_url, sender_id=dashboard_id, settings=settings)
         self.timeout = timeout
+        self.status_timeout = status_timeout
 
     async def initialize(self) -> Self:
         """Connect to Redis."""
@@ -98,32 +100,50 @@ class DashboardInterface:
         return await self.sender.discover_agents(department=department, online_only=True)
 
     async def exec_request_department_status(self, department: str, *, timeout: float | None = None) -> dict[str, Any]:
-        """Ask every online agent of ``department`` for its status, at once; list the offline ones too."""
+        """Ask every online agent of ``department`` for its status at once; list the offline ones too.
+
+        Answers within ``timeout`` seconds (default: the interface's ``status_timeout``, 5 s), not
+        ``MESSAGE_TIMEOUT``: a member that died without leaving still looks online for a while,
+        and is reported ``silent`` rather than holding up the whole page. Each agent's ``state``
+        is ``answered``, ``error`` (it answered with an error), ``silent`` or ``offline``.
+        """
         agents = await self.sender.discover_agents(department=department)
         online = [a for a in agents if a.status is not AgentStatus.OFFLINE]
+        wait = timeout or self.status_timeout
 
         async def ask(agent: AgentInfo) -> AgentResponse:
             try:
                 return await self.sender.request(
-                    agent.agent_id, MessageIntent.AGENT_STATUS, {"requested_by": self.sender.sender_id},
-                    timeout=timeout or self.timeout,
-                )  # fmt: skip
+                    agent.agent_id, MessageIntent.AGENT_STATUS, {"requested_by": self.sender.sender_id}, timeout=wait
+                )
             except RequestTimeoutError as exc:
                 return AgentResponse.fail("timeout", str(exc))
 
         replies = dict(zip((a.agent_id for a in online), await asyncio.gather(*(ask(a) for a in online)), strict=True))
+
+        def state(agent_id: str) -> str:
+            reply = replies.get(agent_id)
+            if reply is None:
+                return "offline"
+            if reply.success:
+                return "answered"
+            return "silent" if reply.error is not None and reply.error.code == "timeout" else "error"
+
+        rows = [
+            {
+                "agent_id": a.agent_id,
+                "role": a.role,
+                "status": str(a.status),
+                "state": state(a.agent_id),
+                "response": replies[a.agent_id].model_dump(mode="json") if a.agent_id in replies else None,
+            }
+            for a in agents
+        ]
         return {
             "department": department,
             "total_agents": len(agents),
             "online_agents": len(online),
-            "answered": sum(r.success for r in replies.values()),
-            "agents": [
-                {
-                    "agent_id": a.agent_id,
-                    "role": a.role,
-                    "status": str(a.status),
-                    "response": replies[a.agent_id].model_dump(mode="json") if a.agent_id in replies else None,
-                }
-                for a in agents
-            ],
+            "answered": sum(row["state"] == "answered" for row in rows),
+            "silent": sum(row["state"] == "silent" for row in rows),
+            "agents": rows,
         }
