@@ -8,11 +8,13 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agentcomms import MessageIntent, MessageSender, Settings
-from agentcomms.examples import MarketingAgent, TwinAgent, create_agent_config
+from agentcomms.examples import AgentCommunicationMixin, MarketingAgent, TwinAgent, create_agent_config
+from agentcomms.schemas import AgentMessage
 
 ROOT = Path(__file__).parent.parent
 
@@ -79,3 +81,42 @@ async def test_root_demo_py_runs_the_demo() -> None:
     async with asyncio.timeout(120):
         out, _ = await process.communicate()
     assert process.returncode == 0 and b"5 of 5 scenarios answered" in out
+
+
+class ExistingAgent:
+    """An agent class that was there before agentcomms, with an ``agent_id`` of its own."""
+
+    def __init__(self) -> None:
+        self.agent_id = "internal-7"
+        self.campaigns = ["Q4"]
+
+
+class CommsCMO(ExistingAgent, AgentCommunicationMixin):
+    async def _handle_knowledge_request(self, message: AgentMessage) -> dict[str, Any]:
+        return {"campaigns": self.campaigns}
+
+    async def _handle_review_budget(self, message: AgentMessage) -> dict[str, Any]:
+        return {"approved": message.payload.data.get("amount", 0) < 100}
+
+
+async def test_the_mixin_advertises_only_what_the_class_handles(settings: Settings) -> None:
+    cmo = CommsCMO()
+    await cmo.initialize_communication(agent_id="agent.cmo.ext", role="cmo", department="marketing", settings=settings)
+    try:
+        assert cmo.agent_id == "internal-7" and cmo.comms_agent_id == "agent.cmo.ext"  # its own id is kept
+        async with MessageSender(settings=settings) as sender:
+            [record] = await sender.discover_agents(role="cmo")
+            assert set(record.supported_intents) == {
+                "request_knowledge", "review_budget", "health_check", "capability_query", "agent_status",
+            }  # fmt: skip
+            assert await sender.discover_agents(intent="assign_task") == []  # no stub that "succeeds"
+            knowledge = await sender.request_knowledge("agent.cmo.ext", "campaigns?")
+            assert knowledge.data == {"campaigns": ["Q4"]}
+            task = await sender.assign_task("agent.cmo.ext", "T1", "anything", wait_for_response=True)
+            assert task.error is not None and task.error.code == "unsupported_intent"
+            budget = await sender.send_message("agent.cmo.ext", "review_budget", {"amount": 5}, wait_for_response=True)
+            assert budget.data == {"approved": True}
+            status = await sender.send_message("agent.cmo.ext", "agent_status", {}, wait_for_response=True)
+            assert status.success and status.data["agent_id"] == "agent.cmo.ext"
+    finally:
+        await cmo.shutdown_communication()

@@ -35,8 +35,19 @@ _HANDLERS: dict[str, str] = {
 """Which overridable method answers which intent."""
 
 
+def _overridden(owner: object, name: str) -> bool:
+    """Whether the owner's class defines its own ``name`` instead of the mixin's stub."""
+    return getattr(type(owner), name, None) is not getattr(AgentCommunicationMixin, name)
+
+
 class _MixinAgent(BaseAgent):
-    """The BaseAgent behind a mixin: it routes each intent to the owner's ``_handle_*`` method."""
+    """The BaseAgent behind a mixin: it routes each intent to the owner's handler for it.
+
+    A seed intent goes to the seed's ``_handle_*`` method only if the owner's class
+    overrides it; another intent goes to the owner's ``_handle_<intent>`` method if it has
+    one. Nothing else is advertised, and a message for it is answered ``unsupported_intent``
+    (the built-ins HEALTH_CHECK, CAPABILITY_QUERY and AGENT_STATUS are always answered).
+    """
 
     def __init__(self, owner: AgentCommunicationMixin, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -44,16 +55,36 @@ class _MixinAgent(BaseAgent):
 
     def handler_for(self, intent: str) -> Callable[[AgentMessage], Awaitable[Any]] | None:
         name = _HANDLERS.get(intent)
-        return getattr(self.owner, name) if name else super().handler_for(intent)
+        if name is not None:
+            return getattr(self.owner, name) if _overridden(self.owner, name) else None
+        custom = "_handle_" + intent
+        if custom in _HANDLERS.values() or not intent.replace("_", "").isalnum():
+            return None
+        found = getattr(self.owner, custom, None)
+        return found if callable(found) else None
+
+    async def get_supported_intents(self) -> list[MessageIntent | str]:
+        found: list[MessageIntent | str] = [i for i in MessageIntent if self.handler_for(i.value) is not None]
+        for name in dir(type(self.owner)):
+            intent = name.removeprefix("_handle_")
+            if name.startswith("_handle_") and intent not in found and self.handler_for(intent) is not None:
+                found.append(intent)
+        return found
 
 
 class AgentCommunicationMixin:
-    """Gives an existing agent class an agent id on the network, handlers, and ways to ask others."""
+    """Gives an existing agent class an agent id on the network, handlers, and ways to ask others.
+
+    Override the seed's handlers (``_handle_knowledge_request``, ``_handle_task_assignment``
+    ...) for the intents your agent answers, and add ``_handle_<intent>`` methods for your
+    own intents: only those are advertised in the registry. ``self.agent_id`` is yours to
+    set; if your class has none, :meth:`initialize_communication` sets it to the network id.
+    """
 
     comms_agent: BaseAgent | None = None
 
     @property
-    def agent_id(self) -> str:
+    def comms_agent_id(self) -> str:
         """This agent's id on the network (after :meth:`initialize_communication`)."""
         return self._comms().agent_id
 
@@ -94,6 +125,8 @@ class AgentCommunicationMixin:
         )  # fmt: skip
         await agent.initialize()
         self.comms_agent = agent
+        if getattr(self, "agent_id", None) is None:
+            self.agent_id = agent.agent_id  # only if the class has no agent_id of its own
         return agent
 
     async def shutdown_communication(self) -> None:
@@ -149,7 +182,7 @@ class AgentCommunicationMixin:
         """Send one message to every agent of ``department``."""
         return await self._comms().broadcast_message(intent, data, department=department)
 
-    # -- override these with your agent's logic --------------------------------------------
+    # -- override these with your agent's logic: only overridden ones are advertised -------
 
     def _received(self, message: AgentMessage, **extra: Any) -> dict[str, Any]:
         agent_id = self.comms_agent.agent_id if self.comms_agent else None
