@@ -1,0 +1,58 @@
+"""The ``agentcomms`` command: thin wrappers that parse, build settings and call the library.
+
+One module per command group; ``_common`` holds the consoles and the runner that maps
+errors to exit codes.
+
+Exit codes: 0 success; 1 the agent answered with an error, or another failure;
+2 bad input or config; 3 no such agent / none online for the role; 4 timeout;
+5 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from agentcomms.cli._common import errors
+from agentcomms.cli.agents import agents
+from agentcomms.cli.ask import ask
+from agentcomms.cli.demo import demo
+from agentcomms.cli.dlq import dlq_app
+from agentcomms.cli.run import run_agent
+from agentcomms.cli.schema import schema
+from agentcomms.cli.tail import tail
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="Messaging for digital-twin agents over Redis.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(message)s", handlers=[RichHandler(console=errors, show_path=False)]
+    )
+
+
+app.command()(demo)
+app.command("run-agent")(run_agent)
+app.command()(agents)
+app.command()(ask)
+app.command()(tail)
+app.add_typer(dlq_app, name="dlq")
+app.command()(schema)
+
+
+def main() -> None:
+    """Entry point of the ``agentcomms`` script."""
+    app()

@@ -1,0 +1,51 @@
+"""``agentcomms agents``: list and discover registered agents."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from agentcomms.cli._common import console, load_settings, run
+from agentcomms.registry import AgentRegistry
+from agentcomms.schemas import AgentInfo
+
+
+def _agents_table(found: list[AgentInfo]) -> Table:
+    table = Table(title=f"{len(found)} agents")
+    for column in ("agent id", "role", "department", "status", "instances", "capabilities", "last seen"):
+        table.add_column(column)
+    for agent in found:
+        colour = {"online": "green", "busy": "yellow"}.get(str(agent.status), "red")
+        last_seen = agent.last_seen.astimezone().strftime("%H:%M:%S") if agent.last_seen else "-"
+        table.add_row(
+            agent.agent_id, agent.role, agent.department, f"[{colour}]{agent.status}[/]",
+            str(agent.instance_count), ", ".join(agent.capabilities), last_seen,
+        )  # fmt: skip
+    return table
+
+
+def agents(
+    role: Annotated[str | None, typer.Option(help="Only this role.")] = None,
+    department: Annotated[str | None, typer.Option(help="Only this department.")] = None,
+    capability: Annotated[list[str] | None, typer.Option(help="Only agents with this capability (repeatable).")] = None,
+    intent: Annotated[str | None, typer.Option(help="Only agents handling this intent.")] = None,
+    online: Annotated[bool, typer.Option("--online", help="Only online agents.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List registered agents, filtered like discover_agents()."""
+
+    async def find() -> list[AgentInfo]:
+        async with AgentRegistry(settings=load_settings()) as registry:
+            return await registry.discover_agents(
+                role=role, department=department, capability=capability, intent=intent, online_only=online
+            )
+
+    found = run(find())
+    if as_json:
+        sys.stdout.write(json.dumps([a.model_dump(mode="json") for a in found], indent=2) + "\n")
+    else:
+        console.print(_agents_table(found))

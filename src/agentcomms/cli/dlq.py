@@ -1,0 +1,110 @@
+"""``agentcomms dlq``: list, show, redrive and purge dead letters."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from agentcomms.broker import MessageBroker
+from agentcomms.cli._common import console, errors, load_settings, run
+from agentcomms.exceptions import AgentCommsError, AgentNotFoundError
+
+dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
+
+
+@dlq_app.command("list")
+def dlq_list(agent: Annotated[str | None, typer.Argument(help="Agent id; all agents if omitted.")] = None) -> None:
+    """Agents with dead letters, or one agent's dead letters."""
+
+    async def collect() -> Table:
+        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+            if agent is None:
+                table = Table(title="dead letters by agent")
+                table.add_column("agent id")
+                table.add_column("dead letters")
+                for agent_id in await broker.dead_letter_agents():
+                    table.add_row(agent_id, str(len(await broker.dead_letters(agent_id, count=100_000))))
+                return table
+            table = Table(title=f"dead letters of {agent}")
+            for column in ("entry id", "deliveries", "from", "intent", "reason"):
+                table.add_column(column)
+            for letter in await broker.dead_letters(agent, count=1000):
+                message = letter.message
+                table.add_row(
+                    letter.entry_id, str(letter.deliveries), message.sender_id if message else "-",
+                    str(message.intent) if message else "-", letter.reason,
+                )  # fmt: skip
+            return table
+
+    console.print(run(collect()))
+
+
+@dlq_app.command("show")
+def dlq_show(agent: str, entry_id: str) -> None:
+    """One dead letter in full, as JSON."""
+
+    async def find() -> dict[str, Any]:
+        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+            for letter in await broker.dead_letters(agent, count=100_000):
+                if letter.entry_id == entry_id:
+                    message = letter.message
+                    return {
+                        "entry_id": letter.entry_id,
+                        "reason": letter.reason,
+                        "deliveries": letter.deliveries,
+                        "source_id": letter.source_id,
+                        "message": message.model_dump(mode="json") if message else None,
+                        "payload": None if message else letter.payload.decode(errors="replace"),
+                        "raw": letter.raw,
+                    }
+        raise AgentNotFoundError(f"{agent} (no dead letter {entry_id})")
+
+    console.print_json(json.dumps(run(find())))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    agent: str,
+    entry_id: Annotated[str | None, typer.Argument(help="Entry id; all with --all.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Redrive every dead letter of the agent.")] = False,
+) -> None:
+    """Send dead letters back into the agent's inbox."""
+    if (entry_id is None) == (not all_):
+        raise typer.BadParameter("give an entry id or --all")
+
+    async def redrive() -> tuple[int, list[str]]:
+        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+            ids = [entry_id] if entry_id else [d.entry_id for d in await broker.dead_letters(agent, count=100_000)]
+            done, skipped = 0, []
+            for one in ids:
+                try:
+                    await broker.redrive_dead_letter(agent, one)
+                    done += 1
+                except AgentCommsError as exc:
+                    if entry_id:
+                        raise
+                    skipped.append(f"{one}: {exc}")
+            return done, skipped
+
+    done, skipped = run(redrive())
+    console.print(f"redriven: {done}")
+    for line in skipped:
+        errors.print(f"[yellow]skipped[/] {line}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    agent: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False
+) -> None:
+    """Delete all dead letters of an agent."""
+    if not yes and not typer.confirm(f"delete every dead letter of {agent}?"):
+        raise typer.Exit(1)
+
+    async def purge() -> int:
+        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+            return await broker.purge_dead_letters(agent)
+
+    console.print(f"purged: {run(purge())}")

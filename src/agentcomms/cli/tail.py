@@ -1,0 +1,44 @@
+"""``agentcomms tail``: follow the live message feed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+
+from agentcomms.broker import MessageBroker
+from agentcomms.cli._common import console, errors, load_settings, run
+
+
+def tail(
+    agent: Annotated[str | None, typer.Option(help="Only messages from or to this agent.")] = None,
+    count: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+) -> None:
+    """Follow the live message feed (sent, handled, dead-lettered). Lossy: for watching, not auditing."""
+
+    async def follow() -> None:
+        seen = 0
+        async with MessageBroker(settings=load_settings(), client_name="tail") as broker:
+            async for event in broker.events():
+                kind = event.get("event")
+                if kind in ("subscribed", "resubscribed"):
+                    errors.print(f"[dim]{kind} to the event feed on {broker.url}[/]")
+                    continue
+                if agent and agent not in (event.get("sender_id"), event.get("recipient_id")):
+                    continue
+                when = datetime.fromtimestamp(float(event.get("ts", 0))).strftime("%H:%M:%S.%f")[:-3]
+                reason = f" ({event['reason']})" if event.get("reason") else ""
+                console.print(
+                    f"{when} {kind:<13} {event.get('sender_id')} → {event.get('recipient_id')} "
+                    f"{event.get('intent')} {str(event.get('message_id'))[:8]}{reason}",
+                    highlight=False,
+                )
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+
+    try:
+        run(follow())
+    except KeyboardInterrupt:
+        pass
