@@ -13,12 +13,19 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from agentcomms import MessageBroker, Settings, keys
+from agentcomms import AgentInfo, AgentRegistry, MessageBroker, Settings, keys
 from agentcomms.examples import TwinAgent, create_agent_config, save_startup_config
 from conftest import wait_for_dead_letters
 from test_broker import message
 
-ROOT = Path(__file__).parent.parent
+# Variables Settings reads; the developer's own values must not leak into the commands under test.
+# AGENTCOMMS_REDIS_SERVER stays: scripts/test.sh uses it to pick the redis-server binary.
+_SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields}
+
+
+def _is_setting(name: str) -> bool:
+    upper = name.upper()
+    return upper in _SETTINGS_VARIABLES or (upper.startswith("AGENTCOMMS_") and upper != "AGENTCOMMS_REDIS_SERVER")
 
 
 @dataclass
@@ -28,20 +35,52 @@ class Result:
     err: str
 
 
-async def cli(*args: str, redis_url: str | None, cwd: Path | None = None, stdin: str | None = None) -> Result:
-    """Run ``python -m agentcomms ARGS`` without blocking the event loop (agents in this process keep answering)."""
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    env["COLUMNS"] = "200"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentcomms", *args, cwd=cwd, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(120):
-        out, err = await process.communicate(stdin.encode() if stdin else None)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
+@dataclass
+class Cli:
+    """Runs ``python -m agentcomms`` as a user would, in a temporary home: nothing touches the checkout or ~/."""
+
+    home: Path
+
+    def env(self, redis_url: str | None, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not _is_setting(k)}
+        env.update(
+            AGENTCOMMS_DATA_DIR=str(self.home / "data"),
+            XDG_DATA_HOME=str(self.home / "xdg"),
+            COLUMNS="200",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        if redis_url:
+            env["REDIS_URL"] = redis_url
+        env.update(extra)
+        return env
+
+    async def start(self, *args: str, redis_url: str | None) -> asyncio.subprocess.Process:
+        """Start without waiting (for commands that run until stopped); stdout and stderr are pipes."""
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentcomms", *args, cwd=self.home, env=self.env(redis_url),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+    async def __call__(
+        self, *args: str, redis_url: str | None, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> Result:
+        """Run to the end without blocking the event loop (agents in this process keep answering)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentcomms", *args, cwd=self.home, env={**self.env(redis_url), **(env or {})},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(300):
+            out, err = await process.communicate(stdin.encode() if stdin is not None else None)
+        assert process.returncode is not None
+        return Result(process.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    home = tmp_path / "home"
+    home.mkdir()
+    return Cli(home)
 
 
 @pytest.fixture
@@ -51,21 +90,15 @@ async def cso(settings: Settings) -> AsyncIterator[TwinAgent]:
         yield agent
 
 
-async def test_readme_demo_command_answers_every_scenario(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    process = await asyncio.create_subprocess_exec(
-        "bash", str(ROOT / "scripts" / "demo.sh"), env={**env, "COLUMNS": "200"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(300):
-        out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    text = out.decode()
-    assert "5 of 5 scenarios answered" in text
-    assert "FAILED" not in text and "CMO asked CSO agent, got" in text
+async def test_demo_answers_every_scenario(cli: Cli) -> None:
+    result = await cli("demo", redis_url=None)  # its own embedded Redis, in a temporary folder
+    assert result.code == 0, result.err
+    assert "5 of 5 scenarios answered" in result.out
+    assert "FAILED" not in result.out and "CMO asked CSO agent, got" in result.out
+    assert "Traceback" not in result.err
 
 
-async def test_agents_lists_and_filters(redis_url: str, cso: TwinAgent) -> None:
+async def test_agents_lists_and_filters(cli: Cli, redis_url: str, cso: TwinAgent) -> None:
     result = await cli("agents", "--role", "cso", "--json", redis_url=redis_url)
     assert result.code == 0, result.err
     [agent] = json.loads(result.out)
@@ -74,7 +107,7 @@ async def test_agents_lists_and_filters(redis_url: str, cso: TwinAgent) -> None:
     assert "agent.cso.jane" in table.out and "1 agents" in table.out
 
 
-async def test_ask_by_role_and_by_id(redis_url: str, cso: TwinAgent) -> None:
+async def test_ask_by_role_and_by_id(cli: Cli, redis_url: str, cso: TwinAgent) -> None:
     by_role = await cli("ask", "--role", "cso", "Q4 pipeline?", "--json", redis_url=redis_url)
     assert by_role.code == 0, by_role.err
     reply = json.loads(by_role.out)
@@ -83,28 +116,31 @@ async def test_ask_by_role_and_by_id(redis_url: str, cso: TwinAgent) -> None:
     assert by_id.code == 0 and "working" in by_id.out
 
 
-async def test_ask_error_reply_exits_1(redis_url: str, cso: TwinAgent) -> None:
+async def test_ask_error_reply_exits_1(cli: Cli, redis_url: str, cso: TwinAgent) -> None:
     result = await cli("ask", "--to", "agent.cso.jane", "x", "--intent", "approve_budget", redis_url=redis_url)
     assert result.code == 1 and "unsupported_intent" in result.err
 
 
-async def test_ask_with_nobody_online_for_the_role_exits_3(redis_url: str) -> None:
+async def test_ask_with_nobody_online_for_the_role_exits_3(cli: Cli, redis_url: str) -> None:
     result = await cli("ask", "--role", "cfo", "budget?", redis_url=redis_url)
     assert result.code == 3
     assert "no agent with role 'cfo' is online" in result.err and "Traceback" not in result.err
 
 
-async def test_ask_timeout_exits_4(redis_url: str) -> None:
+async def test_ask_timeout_exits_4(cli: Cli, redis_url: str, broker: MessageBroker) -> None:
+    # registered (so the request goes out) but nothing reads its inbox
+    asleep = AgentInfo(agent_id="agent.asleep", user_name="asleep", role="night_shift", department="ops")
+    await AgentRegistry(broker).register_agent(asleep)
     result = await cli("ask", "--to", "agent.asleep", "anyone?", "--timeout", "0.2", redis_url=redis_url)
     assert result.code == 4 and "no reply from 'agent.asleep'" in result.err
 
 
-async def test_unreachable_redis_exits_5(tmp_path: Path) -> None:
+async def test_unreachable_redis_exits_5(cli: Cli) -> None:
     result = await cli("agents", redis_url="redis://127.0.0.1:1")
     assert result.code == 5 and "cannot reach Redis" in result.err and "Traceback" not in result.err
 
 
-async def test_ask_usage_errors_exit_2(redis_url: str) -> None:
+async def test_ask_usage_errors_exit_2(cli: Cli, redis_url: str) -> None:
     assert (await cli("ask", "hello", redis_url=redis_url)).code == 2
     bad_data = await cli("ask", "--to", "agent.x", "hi", "--data", "[1]", redis_url=redis_url)
     assert bad_data.code == 2 and "JSON object" in bad_data.err
@@ -119,7 +155,7 @@ async def test_ask_usage_errors_exit_2(redis_url: str) -> None:
     ],
 )
 async def test_run_agent_with_bad_config_exits_2(
-    redis_url: str, tmp_path: Path, content: str | None, expected: str
+    cli: Cli, redis_url: str, tmp_path: Path, content: str | None, expected: str
 ) -> None:
     path = tmp_path / "agents.json"
     if content is not None:
@@ -128,7 +164,7 @@ async def test_run_agent_with_bad_config_exits_2(
     assert result.code == 2 and expected in result.err and "Traceback" not in result.err
 
 
-async def test_run_agent_with_unknown_agent_or_class_exits_2(redis_url: str, tmp_path: Path) -> None:
+async def test_run_agent_with_unknown_agent_or_class_exits_2(cli: Cli, redis_url: str, tmp_path: Path) -> None:
     path = save_startup_config(tmp_path / "team.json")
     unknown = await cli("run-agent", "--config", str(path), "--agent-id", "agent.nobody", redis_url=redis_url)
     assert unknown.code == 2 and "no agent agent.nobody in the file" in unknown.err
@@ -136,31 +172,35 @@ async def test_run_agent_with_unknown_agent_or_class_exits_2(redis_url: str, tmp
     assert bad_class.code == 2 and "is not a BaseAgent subclass" in bad_class.err
 
 
-async def test_run_agent_serves_until_sigterm(redis_url: str, tmp_path: Path, broker: MessageBroker) -> None:
+async def test_run_agent_serves_until_sigterm(cli: Cli, redis_url: str, tmp_path: Path, broker: MessageBroker) -> None:
     path = save_startup_config(tmp_path / "team.json")
-    env = {**os.environ, "REDIS_URL": redis_url}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentcomms", "run-agent", "--config", str(path), "--agent-id", "agent.cto.raj",
-        env=env, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await cli.start("run-agent", "--config", str(path), "--agent-id", "agent.cto.raj", redis_url=redis_url)
     assert process.stdout is not None
     async with asyncio.timeout(60):
         assert (await process.stdout.readline()).decode().strip() == "READY agent.cto.raj"
     reply = await broker.request(message("agent.cto.raj").model_copy(update={"intent": "get_roadmap"}))
     assert reply.success and "Q4: SSO and audit log" in reply.data["roadmap"]
     process.terminate()
-    assert await process.wait() == 0
-
-
-async def test_tail_prints_live_events(redis_url: str, broker: MessageBroker, cso: TwinAgent) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "COLUMNS": "200"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentcomms", "tail", "--count", "2", "--agent", "agent.cso.jane",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
     async with asyncio.timeout(60):
-        assert "subscribed" in (await process.stderr.readline()).decode()  # the feed is listening
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
+async def _read_until(stream: asyncio.StreamReader | None, text: str) -> list[str]:
+    """Lines of ``stream`` up to and including the first one containing ``text``."""
+    assert stream is not None
+    lines: list[str] = []
+    while not lines or text not in lines[-1]:
+        line = await stream.readline()
+        assert line, f"stream ended before {text!r}; got {lines}"
+        lines.append(line.decode())
+    return lines
+
+
+async def test_tail_prints_live_events(cli: Cli, redis_url: str, broker: MessageBroker, cso: TwinAgent) -> None:
+    process = await cli.start("tail", "--count", "2", "--agent", "agent.cso.jane", redis_url=redis_url)
+    async with asyncio.timeout(60):
+        await _read_until(process.stderr, "subscribed")  # the feed is listening
         await broker.request(message("agent.cso.jane"))
         out, _ = await process.communicate()
     lines = out.decode().splitlines()
@@ -168,7 +208,7 @@ async def test_tail_prints_live_events(redis_url: str, broker: MessageBroker, cs
     assert "sent" in lines[0] and "handled" in lines[1] and "agent.cso.jane" in lines[0]
 
 
-async def test_dlq_list_show_redrive_purge(redis_url: str, broker: MessageBroker, raw: Redis) -> None:
+async def test_dlq_list_show_redrive_purge(cli: Cli, redis_url: str, broker: MessageBroker, raw: Redis) -> None:
     agent = "agent.dlq.cli"
     await broker.publish_message(message(agent, n=1))
     await raw.xadd(keys.inbox(agent), {"garbage": "1"})
@@ -193,6 +233,6 @@ async def test_dlq_list_show_redrive_purge(redis_url: str, broker: MessageBroker
     assert await broker.dead_letters(agent) == []
 
 
-async def test_schema_prints_json(tmp_path: Path) -> None:
-    result = await cli("schema", redis_url=None, cwd=tmp_path)
+async def test_schema_prints_json(cli: Cli) -> None:
+    result = await cli("schema", redis_url=None)
     assert result.code == 0 and "AgentMessage" in json.loads(result.out)
