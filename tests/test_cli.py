@@ -236,3 +236,25 @@ async def test_dlq_list_show_redrive_purge(cli: Cli, redis_url: str, broker: Mes
 async def test_schema_prints_json(cli: Cli) -> None:
     result = await cli("schema", redis_url=None)
     assert result.code == 0 and "AgentMessage" in json.loads(result.out)
+
+
+@pytest.mark.parametrize("role", ["^*$", "[bold]cfo[/]", "[/]", ":smile:"])
+async def test_a_role_with_markup_is_printed_as_typed(cli: Cli, redis_url: str, role: str) -> None:
+    result = await cli("ask", "--role", role, "budget?", redis_url=redis_url)
+    assert result.code == 3, result.err
+    assert f"no agent with role '{role}' is online" in result.err and "Traceback" not in result.err
+
+
+async def test_an_agent_id_with_markup_is_printed_as_typed(cli: Cli, redis_url: str) -> None:
+    result = await cli("ask", "--to", "agent.[red]cso", "hi", redis_url=redis_url)
+    assert result.code == 2 and "'agent.[red]cso'" in result.err, result.err
+
+
+async def test_registered_names_with_markup_are_listed_as_stored(
+    cli: Cli, redis_url: str, broker: MessageBroker
+) -> None:
+    odd = AgentInfo(agent_id="agent.odd", user_name="odd", role="[bold]ops", department="[/]", capabilities=[":x:"])
+    await AgentRegistry(broker).register_agent(odd)
+    result = await cli("agents", redis_url=redis_url)
+    assert result.code == 0, result.err
+    assert "[bold]ops" in result.out and "[/]" in result.out and ":x:" in result.out

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agentcomms.exceptions import (
     AgentCommsError,
@@ -21,8 +22,9 @@ from agentcomms.exceptions import (
 )
 from agentcomms.settings import Settings
 
-console = Console()
-errors = Console(stderr=True)
+# No emoji codes: ":smile:" in an agent's data or a role is text, not a picture.
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 
 T = TypeVar("T")
 
@@ -37,12 +39,22 @@ _EXIT_CODES: list[tuple[type[AgentCommsError], int]] = [
 ]
 
 
+def esc(value: object) -> str:
+    """``value`` as text that rich prints as it is: user input and error text never become markup."""
+    return escape(str(value))
+
+
+def print_error(message: object) -> None:
+    """``error: message`` on stderr, one line, the message printed exactly."""
+    errors.print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True, highlight=False)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; an AgentCommsError becomes a one-line message and its exit code."""
     try:
         return asyncio.run(coro)
     except AgentCommsError as exc:
-        errors.print(f"[bold red]error:[/] {exc}")
+        print_error(exc)
         code = next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), 1)
         raise typer.Exit(code) from exc
 
@@ -52,5 +64,5 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValueError as exc:
-        errors.print(f"[bold red]error:[/] invalid settings in the environment: {exc}")
+        print_error(f"invalid settings in the environment: {exc}")
         raise typer.Exit(2) from exc

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from agentcomms.cli._common import console, load_settings, run
 from agentcomms.registry import AgentRegistry
@@ -21,9 +22,9 @@ def _agents_table(found: list[AgentInfo]) -> Table:
     for agent in found:
         colour = {"online": "green", "busy": "yellow"}.get(str(agent.status), "red")
         last_seen = agent.last_seen.astimezone().strftime("%H:%M:%S") if agent.last_seen else "-"
-        table.add_row(
-            agent.agent_id, agent.role, agent.department, f"[{colour}]{agent.status}[/]",
-            str(agent.instance_count), ", ".join(agent.capabilities), last_seen,
+        table.add_row(  # Text, not str: names are printed as stored, never read as markup
+            Text(agent.agent_id), Text(agent.role), Text(agent.department), Text(str(agent.status), style=colour),
+            str(agent.instance_count), Text(", ".join(agent.capabilities)), last_seen,
         )  # fmt: skip
     return table
 

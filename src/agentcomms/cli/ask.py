@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from agentcomms.cli._common import console, errors, load_settings, run
+from agentcomms.cli._common import console, errors, esc, load_settings, run
 from agentcomms.schemas import AgentResponse
 from agentcomms.sender import MessageSender
 
@@ -46,9 +46,11 @@ def ask(
     if as_json:
         sys.stdout.write(reply.model_dump_json(indent=2) + "\n")
     elif reply.success:
-        console.print(f"[green]{reply.responder_id}[/] answered:")
+        console.print(f"[green]{esc(reply.responder_id)}[/] answered:")
         console.print_json(json.dumps(reply.data, default=str))
     else:
-        errors.print(f"[bold red]{reply.responder_id} answered with an error:[/] {reply['error']}")
+        error = reply.error
+        detail = f"{error.code}: {error.message}" if error and error.message else (error.code if error else "?")
+        errors.print(f"[bold red]{esc(reply.responder_id)} answered with an error:[/] {esc(detail)}", soft_wrap=True)
     if not reply.success:
         raise typer.Exit(1)

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from agentcomms.broker import MessageBroker
-from agentcomms.cli._common import console, errors, load_settings, run
+from agentcomms.cli._common import console, errors, esc, load_settings, run
 from agentcomms.exceptions import AgentCommsError, AgentNotFoundError
 
 dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
@@ -26,16 +27,16 @@ def dlq_list(agent: Annotated[str | None, typer.Argument(help="Agent id; all age
                 table.add_column("agent id")
                 table.add_column("dead letters")
                 for agent_id in await broker.dead_letter_agents():
-                    table.add_row(agent_id, str(len(await broker.dead_letters(agent_id, count=100_000))))
+                    table.add_row(Text(agent_id), str(len(await broker.dead_letters(agent_id, count=100_000))))
                 return table
-            table = Table(title=f"dead letters of {agent}")
+            table = Table(title=f"dead letters of {esc(agent)}")
             for column in ("entry id", "deliveries", "from", "intent", "reason"):
                 table.add_column(column)
             for letter in await broker.dead_letters(agent, count=1000):
                 message = letter.message
-                table.add_row(
-                    letter.entry_id, str(letter.deliveries), message.sender_id if message else "-",
-                    str(message.intent) if message else "-", letter.reason,
+                table.add_row(  # Text: a reason or a sender id is printed as stored, never read as markup
+                    Text(letter.entry_id), str(letter.deliveries), Text(message.sender_id if message else "-"),
+                    Text(str(message.intent) if message else "-"), Text(letter.reason),
                 )  # fmt: skip
             return table
 
@@ -92,7 +93,7 @@ def dlq_redrive(
     done, skipped = run(redrive())
     console.print(f"redriven: {done}")
     for line in skipped:
-        errors.print(f"[yellow]skipped[/] {line}")
+        errors.print(f"[yellow]skipped[/] {esc(line)}", soft_wrap=True)
 
 
 @dlq_app.command("purge")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from agentcomms.broker import MessageBroker
-from agentcomms.cli._common import console, errors, load_settings, run
+from agentcomms.cli._common import console, errors, esc, load_settings, run
 
 
 def tail(
@@ -23,17 +23,17 @@ def tail(
             async for event in broker.events():
                 kind = event.get("event")
                 if kind in ("subscribed", "resubscribed"):
-                    errors.print(f"[dim]{kind} to the event feed on {broker.url}[/]")
+                    errors.print(f"[dim]{kind} to the event feed[/]")
                     continue
                 if agent and agent not in (event.get("sender_id"), event.get("recipient_id")):
                     continue
                 when = datetime.fromtimestamp(float(event.get("ts", 0))).strftime("%H:%M:%S.%f")[:-3]
                 reason = f" ({event['reason']})" if event.get("reason") else ""
-                console.print(
+                line = (
                     f"{when} {kind:<13} {event.get('sender_id')} → {event.get('recipient_id')} "
-                    f"{event.get('intent')} {str(event.get('message_id'))[:8]}{reason}",
-                    highlight=False,
+                    f"{event.get('intent')} {str(event.get('message_id'))[:8]}{reason}"
                 )
+                console.print(esc(line), highlight=False, soft_wrap=True)
                 seen += 1
                 if count is not None and seen >= count:
                     return
