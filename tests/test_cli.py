@@ -258,3 +258,39 @@ async def test_registered_names_with_markup_are_listed_as_stored(
     result = await cli("agents", redis_url=redis_url)
     assert result.code == 0, result.err
     assert "[bold]ops" in result.out and "[/]" in result.out and ":x:" in result.out
+
+
+async def test_ask_takes_data_inline_from_a_file_or_from_stdin(cli: Cli, redis_url: str, cso: TwinAgent) -> None:
+    (cli.home / "task.json").write_text('{"task_id": "T-file"}')
+    ask = ("ask", "--to", "agent.cso.jane", "take this", "--intent", "assign_task", "--json")
+    inline = await cli(*ask, "--data", '{"task_id": "T-inline"}', redis_url=redis_url)
+    from_file = await cli(*ask, "--data", "@task.json", redis_url=redis_url)
+    from_stdin = await cli(*ask, "--data", "-", redis_url=redis_url, stdin='{"task_id": "T-stdin"}')
+    for result, task in ((inline, "T-inline"), (from_file, "T-file"), (from_stdin, "T-stdin")):
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["data"]["task_id"] == task
+
+
+@pytest.mark.parametrize(
+    ("data", "stdin", "expected"),
+    [
+        ("@missing.json", None, "cannot read missing.json: No such file or directory"),
+        ("@.", None, "cannot read .: Is a directory"),
+        ("@broken.json", None, "broken.json is not JSON (line 1, column 2)"),
+        ("@list.json", None, "list.json must hold a JSON object, not a list"),
+        ("@binary.json", None, "cannot read binary.json: not UTF-8 text"),
+        ("-", "{", "stdin is not JSON (line 1, column 2)"),
+        ("-", '"text"', "stdin must hold a JSON object, not a string"),
+        ("{", None, "not JSON (line 1, column 2)"),
+        ("[1]", None, "must be a JSON object, not a list"),
+    ],
+)
+async def test_ask_with_unusable_data_exits_2(
+    cli: Cli, redis_url: str, data: str, stdin: str | None, expected: str
+) -> None:
+    (cli.home / "broken.json").write_text("{")
+    (cli.home / "list.json").write_text("[1, 2]")
+    (cli.home / "binary.json").write_bytes(b"\xff\xfe{")
+    result = await cli("ask", "--to", "agent.x", "hi", "--data", data, redis_url=redis_url, stdin=stdin)
+    assert result.code == 2 and "Invalid value for '--data'" in result.err and expected in result.err, result.err
+    assert "Traceback" not in result.err
