@@ -294,3 +294,64 @@ async def test_ask_with_unusable_data_exits_2(
     result = await cli("ask", "--to", "agent.x", "hi", "--data", data, redis_url=redis_url, stdin=stdin)
     assert result.code == 2 and "Invalid value for '--data'" in result.err and expected in result.err, result.err
     assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"REDIS_URL": "http://127.0.0.1:6379/0"}, "REDIS_URL: 'http://127.0.0.1:6379/0' is not a Redis URL"),
+        ({"REDIS_DB": "99"}, "REDIS_DB: Input should be less than or equal to 15"),
+        ({"MESSAGE_TIMEOUT": "soon"}, "MESSAGE_TIMEOUT: Input should be a valid number"),
+        ({"AGENTCOMMS_MAX_DELIVERIES": "0"}, "AGENTCOMMS_MAX_DELIVERIES: Input should be greater than or equal to 1"),
+        ({"REDIS_URL": "redis://127.0.0.1:notaport/0"}, "'redis://127.0.0.1:notaport/0' (REDIS_URL)"),
+    ],
+)
+async def test_bad_settings_exit_2_with_one_line_naming_the_variable(
+    cli: Cli, env: dict[str, str], expected: str
+) -> None:
+    result = await cli("agents", redis_url=None, env=env)
+    assert result.code == 2 and expected in result.err, result.err
+    assert result.err.startswith("error: ") and result.err.count("\n") == 1, result.err
+
+
+async def test_a_config_files_redis_url_that_is_not_redis_exits_2(cli: Cli, tmp_path: Path) -> None:
+    path = save_startup_config(tmp_path / "team.json")
+    config = json.loads(path.read_text())
+    config["agents"][0]["redis_url"] = "http://127.0.0.1:6379/0"
+    path.write_text(json.dumps(config))
+    agent_id = config["agents"][0]["agent_id"]
+    result = await cli("run-agent", "--config", str(path), "--agent-id", agent_id, redis_url=None)
+    assert result.code == 2 and "'http://127.0.0.1:6379/0'" in result.err and "Traceback" not in result.err
+
+
+async def test_log_level_goes_before_or_after_the_command_or_comes_from_log_level(cli: Cli, redis_url: str) -> None:
+    # the broker logs its connection at INFO; the CLI's own default is WARNING
+    quiet = await cli("agents", redis_url=redis_url)
+    assert quiet.code == 0 and "connected to" not in quiet.err, quiet.err
+    for args, env in [
+        (("--log-level", "info", "agents"), {}),
+        (("agents", "--log-level", "INFO"), {}),
+        (("agents",), {"LOG_LEVEL": "info"}),
+        (("dlq", "list", "--log-level", "Info"), {}),
+        (("--log-level", "DEBUG", "dlq", "list"), {}),
+    ]:
+        result = await cli(*args, redis_url=redis_url, env=env)
+        assert result.code == 0 and "connected to" in result.err, (args, env, result.err)
+    overridden = await cli("agents", "--log-level", "warning", redis_url=redis_url, env={"LOG_LEVEL": "DEBUG"})
+    assert overridden.code == 0 and "connected to" not in overridden.err, overridden.err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (("--log-level", "verbose", "agents"), {}, "Invalid value for '--log-level'"),
+        (("agents", "--log-level", "verbose"), {}, "Invalid value for '--log-level'"),
+        (("agents",), {"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+    ],
+)
+async def test_an_unknown_log_level_exits_2(
+    cli: Cli, redis_url: str, args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    result = await cli(*args, redis_url=redis_url, env=env)
+    assert result.code == 2 and expected in result.err and "verbose" in result.err, result.err
+    assert "Traceback" not in result.err

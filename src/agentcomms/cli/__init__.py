@@ -10,13 +10,11 @@ Exit codes: 0 success; 1 the agent answered with an error, or another failure;
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
-from rich.logging import RichHandler
 
-from agentcomms.cli._common import errors
+from agentcomms.cli._common import LogLevel, configure_logging
 from agentcomms.cli.agents import agents
 from agentcomms.cli.ask import ask
 from agentcomms.cli.demo import demo
@@ -37,11 +35,17 @@ app = typer.Typer(
 
 @app.callback()
 def _main(
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(
+            "--log-level",
+            envvar="LOG_LEVEL",
+            case_sensitive=False,
+            help="Log to stderr from this level up; also accepted after the command.",
+        ),
+    ] = LogLevel.WARNING,
 ) -> None:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(message)s", handlers=[RichHandler(console=errors, show_path=False)]
-    )
+    configure_logging(log_level)
 
 
 app.command()(demo)

@@ -1,26 +1,34 @@
-"""What every command shares: the consoles, settings, and the runner that turns errors into exit codes."""
+"""What every command shares: consoles, logging, settings, the broker, and the runner that maps errors to exit codes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
 
+from agentcomms.broker import MessageBroker
 from agentcomms.exceptions import (
     AgentCommsError,
     AgentNotFoundError,
     BrokerConnectionError,
     ConfigError,
+    DeadLetterNotFoundError,
     MessageValidationError,
     NoAgentAvailableError,
     RegistrationError,
     RequestTimeoutError,
 )
-from agentcomms.settings import Settings
+from agentcomms.settings import Settings, redact_url
+
+logger = logging.getLogger(__name__)
 
 # No emoji codes: ":smile:" in an agent's data or a role is text, not a picture.
 console = Console(emoji=False)
@@ -33,6 +41,7 @@ _EXIT_CODES: list[tuple[type[AgentCommsError], int]] = [
     (RequestTimeoutError, 4),
     (NoAgentAvailableError, 3),
     (AgentNotFoundError, 3),
+    (DeadLetterNotFoundError, 3),
     (ConfigError, 2),
     (MessageValidationError, 2),
     (RegistrationError, 2),
@@ -49,20 +58,106 @@ def print_error(message: object) -> None:
     errors.print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True, highlight=False)
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; an AgentCommsError becomes a one-line message and its exit code."""
-    try:
-        return asyncio.run(coro)
-    except AgentCommsError as exc:
-        print_error(exc)
-        code = next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), 1)
-        raise typer.Exit(code) from exc
+def fail(message: object, code: int) -> typer.Exit:
+    """Print ``message`` as an error; the exit to raise, with ``code``."""
+    print_error(message)
+    return typer.Exit(code)
+
+
+# -- logging -------------------------------------------------------------------------------
+
+
+class LogLevel(StrEnum):
+    """The levels ``--log-level`` accepts (the names of :mod:`logging`'s levels)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+LogLevelOption = Annotated[
+    LogLevel | None,
+    typer.Option(
+        "--log-level",
+        case_sensitive=False,
+        show_default=False,
+        help="Log level for this command; also accepted before the command.",
+    ),
+]
+"""The ``--log-level`` every command takes, so that it may follow the command name too."""
+
+
+def configure_logging(level: LogLevel | None) -> None:
+    """Log to stderr through rich at ``level`` (``None``: leave it as it is).
+
+    The library adds no handlers; the CLI is the program, so it configures logging.
+    """
+    if level is None:
+        return
+    handler = RichHandler(console=errors, show_path=False)
+    logging.basicConfig(level=level.value, format="%(message)s", handlers=[handler], force=True)
+
+
+# -- settings and Redis --------------------------------------------------------------------
 
 
 def load_settings() -> Settings:
-    """Settings from the environment; invalid ones end the command with exit code 2."""
+    """Settings from the environment; invalid ones end the command with exit code 2 (the message names the variable)."""
     try:
         return Settings()
-    except ValueError as exc:
-        print_error(f"invalid settings in the environment: {exc}")
-        raise typer.Exit(2) from exc
+    except ConfigError as exc:
+        raise fail(exc, 2) from None
+
+
+@asynccontextmanager
+async def open_broker(
+    settings: Settings, *, client_name: str = "cli", redis_url: str | None = None, origin: str = "REDIS_URL"
+) -> AsyncIterator[MessageBroker]:
+    """A connected broker on ``redis_url`` (default: ``settings``), closed on exit.
+
+    Args:
+        settings: the command's settings.
+        client_name: prefix of the broker's id.
+        redis_url: a URL that does not come from the environment (a config file's).
+        origin: where ``redis_url`` comes from, for messages.
+
+    Raises:
+        ConfigError: the URL cannot be parsed (a bad port, an unknown scheme).
+        BrokerConnectionError: Redis does not answer.
+    """
+    broker = MessageBroker(redis_url, settings=settings, client_name=client_name)
+    try:
+        try:
+            await broker.connect()
+        except AgentCommsError:
+            raise
+        except ValueError as exc:  # redis-py's URL parser
+            url = redact_url(redis_url or settings.redis_url)
+            raise ConfigError(f"invalid Redis URL {url!r} ({origin}): {exc}") from exc
+        yield broker
+    finally:
+        await broker.close()
+
+
+# -- running a command ---------------------------------------------------------------------
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; an error becomes a one-line message and its exit code.
+
+    An AgentCommsError gets the exit code of its kind (1 if none); anything else is
+    unexpected: exit code 1, with the traceback logged at DEBUG.
+    """
+    try:
+        return asyncio.run(coro)
+    except AgentCommsError as exc:
+        code = next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), 1)
+        raise fail(exc, code) from exc
+    except (typer.Exit, typer.Abort, typer.BadParameter):  # already handled: how typer ends a command
+        raise
+    except Exception as exc:
+        logger.debug("unexpected error", exc_info=True)
+        hint = "" if logger.isEnabledFor(logging.DEBUG) else " (--log-level DEBUG shows the traceback)"
+        raise fail(f"unexpected {type(exc).__name__}: {exc}{hint}", 1) from exc

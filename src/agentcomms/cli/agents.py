@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agentcomms.cli._common import console, load_settings, run
+from agentcomms.cli._common import LogLevelOption, configure_logging, console, load_settings, open_broker, run
 from agentcomms.registry import AgentRegistry
 from agentcomms.schemas import AgentInfo
 
@@ -36,12 +36,15 @@ def agents(
     intent: Annotated[str | None, typer.Option(help="Only agents handling this intent.")] = None,
     online: Annotated[bool, typer.Option("--online", help="Only online agents.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    log_level: LogLevelOption = None,
 ) -> None:
     """List registered agents, filtered like discover_agents()."""
+    configure_logging(log_level)
+    settings = load_settings()
 
     async def find() -> list[AgentInfo]:
-        async with AgentRegistry(settings=load_settings()) as registry:
-            return await registry.discover_agents(
+        async with open_broker(settings) as broker:
+            return await AgentRegistry(broker).discover_agents(
                 role=role, department=department, capability=capability, intent=intent, online_only=online
             )
 

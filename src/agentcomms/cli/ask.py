@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
-from agentcomms.cli._common import console, errors, esc, load_settings, run
+from agentcomms.cli._common import (
+    LogLevelOption,
+    configure_logging,
+    console,
+    errors,
+    esc,
+    load_settings,
+    open_broker,
+    run,
+)
 from agentcomms.schemas import AgentResponse
 from agentcomms.sender import MessageSender
 
@@ -57,14 +66,17 @@ def ask(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reply as JSON.")] = False,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Send a request to an agent (by id or by role) and print its reply."""
+    configure_logging(log_level)
     if (to is None) == (role is None):
         raise typer.BadParameter("give exactly one of --to AGENT_ID or --role ROLE")
     payload = {"query": question, **(read_data(data) if data else {})}
+    settings = load_settings()
 
     async def send() -> AgentResponse:
-        async with MessageSender(sender_id="cli", settings=load_settings()) as sender:
+        async with open_broker(settings) as broker, MessageSender(sender_id="cli", broker=broker) as sender:
             if role is not None:
                 return await sender.request_role(role, intent, payload, timeout=timeout)
             assert to is not None

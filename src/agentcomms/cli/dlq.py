@@ -9,19 +9,37 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agentcomms.broker import MessageBroker
-from agentcomms.cli._common import console, errors, esc, load_settings, run
+from agentcomms.cli._common import (
+    LogLevelOption,
+    configure_logging,
+    console,
+    errors,
+    esc,
+    load_settings,
+    open_broker,
+    run,
+)
 from agentcomms.exceptions import AgentCommsError, AgentNotFoundError
 
 dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
 
 
+@dlq_app.callback()
+def _dlq(log_level: LogLevelOption = None) -> None:
+    configure_logging(log_level)
+
+
 @dlq_app.command("list")
-def dlq_list(agent: Annotated[str | None, typer.Argument(help="Agent id; all agents if omitted.")] = None) -> None:
+def dlq_list(
+    agent: Annotated[str | None, typer.Argument(help="Agent id; all agents if omitted.")] = None,
+    log_level: LogLevelOption = None,
+) -> None:
     """Agents with dead letters, or one agent's dead letters."""
+    configure_logging(log_level)
+    settings = load_settings()
 
     async def collect() -> Table:
-        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+        async with open_broker(settings, client_name="dlq") as broker:
             if agent is None:
                 table = Table(title="dead letters by agent")
                 table.add_column("agent id")
@@ -44,11 +62,13 @@ def dlq_list(agent: Annotated[str | None, typer.Argument(help="Agent id; all age
 
 
 @dlq_app.command("show")
-def dlq_show(agent: str, entry_id: str) -> None:
+def dlq_show(agent: str, entry_id: str, log_level: LogLevelOption = None) -> None:
     """One dead letter in full, as JSON."""
+    configure_logging(log_level)
+    settings = load_settings()
 
     async def find() -> dict[str, Any]:
-        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+        async with open_broker(settings, client_name="dlq") as broker:
             for letter in await broker.dead_letters(agent, count=100_000):
                 if letter.entry_id == entry_id:
                     message = letter.message
@@ -71,13 +91,16 @@ def dlq_redrive(
     agent: str,
     entry_id: Annotated[str | None, typer.Argument(help="Entry id; all with --all.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Redrive every dead letter of the agent.")] = False,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Send dead letters back into the agent's inbox."""
+    configure_logging(log_level)
     if (entry_id is None) == (not all_):
         raise typer.BadParameter("give an entry id or --all")
+    settings = load_settings()
 
     async def redrive() -> tuple[int, list[str]]:
-        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+        async with open_broker(settings, client_name="dlq") as broker:
             ids = [entry_id] if entry_id else [d.entry_id for d in await broker.dead_letters(agent, count=100_000)]
             done, skipped = 0, []
             for one in ids:
@@ -98,14 +121,18 @@ def dlq_redrive(
 
 @dlq_app.command("purge")
 def dlq_purge(
-    agent: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False
+    agent: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Delete all dead letters of an agent."""
+    configure_logging(log_level)
+    settings = load_settings()
     if not yes and not typer.confirm(f"delete every dead letter of {agent}?"):
         raise typer.Exit(1)
 
     async def purge() -> int:
-        async with MessageBroker(settings=load_settings(), client_name="dlq") as broker:
+        async with open_broker(settings, client_name="dlq") as broker:
             return await broker.purge_dead_letters(agent)
 
     console.print(f"purged: {run(purge())}")

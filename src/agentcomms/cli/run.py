@@ -12,10 +12,9 @@ from typing import Annotated
 import typer
 
 from agentcomms.agent import BaseAgent
-from agentcomms.broker import MessageBroker
-from agentcomms.cli._common import load_settings, run
+from agentcomms.cli._common import LogLevelOption, configure_logging, load_settings, open_broker, run
 from agentcomms.exceptions import ConfigError
-from agentcomms.settings import load_agents_config
+from agentcomms.settings import Settings, load_agents_config
 
 
 def _agent_class(path: str) -> type[BaseAgent]:
@@ -35,12 +34,15 @@ def run_agent(
     agent_class: Annotated[
         str, typer.Option("--class", help="module:Class of the agents (a BaseAgent subclass).")
     ] = "agentcomms.examples:TwinAgent",
+    log_level: LogLevelOption = None,
 ) -> None:
     """Run agents from a config file until SIGINT or SIGTERM (REDIS_URL overrides the file's redis_url)."""
-    run(_run_agents(config, agent_id or [], agent_class))
+    configure_logging(log_level)
+    settings = load_settings()
+    run(_run_agents(settings, config, agent_id or [], agent_class))
 
 
-async def _run_agents(config: Path, only: list[str], agent_class: str) -> None:
+async def _run_agents(settings: Settings, config: Path, only: list[str], agent_class: str) -> None:
     selected = load_agents_config(config).agents
     if only:
         unknown = sorted(set(only) - {a.agent_id for a in selected})
@@ -50,12 +52,12 @@ async def _run_agents(config: Path, only: list[str], agent_class: str) -> None:
     if not selected:
         raise ConfigError("the file lists no agents", path=str(config))
     cls = _agent_class(agent_class)
-    settings = load_settings()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with MessageBroker(settings.redis_url or selected[0].redis_url, settings=settings) as broker:
+    file_url = None if settings.redis_url else selected[0].redis_url
+    async with open_broker(settings, redis_url=file_url, origin=f"redis_url in {config}") as broker:
         agents = [cls(agent, broker=broker) for agent in selected]
         started: list[BaseAgent] = []
         try:

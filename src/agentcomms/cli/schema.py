@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+from agentcomms.cli._common import LogLevelOption, configure_logging
 from agentcomms.schemas import export_json_schemas
 
 
-def schema() -> None:
+def schema(log_level: LogLevelOption = None) -> None:
     """Print the JSON Schema of every message type."""
+    configure_logging(log_level)
     sys.stdout.write(json.dumps(export_json_schemas(), indent=2) + "\n")

@@ -7,19 +7,30 @@ from typing import Annotated
 
 import typer
 
-from agentcomms.broker import MessageBroker
-from agentcomms.cli._common import console, errors, esc, load_settings, run
+from agentcomms.cli._common import (
+    LogLevelOption,
+    configure_logging,
+    console,
+    errors,
+    esc,
+    load_settings,
+    open_broker,
+    run,
+)
 
 
 def tail(
     agent: Annotated[str | None, typer.Option(help="Only messages from or to this agent.")] = None,
-    count: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+    count: Annotated[int | None, typer.Option(help="Stop after this many events.", min=1)] = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Follow the live message feed (sent, handled, dead-lettered). Lossy: for watching, not auditing."""
+    configure_logging(log_level)
+    settings = load_settings()
 
     async def follow() -> None:
         seen = 0
-        async with MessageBroker(settings=load_settings(), client_name="tail") as broker:
+        async with open_broker(settings, client_name="tail") as broker:
             async for event in broker.events():
                 kind = event.get("event")
                 if kind in ("subscribed", "resubscribed"):
