@@ -355,3 +355,22 @@ async def test_an_unknown_log_level_exits_2(
     result = await cli(*args, redis_url=redis_url, env=env)
     assert result.code == 2 and expected in result.err and "verbose" in result.err, result.err
     assert "Traceback" not in result.err
+
+
+async def test_dlq_show_or_redrive_of_a_missing_entry_says_there_is_no_such_dead_letter(
+    cli: Cli, redis_url: str, cso: TwinAgent
+) -> None:
+    for command in ("show", "redrive"):
+        result = await cli("dlq", command, "agent.cso.jane", "1-0", redis_url=redis_url)
+        assert result.code == 3, result.err
+        assert "no dead letter 1-0 for 'agent.cso.jane'" in result.err and "not registered" not in result.err
+
+
+async def test_dlq_list_of_an_unknown_agent_exits_3_and_of_an_agent_without_dead_letters_0(
+    cli: Cli, redis_url: str, cso: TwinAgent
+) -> None:
+    unknown = await cli("dlq", "list", "agent.nobody", redis_url=redis_url)
+    assert unknown.code == 3, unknown.out
+    assert "agent 'agent.nobody' is not registered and has no dead letters" in unknown.err
+    clean = await cli("dlq", "list", "agent.cso.jane", redis_url=redis_url)
+    assert clean.code == 0 and "dead letters of agent.cso.jane" in clean.out, clean.err

@@ -9,19 +9,33 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from agentcomms.broker import DeadLetter, MessageBroker
 from agentcomms.cli._common import (
     LogLevelOption,
     configure_logging,
     console,
     errors,
     esc,
+    fail,
     load_settings,
     open_broker,
     run,
 )
-from agentcomms.exceptions import AgentCommsError, AgentNotFoundError
+from agentcomms.exceptions import AgentCommsError, AgentNotFoundError, DeadLetterNotFoundError
+from agentcomms.registry import AgentRegistry
 
 dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
+
+
+_EVERY = 1_000_000
+"""As many dead letters as one look-up reads: more than any agent keeps."""
+
+
+async def _find(broker: MessageBroker, agent: str, entry_id: str) -> DeadLetter:
+    for letter in await broker.dead_letters(agent, count=_EVERY):
+        if letter.entry_id == entry_id:
+            return letter
+    raise DeadLetterNotFoundError(agent_id=agent, entry_id=entry_id)
 
 
 @dlq_app.callback()
@@ -45,12 +59,18 @@ def dlq_list(
                 table.add_column("agent id")
                 table.add_column("dead letters")
                 for agent_id in await broker.dead_letter_agents():
-                    table.add_row(Text(agent_id), str(len(await broker.dead_letters(agent_id, count=100_000))))
+                    table.add_row(Text(agent_id), str(len(await broker.dead_letters(agent_id, count=_EVERY))))
                 return table
+            letters = await broker.dead_letters(agent, count=1000)
+            if not letters:
+                try:
+                    await AgentRegistry(broker).get_agent(agent)
+                except AgentNotFoundError:
+                    raise fail(f"agent {agent!r} is not registered and has no dead letters", 3) from None
             table = Table(title=f"dead letters of {esc(agent)}")
             for column in ("entry id", "deliveries", "from", "intent", "reason"):
                 table.add_column(column)
-            for letter in await broker.dead_letters(agent, count=1000):
+            for letter in letters:
                 message = letter.message
                 table.add_row(  # Text: a reason or a sender id is printed as stored, never read as markup
                     Text(letter.entry_id), str(letter.deliveries), Text(message.sender_id if message else "-"),
@@ -69,19 +89,17 @@ def dlq_show(agent: str, entry_id: str, log_level: LogLevelOption = None) -> Non
 
     async def find() -> dict[str, Any]:
         async with open_broker(settings, client_name="dlq") as broker:
-            for letter in await broker.dead_letters(agent, count=100_000):
-                if letter.entry_id == entry_id:
-                    message = letter.message
-                    return {
-                        "entry_id": letter.entry_id,
-                        "reason": letter.reason,
-                        "deliveries": letter.deliveries,
-                        "source_id": letter.source_id,
-                        "message": message.model_dump(mode="json") if message else None,
-                        "payload": None if message else letter.payload.decode(errors="replace"),
-                        "raw": letter.raw,
-                    }
-        raise AgentNotFoundError(f"{agent} (no dead letter {entry_id})")
+            letter = await _find(broker, agent, entry_id)
+        message = letter.message
+        return {
+            "entry_id": letter.entry_id,
+            "reason": letter.reason,
+            "deliveries": letter.deliveries,
+            "source_id": letter.source_id,
+            "message": message.model_dump(mode="json") if message else None,
+            "payload": None if message else letter.payload.decode(errors="replace"),
+            "raw": letter.raw,
+        }
 
     console.print_json(json.dumps(run(find())))
 
@@ -101,7 +119,10 @@ def dlq_redrive(
 
     async def redrive() -> tuple[int, list[str]]:
         async with open_broker(settings, client_name="dlq") as broker:
-            ids = [entry_id] if entry_id else [d.entry_id for d in await broker.dead_letters(agent, count=100_000)]
+            if entry_id:
+                ids = [(await _find(broker, agent, entry_id)).entry_id]
+            else:
+                ids = [letter.entry_id for letter in await broker.dead_letters(agent, count=_EVERY)]
             done, skipped = 0, []
             for one in ids:
                 try:
