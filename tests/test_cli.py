@@ -70,8 +70,13 @@ class Cli:
             sys.executable, "-m", "agentcomms", *args, cwd=self.home, env={**self.env(redis_url), **(env or {})},
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        async with asyncio.timeout(300):
-            out, err = await process.communicate(stdin.encode() if stdin is not None else None)
+        try:
+            async with asyncio.timeout(300):
+                out, err = await process.communicate(stdin.encode() if stdin is not None else None)
+        finally:
+            if process.returncode is None:  # timed out or cancelled: leave no process behind
+                process.kill()
+                await process.wait()
         assert process.returncode is not None
         return Result(process.returncode, out.decode(), err.decode())
 
@@ -374,3 +379,25 @@ async def test_dlq_list_of_an_unknown_agent_exits_3_and_of_an_agent_without_dead
     assert "agent 'agent.nobody' is not registered and has no dead letters" in unknown.err
     clean = await cli("dlq", "list", "agent.cso.jane", redis_url=redis_url)
     assert clean.code == 0 and "dead letters of agent.cso.jane" in clean.out, clean.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tail", "--agent", "bad id {}", "--count", "1"),
+        ("ask", "--to", "bad id {}", "hi"),
+        ("dlq", "list", "bad id {}"),
+        ("dlq", "show", "bad id {}", "1-0"),
+        ("dlq", "redrive", "bad id {}", "--all"),
+        ("dlq", "purge", "bad id {}", "--yes"),
+    ],
+)
+async def test_an_invalid_agent_id_exits_2(cli: Cli, redis_url: str, args: tuple[str, ...]) -> None:
+    result = await cli(*args, redis_url=redis_url)
+    assert result.code == 2 and "'bad id {}' is not an agent id" in result.err, result.err
+
+
+@pytest.mark.parametrize("command", ["show", "redrive"])
+async def test_an_invalid_entry_id_exits_2(cli: Cli, redis_url: str, command: str) -> None:
+    result = await cli("dlq", command, "agent.cso.jane", "latest", redis_url=redis_url)
+    assert result.code == 2 and "'latest' is not a dead-letter entry id" in result.err, result.err

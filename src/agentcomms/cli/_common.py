@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -26,6 +28,7 @@ from agentcomms.exceptions import (
     RegistrationError,
     RequestTimeoutError,
 )
+from agentcomms.schemas import AgentId
 from agentcomms.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,30 @@ def fail(message: object, code: int) -> typer.Exit:
     """Print ``message`` as an error; the exit to raise, with ``code``."""
     print_error(message)
     return typer.Exit(code)
+
+
+# -- checks of command-line values (typer callbacks: a bad value is a usage error, exit code 2) ----
+
+_AGENT_ID: TypeAdapter[str] = TypeAdapter(AgentId)
+_ENTRY_ID = re.compile(r"[0-9]+-[0-9]+")
+
+
+def check_agent_id(value: str | None) -> str | None:
+    """``value`` if it is a valid agent id (or ``None``)."""
+    if value is None:
+        return None
+    try:
+        return _AGENT_ID.validate_python(value)
+    except ValidationError:
+        problem = f"{value!r} is not an agent id (letters, digits, _ . : @ -; like agent.cso.jane)"
+        raise typer.BadParameter(problem) from None
+
+
+def check_entry_id(value: str | None) -> str | None:
+    """``value`` if it looks like a dead letter's entry id such as ``1700000000000-0`` (or ``None``)."""
+    if value is None or _ENTRY_ID.fullmatch(value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not a dead-letter entry id such as 1700000000000-0 (see dlq list AGENT)")
 
 
 # -- logging -------------------------------------------------------------------------------

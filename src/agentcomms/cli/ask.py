@@ -11,6 +11,7 @@ import typer
 
 from agentcomms.cli._common import (
     LogLevelOption,
+    check_agent_id,
     configure_logging,
     console,
     errors,
@@ -58,7 +59,7 @@ def read_data(value: str) -> dict[str, Any]:
 
 def ask(
     question: Annotated[str, typer.Argument(help="What to ask (sent as data.query).")],
-    to: Annotated[str | None, typer.Option("--to", help="Agent id to ask.")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Agent id to ask.", callback=check_agent_id)] = None,
     role: Annotated[str | None, typer.Option("--role", help="Ask an online agent with this role.")] = None,
     intent: Annotated[str, typer.Option(help="Intent of the request.")] = "request_knowledge",
     data: Annotated[

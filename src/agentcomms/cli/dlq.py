@@ -12,6 +12,8 @@ from rich.text import Text
 from agentcomms.broker import DeadLetter, MessageBroker
 from agentcomms.cli._common import (
     LogLevelOption,
+    check_agent_id,
+    check_entry_id,
     configure_logging,
     console,
     errors,
@@ -26,6 +28,9 @@ from agentcomms.registry import AgentRegistry
 
 dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
 
+
+AgentArgument = Annotated[str, typer.Argument(help="Agent id.", callback=check_agent_id)]
+EntryArgument = Annotated[str, typer.Argument(help="Entry id (see dlq list AGENT).", callback=check_entry_id)]
 
 _EVERY = 1_000_000
 """As many dead letters as one look-up reads: more than any agent keeps."""
@@ -45,7 +50,9 @@ def _dlq(log_level: LogLevelOption = None) -> None:
 
 @dlq_app.command("list")
 def dlq_list(
-    agent: Annotated[str | None, typer.Argument(help="Agent id; all agents if omitted.")] = None,
+    agent: Annotated[
+        str | None, typer.Argument(help="Agent id; all agents if omitted.", callback=check_agent_id)
+    ] = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """Agents with dead letters, or one agent's dead letters."""
@@ -82,7 +89,7 @@ def dlq_list(
 
 
 @dlq_app.command("show")
-def dlq_show(agent: str, entry_id: str, log_level: LogLevelOption = None) -> None:
+def dlq_show(agent: AgentArgument, entry_id: EntryArgument, log_level: LogLevelOption = None) -> None:
     """One dead letter in full, as JSON."""
     configure_logging(log_level)
     settings = load_settings()
@@ -106,8 +113,10 @@ def dlq_show(agent: str, entry_id: str, log_level: LogLevelOption = None) -> Non
 
 @dlq_app.command("redrive")
 def dlq_redrive(
-    agent: str,
-    entry_id: Annotated[str | None, typer.Argument(help="Entry id; all with --all.")] = None,
+    agent: AgentArgument,
+    entry_id: Annotated[
+        str | None, typer.Argument(help="Entry id; all with --all.", callback=check_entry_id, show_default=False)
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Redrive every dead letter of the agent.")] = False,
     log_level: LogLevelOption = None,
 ) -> None:
@@ -142,7 +151,7 @@ def dlq_redrive(
 
 @dlq_app.command("purge")
 def dlq_purge(
-    agent: str,
+    agent: AgentArgument,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     log_level: LogLevelOption = None,
 ) -> None:

@@ -9,6 +9,7 @@ import typer
 
 from agentcomms.cli._common import (
     LogLevelOption,
+    check_agent_id,
     configure_logging,
     console,
     errors,
@@ -20,7 +21,9 @@ from agentcomms.cli._common import (
 
 
 def tail(
-    agent: Annotated[str | None, typer.Option(help="Only messages from or to this agent.")] = None,
+    agent: Annotated[
+        str | None, typer.Option(help="Only messages from or to this agent.", callback=check_agent_id)
+    ] = None,
     count: Annotated[int | None, typer.Option(help="Stop after this many events.", min=1)] = None,
     log_level: LogLevelOption = None,
 ) -> None:
