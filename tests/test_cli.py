@@ -109,7 +109,7 @@ async def test_agents_lists_and_filters(cli: Cli, redis_url: str, cso: TwinAgent
     [agent] = json.loads(result.out)
     assert agent["agent_id"] == "agent.cso.jane" and agent["status"] == "online"
     table = await cli("agents", "--online", redis_url=redis_url)
-    assert "agent.cso.jane" in table.out and "1 agents" in table.out
+    assert "agent.cso.jane" in table.out and " 1 agent " in table.out
 
 
 async def test_ask_by_role_and_by_id(cli: Cli, redis_url: str, cso: TwinAgent) -> None:
@@ -213,8 +213,8 @@ async def test_tail_prints_live_events(cli: Cli, redis_url: str, broker: Message
     assert "sent" in lines[0] and "handled" in lines[1] and "agent.cso.jane" in lines[0]
 
 
-async def test_dlq_list_show_redrive_purge(cli: Cli, redis_url: str, broker: MessageBroker, raw: Redis) -> None:
-    agent = "agent.dlq.cli"
+async def _dead_letter_garbage(broker: MessageBroker, raw: Redis, agent: str) -> None:
+    """Give ``agent`` one dead letter: an inbox entry that is not a message."""
     await broker.publish_message(message(agent, n=1))
     await raw.xadd(keys.inbox(agent), {"garbage": "1"})
 
@@ -225,6 +225,11 @@ async def test_dlq_list_show_redrive_purge(cli: Cli, redis_url: str, broker: Mes
     letters = await wait_for_dead_letters(raw, agent, 1)
     await subscription.stop()
     assert letters[0][b"reason"].startswith(b"malformed")
+
+
+async def test_dlq_list_show_redrive_purge(cli: Cli, redis_url: str, broker: MessageBroker, raw: Redis) -> None:
+    agent = "agent.dlq.cli"
+    await _dead_letter_garbage(broker, raw, agent)
     listing = await cli("dlq", "list", redis_url=redis_url)
     assert listing.code == 0 and agent in listing.out
     [letter] = await broker.dead_letters(agent)
@@ -401,3 +406,27 @@ async def test_an_invalid_agent_id_exits_2(cli: Cli, redis_url: str, args: tuple
 async def test_an_invalid_entry_id_exits_2(cli: Cli, redis_url: str, command: str) -> None:
     result = await cli("dlq", command, "agent.cso.jane", "latest", redis_url=redis_url)
     assert result.code == 2 and "'latest' is not a dead-letter entry id" in result.err, result.err
+
+
+async def test_counts_are_singular_or_plural(
+    cli: Cli, redis_url: str, broker: MessageBroker, raw: Redis, cso: TwinAgent
+) -> None:
+    one = await cli("agents", redis_url=redis_url)
+    assert one.code == 0 and " 1 agent " in one.out and "1 agents" not in one.out, one.out
+    await AgentRegistry(broker).register_agent(
+        AgentInfo(agent_id="agent.cfo.li", user_name="li", role="cfo", department="finance")
+    )
+    assert " 2 agents " in (await cli("agents", redis_url=redis_url)).out
+
+    agent = "agent.dlq.count"
+    await _dead_letter_garbage(broker, raw, agent)
+    by_agent = await cli("dlq", "list", redis_url=redis_url)
+    assert " 1 agent with dead letters " in by_agent.out, by_agent.out
+    letters = await cli("dlq", "list", agent, redis_url=redis_url)
+    assert f" 1 dead letter of {agent} " in letters.out, letters.out
+    none = await cli("dlq", "list", "agent.cso.jane", redis_url=redis_url)
+    assert " 0 dead letters of agent.cso.jane " in none.out, none.out
+    redriven = await cli("dlq", "redrive", agent, "--all", redis_url=redis_url)
+    assert "redriven: 0 dead letters" in redriven.out, redriven.out
+    purged = await cli("dlq", "purge", agent, "--yes", redis_url=redis_url)
+    assert "purged: 1 dead letter\n" in purged.out, purged.out

@@ -56,6 +56,11 @@ def esc(value: object) -> str:
     return escape(str(value))
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 agent``, ``0 agents``, ``2 agents``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def print_error(message: object) -> None:
     """``error: message`` on stderr, one line, the message printed exactly."""
     errors.print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True, highlight=False)

@@ -10,13 +10,13 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agentcomms.cli._common import LogLevelOption, configure_logging, console, load_settings, open_broker, run
+from agentcomms.cli._common import LogLevelOption, configure_logging, console, load_settings, open_broker, plural, run
 from agentcomms.registry import AgentRegistry
 from agentcomms.schemas import AgentInfo
 
 
 def _agents_table(found: list[AgentInfo]) -> Table:
-    table = Table(title=f"{len(found)} agents")
+    table = Table(title=plural(len(found), "agent"))
     for column in ("agent id", "role", "department", "status", "instances", "capabilities", "last seen"):
         table.add_column(column)
     for agent in found:

@@ -21,6 +21,7 @@ from agentcomms.cli._common import (
     fail,
     load_settings,
     open_broker,
+    plural,
     run,
 )
 from agentcomms.exceptions import AgentCommsError, AgentNotFoundError, DeadLetterNotFoundError
@@ -32,6 +33,8 @@ dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_
 AgentArgument = Annotated[str, typer.Argument(help="Agent id.", callback=check_agent_id)]
 EntryArgument = Annotated[str, typer.Argument(help="Entry id (see dlq list AGENT).", callback=check_entry_id)]
 
+_SHOWN = 1000
+"""Dead letters one listing shows, the oldest first."""
 _EVERY = 1_000_000
 """As many dead letters as one look-up reads: more than any agent keeps."""
 
@@ -62,19 +65,23 @@ def dlq_list(
     async def collect() -> Table:
         async with open_broker(settings, client_name="dlq") as broker:
             if agent is None:
-                table = Table(title="dead letters by agent")
+                agent_ids = await broker.dead_letter_agents()
+                table = Table(title=f"{plural(len(agent_ids), 'agent')} with dead letters")
                 table.add_column("agent id")
                 table.add_column("dead letters")
-                for agent_id in await broker.dead_letter_agents():
+                for agent_id in agent_ids:
                     table.add_row(Text(agent_id), str(len(await broker.dead_letters(agent_id, count=_EVERY))))
                 return table
-            letters = await broker.dead_letters(agent, count=1000)
+            letters = await broker.dead_letters(agent, count=_SHOWN)
             if not letters:
                 try:
                     await AgentRegistry(broker).get_agent(agent)
                 except AgentNotFoundError:
                     raise fail(f"agent {agent!r} is not registered and has no dead letters", 3) from None
-            table = Table(title=f"dead letters of {esc(agent)}")
+            counted = plural(len(letters), "dead letter")
+            if len(letters) == _SHOWN:
+                counted = f"the oldest {counted}"
+            table = Table(title=f"{counted} of {esc(agent)}")
             for column in ("entry id", "deliveries", "from", "intent", "reason"):
                 table.add_column(column)
             for letter in letters:
@@ -144,7 +151,7 @@ def dlq_redrive(
             return done, skipped
 
     done, skipped = run(redrive())
-    console.print(f"redriven: {done}")
+    console.print(f"redriven: {plural(done, 'dead letter')}")
     for line in skipped:
         errors.print(f"[yellow]skipped[/] {esc(line)}", soft_wrap=True)
 
@@ -165,4 +172,4 @@ def dlq_purge(
         async with open_broker(settings, client_name="dlq") as broker:
             return await broker.purge_dead_letters(agent)
 
-    console.print(f"purged: {run(purge())}")
+    console.print(f"purged: {plural(run(purge()), 'dead letter')}")
