@@ -430,3 +430,29 @@ async def test_counts_are_singular_or_plural(
     assert "redriven: 0 dead letters" in redriven.out, redriven.out
     purged = await cli("dlq", "purge", agent, "--yes", redis_url=redis_url)
     assert "purged: 1 dead letter\n" in purged.out, purged.out
+
+
+async def test_the_redis_password_appears_in_no_output_or_log_line(cli: Cli, tmp_path: Path) -> None:
+    url = "redis://:hunter2@127.0.0.1:1/0"  # a closed loopback port: every command fails to connect
+    team = save_startup_config(tmp_path / "team.json")
+    from_file = tmp_path / "from_file.json"
+    config = json.loads(team.read_text())
+    config["agents"][0]["redis_url"] = url
+    from_file.write_text(json.dumps(config))
+    first_agent = config["agents"][0]["agent_id"]
+    commands: list[tuple[tuple[str, ...], str | None]] = [
+        (("agents", "--json"), url),
+        (("ask", "--to", "agent.x", "hi"), url),
+        (("ask", "--role", "cso", "hi"), url),
+        (("tail",), url),
+        (("dlq", "list"), url),
+        (("dlq", "show", "agent.x", "1-0"), url),
+        (("run-agent", "--config", str(team), "--agent-id", first_agent), url),
+        (("run-agent", "--config", str(from_file), "--agent-id", first_agent), None),  # the URL from the file
+        (("demo",), url),
+    ]
+    for args, redis_url in commands:
+        result = await cli("--log-level", "DEBUG", *args, redis_url=redis_url)
+        assert result.code == 5, (args, result.err)
+        assert "hunter2" not in result.out + result.err, (args, result.out, result.err)
+        assert "redis://:***@127.0.0.1:1/0" in result.err, (args, result.err)  # the URL, redacted

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from agentcomms.cli._common import LogLevelOption, configure_logging, console, load_settings, open_broker, plural, run
+from agentcomms.cli._common import (
+    LogLevelOption,
+    configure_logging,
+    console,
+    load_settings,
+    open_broker,
+    plural,
+    run,
+    write_out,
+)
 from agentcomms.registry import AgentRegistry
 from agentcomms.schemas import AgentInfo
 
@@ -50,6 +58,6 @@ def agents(
 
     found = run(find())
     if as_json:
-        sys.stdout.write(json.dumps([a.model_dump(mode="json") for a in found], indent=2) + "\n")
+        write_out(json.dumps([a.model_dump(mode="json") for a in found], indent=2) + "\n")
     else:
         console.print(_agents_table(found))

@@ -19,6 +19,7 @@ from agentcomms.cli._common import (
     load_settings,
     open_broker,
     run,
+    write_out,
 )
 from agentcomms.schemas import AgentResponse
 from agentcomms.sender import MessageSender
@@ -85,7 +86,7 @@ def ask(
 
     reply = run(send())
     if as_json:
-        sys.stdout.write(reply.model_dump_json(indent=2) + "\n")
+        write_out(reply.model_dump_json(indent=2) + "\n")
     elif reply.success:
         console.print(f"[green]{esc(reply.responder_id)}[/] answered:")
         console.print_json(json.dumps(reply.data, default=str))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import importlib
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from agentcomms.agent import BaseAgent
-from agentcomms.cli._common import LogLevelOption, configure_logging, load_settings, open_broker, run
+from agentcomms.cli._common import LogLevelOption, configure_logging, load_settings, open_broker, run, write_out
 from agentcomms.exceptions import ConfigError
 from agentcomms.settings import Settings, load_agents_config
 
@@ -63,8 +62,7 @@ async def _run_agents(settings: Settings, config: Path, only: list[str], agent_c
         try:
             for agent in agents:
                 started.append(await agent.initialize())
-            sys.stdout.write("READY " + " ".join(a.agent_id for a in agents) + "\n")
-            sys.stdout.flush()
+            write_out("READY " + " ".join(a.agent_id for a in agents) + "\n")
             await stop.wait()
         finally:
             for agent in reversed(started):

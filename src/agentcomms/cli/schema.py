@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from agentcomms.cli._common import LogLevelOption, configure_logging
+from agentcomms.cli._common import LogLevelOption, configure_logging, write_out
 from agentcomms.schemas import export_json_schemas
 
 
 def schema(log_level: LogLevelOption = None) -> None:
     """Print the JSON Schema of every message type."""
     configure_logging(log_level)
-    sys.stdout.write(json.dumps(export_json_schemas(), indent=2) + "\n")
+    write_out(json.dumps(export_json_schemas(), indent=2) + "\n")
