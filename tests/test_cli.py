@@ -100,6 +100,7 @@ async def test_demo_answers_every_scenario(cli: Cli) -> None:
     assert result.code == 0, result.err
     assert "5 of 5 scenarios answered" in result.out
     assert "FAILED" not in result.out and "CMO asked CSO agent, got" in result.out
+    assert "redis: the demo's own embedded server, in a temporary folder" in result.err
     assert "Traceback" not in result.err
 
 
@@ -178,8 +179,10 @@ async def test_run_agent_with_unknown_agent_or_class_exits_2(cli: Cli, redis_url
 
 
 async def test_run_agent_serves_until_sigterm(cli: Cli, redis_url: str, tmp_path: Path, broker: MessageBroker) -> None:
-    path = save_startup_config(tmp_path / "team.json")
-    process = await cli.start("run-agent", "--config", str(path), "--agent-id", "agent.cto.raj", redis_url=redis_url)
+    # REDIS_URL wins over the file's redis_url (a closed port here)
+    raj = create_agent_config("agent.cto.raj", "raj", "cto", "engineering", redis_url="redis://127.0.0.1:1/0")
+    path = save_startup_config(tmp_path / "team.json", [raj])
+    process = await cli.start("run-agent", "--config", str(path), redis_url=redis_url)
     assert process.stdout is not None
     async with asyncio.timeout(60):
         assert (await process.stdout.readline()).decode().strip() == "READY agent.cto.raj"
@@ -189,6 +192,7 @@ async def test_run_agent_serves_until_sigterm(cli: Cli, redis_url: str, tmp_path
     async with asyncio.timeout(60):
         _, err = await process.communicate()
     assert process.returncode == 0, err.decode()
+    assert err.decode().splitlines()[0] == f"redis: {redis_url} (REDIS_URL)"
 
 
 async def _read_until(stream: asyncio.StreamReader | None, text: str) -> list[str]:
@@ -456,3 +460,25 @@ async def test_the_redis_password_appears_in_no_output_or_log_line(cli: Cli, tmp
         assert result.code == 5, (args, result.err)
         assert "hunter2" not in result.out + result.err, (args, result.out, result.err)
         assert "redis://:***@127.0.0.1:1/0" in result.err, (args, result.err)  # the URL, redacted
+
+
+async def test_commands_say_on_stderr_which_redis_they_use(cli: Cli, redis_url: str, tmp_path: Path) -> None:
+    from_env = await cli("agents", "--json", redis_url=redis_url)
+    assert from_env.code == 0 and json.loads(from_env.out) == []  # stdout stays JSON
+    assert f"redis: {redis_url} (REDIS_URL)" in from_env.err.splitlines(), from_env.err
+
+    raj = create_agent_config("agent.cto.raj", "raj", "cto", "tech", redis_url=redis_url)
+    team = save_startup_config(tmp_path / "team.json", [raj])
+    process = await cli.start("run-agent", "--config", str(team), redis_url=None)
+    async with asyncio.timeout(60):
+        [line] = await _read_until(process.stderr, "redis: ")  # without REDIS_URL, the file's redis_url
+        assert process.stdout is not None and await process.stdout.readline() == b"READY agent.cto.raj\n"
+        process.terminate()
+        await process.communicate()
+    assert line.strip() == f"redis: {redis_url} (redis_url in {team})" and process.returncode == 0
+
+    # no REDIS_URL: the embedded server of AGENTCOMMS_DATA_DIR, started for the command and stopped after it
+    embedded = await cli("agents", redis_url=None, env={"HOME": str(cli.home)})
+    assert embedded.code == 0, embedded.err
+    [line] = [line for line in embedded.err.splitlines() if line.startswith("redis: ")]
+    assert line.startswith(f"redis: unix://{cli.home / 'data'}/") and line.endswith("(embedded, data in ~/data)")

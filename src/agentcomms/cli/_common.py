@@ -12,6 +12,7 @@ import traceback
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, TextIO, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -263,11 +264,25 @@ def load_settings() -> Settings:
     return settings
 
 
+def tilde(path: Path) -> str:
+    """``path`` absolute, with the home folder written ``~``."""
+    path = path.expanduser().absolute()
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+def say_redis(url: str, origin: str) -> None:
+    """The dim ``redis: URL (origin)`` line on stderr that tells which Redis a command uses (password hidden)."""
+    errors.print(f"[dim]redis: {esc(redact_url(url))} ({esc(origin)})[/]", soft_wrap=True, highlight=False)
+
+
 @asynccontextmanager
 async def open_broker(
-    settings: Settings, *, client_name: str = "cli", redis_url: str | None = None, origin: str = "REDIS_URL"
+    settings: Settings, *, client_name: str = "cli", redis_url: str | None = None, origin: str = ""
 ) -> AsyncIterator[MessageBroker]:
-    """A connected broker on ``redis_url`` (default: ``settings``), closed on exit.
+    """A connected broker on ``redis_url`` (default: ``settings``), closed on exit; says which Redis on stderr.
 
     Args:
         settings: the command's settings.
@@ -279,7 +294,13 @@ async def open_broker(
         ConfigError: the URL cannot be parsed (a bad port, an unknown scheme).
         BrokerConnectionError: Redis does not answer.
     """
-    secrets.add_url(redis_url)
+    if redis_url:
+        secrets.add_url(redis_url)
+        where = origin or "given"
+    elif settings.redis_url:
+        where = "REDIS_URL"
+    else:
+        where = f"embedded, data in {tilde(settings.data_dir)}"
     broker = MessageBroker(redis_url, settings=settings, client_name=client_name)
     try:
         try:
@@ -288,7 +309,8 @@ async def open_broker(
             raise
         except ValueError as exc:  # redis-py's URL parser
             url = redact_url(redis_url or settings.redis_url)
-            raise ConfigError(f"invalid Redis URL {url!r} ({origin}): {exc}") from exc
+            raise ConfigError(f"invalid Redis URL {url!r} ({where}): {exc}") from exc
+        say_redis(broker.url, where)
         yield broker
     finally:
         await broker.close()

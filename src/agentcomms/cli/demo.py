@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from agentcomms.cli._common import LogLevelOption, configure_logging, console, load_settings, open_broker, run
+from agentcomms.cli._common import LogLevelOption, configure_logging, console, errors, load_settings, open_broker, run
 from agentcomms.demo import run_demo
 from agentcomms.settings import Settings
 
@@ -13,6 +13,8 @@ async def _demo(settings: Settings) -> bool:
     if settings.redis_url:  # unreachable: exit code 5 now, not a failed start of six agent processes
         async with open_broker(settings, client_name="demo"):
             pass
+    else:
+        errors.print("[dim]redis: the demo's own embedded server, in a temporary folder[/]", highlight=False)
     return await run_demo(settings, console)
 
 
