@@ -1,11 +1,17 @@
 """The ``agentcomms`` command: thin wrappers that parse, build settings and call the library.
 
-One module per command group; ``_common`` holds the consoles and the runner that maps
-errors to exit codes.
+One module per command group; ``_common`` holds the consoles, logging, settings, the
+broker and the runner that maps errors to exit codes; ``_secrets`` keeps the Redis
+password out of everything the CLI writes.
 
 Exit codes: 0 success; 1 the agent answered with an error, or another failure;
-2 bad input or config; 3 no such agent / none online for the role; 4 timeout;
-5 Redis unreachable.
+2 bad input or config; 3 no such agent / none online for the role / no such dead letter;
+4 timeout; 5 Redis unreachable.
+
+Errors are one line on stderr; so is ``redis: URL (where it comes from)`` for commands
+that connect, so stdout holds only the result (``--json`` output stays parseable).
+``--log-level`` (before or after the command, default ``LOG_LEVEL``, else WARNING) logs
+to stderr through rich.
 """
 
 from __future__ import annotations

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import os
 import re
-import sys
-import traceback
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TextIO, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import typer
 from pydantic import TypeAdapter, ValidationError
@@ -23,6 +18,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from agentcomms.broker import MessageBroker
+from agentcomms.cli._secrets import ScrubbedStream, scrub_record, secrets
 from agentcomms.exceptions import (
     AgentCommsError,
     AgentNotFoundError,
@@ -40,101 +36,12 @@ from agentcomms.settings import Settings, redact_url
 logger = logging.getLogger(__name__)
 
 
-# -- secrets: no Redis password in any output or log line --------------------------------------
-
-
-class Secrets:
-    """The Redis passwords this process was given, and how to take them out of text it prints.
-
-    Messages name URLs redacted already (:func:`redact_url`); this is the net under them,
-    for text the CLI does not write itself: library errors, log lines, the demo's report.
-    """
-
-    def __init__(self) -> None:
-        self._replacements: dict[str, str] = {}
-
-    def add_url(self, url: str | None) -> None:
-        """Know the password in ``url``, if it has one (as written and percent-decoded)."""
-        if not url:
-            return
-        redacted = redact_url(url)
-        if redacted != url:
-            self._replacements[url] = redacted
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            return
-        userinfo, at, _ = parts.netloc.rpartition("@")
-        written = userinfo.partition(":")[2] if at else ""
-        for password in (written, unquote(written)):
-            if password:
-                self._replacements[f":{password}@"] = ":***@"
-                self.add_password(password)
-        for name, value in parse_qsl(parts.query):
-            if name == "password" and value:
-                self._replacements[f"password={value}"] = "password=***"
-                self.add_password(value)
-
-    def add_password(self, password: str | None) -> None:
-        """Know ``password``; it is replaced wherever it appears (if it is long enough to mean nothing else)."""
-        if password and len(password) >= 4:
-            self._replacements[password] = "***"
-
-    def add_environment(self) -> None:
-        """Know the passwords of ``REDIS_URL`` and ``REDIS_PASSWORD`` (any case, as Settings reads them)."""
-        for name, value in os.environ.items():
-            if name.upper() == "REDIS_URL":
-                self.add_url(value)
-            elif name.upper() == "REDIS_PASSWORD":
-                self.add_password(value)
-
-    def scrub(self, text: str) -> str:
-        """``text`` without any known password."""
-        for secret in sorted(self._replacements, key=len, reverse=True):  # whole URLs before bare passwords
-            if secret in text:
-                text = text.replace(secret, self._replacements[secret])
-        return text
-
-
-secrets = Secrets()
-
-
-class _ScrubbedStream(io.TextIOBase):
-    """``sys.stdout`` or ``sys.stderr`` (looked up at each write), with known passwords taken out."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self._name = name
-
-    @property
-    def _stream(self) -> TextIO:
-        stream: TextIO = getattr(sys, self._name)
-        return stream
-
-    def write(self, text: str) -> int:
-        self._stream.write(secrets.scrub(text))
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def isatty(self) -> bool:
-        return self._stream.isatty()
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]  # TextIOBase's is a plain attribute
-        return self._stream.encoding
-
-
 # the streams are file objects in all but typeshed's name (TextIOBase is not IO[str] there)
-stdout = cast(TextIO, _ScrubbedStream("stdout"))
+stdout = cast(TextIO, ScrubbedStream("stdout"))
 """Where machine-readable output (JSON, READY lines) goes."""
 # No emoji codes: ":smile:" in an agent's data or a role is text, not a picture.
 console = Console(file=stdout, emoji=False)
-errors = Console(file=cast(TextIO, _ScrubbedStream("stderr")), emoji=False)
+errors = Console(file=cast(TextIO, ScrubbedStream("stderr")), emoji=False)
 
 
 def write_out(text: str) -> None:
@@ -227,16 +134,6 @@ LogLevelOption = Annotated[
 """The ``--log-level`` every command takes, so that it may follow the command name too."""
 
 
-def _scrub_record(record: logging.LogRecord) -> bool:
-    """Take passwords out of a log record's message and traceback before it is rendered."""
-    text = record.getMessage()
-    if record.exc_info:
-        text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        record.exc_info = record.exc_text = None
-    record.msg, record.args = secrets.scrub(text), None
-    return True
-
-
 def configure_logging(level: LogLevel | None) -> None:
     """Log to stderr through rich at ``level`` (``None``: leave it as it is).
 
@@ -245,7 +142,7 @@ def configure_logging(level: LogLevel | None) -> None:
     if level is None:
         return
     handler = RichHandler(console=errors, show_path=False)
-    handler.addFilter(_scrub_record)
+    handler.addFilter(scrub_record)
     logging.basicConfig(level=level.value, format="%(message)s", handlers=[handler], force=True)
 
 

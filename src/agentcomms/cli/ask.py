@@ -85,14 +85,15 @@ def ask(
             return await sender.request(to, intent, payload, timeout=timeout)
 
     reply = run(send())
+    responder = esc(reply.responder_id or to or f"the {role} agent")
     if as_json:
         write_out(reply.model_dump_json(indent=2) + "\n")
     elif reply.success:
-        console.print(f"[green]{esc(reply.responder_id)}[/] answered:")
+        console.print(f"[green]{responder}[/] answered:")
         console.print_json(json.dumps(reply.data, default=str))
     else:
         error = reply.error
         detail = f"{error.code}: {error.message}" if error and error.message else (error.code if error else "?")
-        errors.print(f"[bold red]{esc(reply.responder_id)} answered with an error:[/] {esc(detail)}", soft_wrap=True)
+        errors.print(f"[bold red]{responder} answered with an error:[/] {esc(detail)}", soft_wrap=True)
     if not reply.success:
         raise typer.Exit(1)
