@@ -1,0 +1,69 @@
+"""``agentcomms run-agent``: serve the agents of a config file until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agentcomms.agent import BaseAgent
+from agentcomms.cli._common import LogLevelOption, configure_logging, load_settings, open_broker, run, write_out
+from agentcomms.exceptions import ConfigError
+from agentcomms.settings import Settings, load_agents_config
+
+
+def _agent_class(path: str) -> type[BaseAgent]:
+    module_name, _, class_name = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot load agent class {path!r}: {exc}") from exc
+    if not (isinstance(found, type) and issubclass(found, BaseAgent)):
+        raise ConfigError(f"{path!r} is not a BaseAgent subclass")
+    return found
+
+
+def run_agent(
+    config: Annotated[Path, typer.Option("--config", "-c", help='JSON file in the seed\'s {"agents": [...]} format.')],
+    agent_id: Annotated[list[str] | None, typer.Option("--agent-id", help="Run only these agents of the file.")] = None,
+    agent_class: Annotated[
+        str, typer.Option("--class", help="module:Class of the agents (a BaseAgent subclass).")
+    ] = "agentcomms.examples:TwinAgent",
+    log_level: LogLevelOption = None,
+) -> None:
+    """Run agents from a config file until SIGINT or SIGTERM (REDIS_URL overrides the file's redis_url)."""
+    configure_logging(log_level)
+    settings = load_settings()
+    run(_run_agents(settings, config, agent_id or [], agent_class))
+
+
+async def _run_agents(settings: Settings, config: Path, only: list[str], agent_class: str) -> None:
+    selected = load_agents_config(config).agents
+    if only:
+        unknown = sorted(set(only) - {a.agent_id for a in selected})
+        if unknown:
+            raise ConfigError(f"no agent {', '.join(unknown)} in the file", path=str(config))
+        selected = [a for a in selected if a.agent_id in only]
+    if not selected:
+        raise ConfigError("the file lists no agents", path=str(config))
+    cls = _agent_class(agent_class)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    file_url = None if settings.redis_url else selected[0].redis_url
+    async with open_broker(settings, redis_url=file_url, origin=f"redis_url in {config}") as broker:
+        agents = [cls(agent, broker=broker) for agent in selected]
+        started: list[BaseAgent] = []
+        try:
+            for agent in agents:
+                started.append(await agent.initialize())
+            write_out("READY " + " ".join(a.agent_id for a in agents) + "\n")
+            await stop.wait()
+        finally:
+            for agent in reversed(started):
+                await agent.shutdown()
