@@ -1,15 +1,18 @@
-"""The embedded redis-server: starts, persists across restarts, is shared per folder, stops.
+"""The embedded redis-server: owned (EmbeddedRedis) and shared per folder (acquire_embedded), with real processes.
 
 Nothing here sleeps to synchronise: tests wait for a line on a pipe, a process exit (pidfd), or a lock.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,14 @@ import redis
 
 from agentcomms import EmbeddedRedis, EmbeddedRedisError
 from agentcomms.embedded import (
+    EmbeddedStatus,
     _bundled_redis_server,
     _setpriv,
     _socket_path_for,
+    acquire_embedded,
+    embedded_status,
     find_redis_server,
-    shared_embedded_redis,
+    stop_embedded,
 )
 
 TESTS = Path(__file__).parent
@@ -42,6 +48,99 @@ def wait_gone(*pids: int) -> None:
             assert select.select([fd], [], [], 30)[0], f"process {pid} is still running"
         finally:
             os.close(fd)
+
+
+def ping(url: str) -> bool:
+    client = redis.Redis.from_url(url)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+def read_key(url: str, key: str) -> bytes | None:
+    client = redis.Redis.from_url(url)
+    try:
+        value = client.get(key)
+        assert value is None or isinstance(value, bytes)
+        return value
+    finally:
+        client.close()
+
+
+def status(folder: Path) -> EmbeddedStatus:
+    found = embedded_status(folder)
+    assert found is not None, f"no embedded server running for {folder}"
+    return found
+
+
+def assert_stopped(folder: Path, before: EmbeddedStatus) -> None:
+    wait_gone(before.supervisor_pid, before.redis_pid)
+    assert embedded_status(folder) is None
+    assert not (folder / "server.json").exists()
+    assert not Path(before.url.removeprefix("unix://")).exists()
+
+
+class User:
+    """tests/embedded_user.py in its own process: acquires a lease, prints it, holds it until told."""
+
+    def __init__(self, folder: Path, *args: str, new_session: bool = False) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(TESTS / "embedded_user.py"), str(folder), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=new_session,
+        )
+        self.info: dict[str, Any] = {}
+
+    def go(self) -> None:
+        self._stdin().write("go\n")
+        self._stdin().flush()
+
+    def ready(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, f"user process exited with {self.process.wait()}"
+        self.info = json.loads(line)
+        return self.info
+
+    def release(self) -> None:
+        self._stdin().write("release\n")
+        self._stdin().flush()
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "RELEASED\n"
+        assert self.process.wait() == 0
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        self.kill()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+    def _stdin(self) -> Any:
+        assert self.process.stdin is not None
+        return self.process.stdin
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "data"
+    yield path
+    stop_embedded(path)  # whatever a failing test left running
+
+
+@pytest.fixture
+def users() -> Iterator[list[User]]:
+    started: list[User] = []
+    yield started
+    for user in started:
+        user.close()
 
 
 # -- owned: EmbeddedRedis ---------------------------------------------------------------------------------------------
@@ -193,63 +292,172 @@ def test_a_long_folder_path_gets_a_short_private_socket(tmp_path: Path, monkeypa
     assert in_tmp.name == in_runtime.name.removeprefix("agentcomms-")  # one name per folder, wherever it goes
 
 
-# -- shared (old API) ----------------------------------------------------------------------------------------------
+# -- shared: acquire_embedded -------------------------------------------------------------------------------------
 
 
-def test_shared_server_is_reused_by_a_second_caller(tmp_path: Path) -> None:
-    url, owner = shared_embedded_redis(tmp_path / "shared")
+def test_server_outlives_its_starter_while_another_process_uses_it(folder: Path, users: list[User]) -> None:
+    starter = User(folder, "--set", "written-by", "starter")
+    users.append(starter)
+    assert starter.ready()["started"]
+    with acquire_embedded(folder) as lease:
+        assert not lease.started and lease.url == starter.info["url"]
+        before = status(folder)
+        starter.release()
+        wait_gone(starter.info["pid"])
+        assert read_key(lease.url, "written-by") == b"starter"
+        assert status(folder) == before
+    assert_stopped(folder, before)
+
+
+def test_server_stops_when_the_last_lease_is_released(folder: Path, users: list[User]) -> None:
+    lease = acquire_embedded(folder)
+    assert lease.started and lease.url == f"unix://{folder.resolve()}/redis.sock"
+    other = User(folder)
+    users.append(other)
+    assert not other.ready()["started"]
+    before = status(folder)
+    lease.release()
+    lease.release()  # idempotent
+    assert ping(other.info["url"]) and status(folder) == before
+    other.release()
+    assert_stopped(folder, before)
+
+
+def test_server_stops_when_the_last_user_is_killed(folder: Path, users: list[User]) -> None:
+    user = User(folder)
+    users.append(user)
+    assert user.ready()["started"]
+    before = status(folder)
+    user.kill()  # SIGKILL: no release, no atexit; the kernel drops its lock
+    assert_stopped(folder, before)
+
+
+def test_ctrl_c_in_the_starters_terminal_does_not_stop_the_server(folder: Path, users: list[User]) -> None:
+    # the starter leads its own process group, as a shell's foreground job does; Ctrl-C signals the whole group
+    starter = User(folder, "--set", "written-by", "starter", new_session=True)
+    users.append(starter)
+    assert starter.ready()["started"]
+    with acquire_embedded(folder) as lease:
+        before = status(folder)
+        os.killpg(starter.process.pid, signal.SIGINT)
+        assert starter.process.wait() != 0  # KeyboardInterrupt
+        assert read_key(lease.url, "written-by") == b"starter"
+        assert status(folder) == before
+    assert_stopped(folder, before)
+
+
+def test_long_folder_path_two_processes_share_one_server(tmp_path: Path, users: list[User]) -> None:
+    folder = tmp_path / ("a-long-folder-name-" * 6)
     try:
-        assert owner is not None and url.startswith("unix://")
-        again, second_owner = shared_embedded_redis(tmp_path / "shared")
-        assert again == url and second_owner is None
+        first, second = User(folder), User(folder)
+        users += [first, second]
+        infos = [first.ready(), second.ready()]
+        assert sorted(info["started"] for info in infos) == [False, True]
+        assert infos[0]["url"] == infos[1]["url"] == status(folder).url
+        assert infos[0]["url"].startswith("unix://") and str(folder) not in infos[0]["url"]
+        before = status(folder)
+        first.release()
+        assert ping(before.url)
+        second.release()
+        assert_stopped(folder, before)
     finally:
-        assert owner is not None
-        owner.stop()
+        stop_embedded(folder)
 
 
-# -- reproductions of the lifecycle bugs (old API), before the fix ---------------------------------------------
+def test_two_processes_acquiring_at_once_start_exactly_one_server(folder: Path, users: list[User]) -> None:
+    racers = [User(folder, "--wait-go") for _ in range(3)]
+    users += racers
+    for racer in racers:
+        racer.go()
+    infos = [racer.ready() for racer in racers]
+    assert [info["started"] for info in infos].count(True) == 1
+    assert {info["url"] for info in infos} == {status(folder).url}
+    before = status(folder)
+    for racer in racers:
+        racer.release()
+    assert_stopped(folder, before)
+    assert (folder / "supervisor.log").read_text().count("ready at") == 1
 
-_OLD_OWNER = """
-import sys
-from agentcomms.embedded import shared_embedded_redis
-url, owner = shared_embedded_redis(sys.argv[1])
-print(url, owner is not None, flush=True)
-sys.stdin.readline()
-"""
+
+def test_stop_embedded_stops_a_server_in_use(folder: Path) -> None:
+    lease = acquire_embedded(folder)
+    before = status(folder)
+    assert stop_embedded(folder)
+    assert_stopped(folder, before)
+    assert not stop_embedded(folder)
+    with acquire_embedded(folder) as again:  # the old lease counts as a user of the new server
+        assert again.started and ping(again.url)
+    assert ping(lease.url)
+    after = status(folder)
+    lease.release()
+    assert_stopped(folder, after)
 
 
-@pytest.mark.xfail(reason="bug 1: the embedded Redis belongs to the process that started it", strict=True)
-def test_repro_server_dies_with_its_starter(tmp_path: Path) -> None:
-    starter = subprocess.Popen(
-        [sys.executable, "-c", _OLD_OWNER, str(tmp_path / "d")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert starter.stdout is not None and starter.stdin is not None
-    url, _ = starter.stdout.readline().split()
-    again, mine = shared_embedded_redis(tmp_path / "d")
-    assert again == url and mine is None
-    starter.stdin.close()  # the starter exits while this process still uses the server
-    starter.wait()
-    starter.stdout.close()
-    client = redis.Redis.from_url(url)
-    try:
-        assert client.ping()
-    finally:
+def test_acquire_after_a_crash_starts_afresh_with_the_aof_data(folder: Path) -> None:
+    with acquire_embedded(folder) as lease:
+        client = redis.Redis.from_url(lease.url)
+        client.config_set("appendfsync", "always")  # acknowledged means on disk, whatever the timing of the kill
+        client.xadd("stream", {"survives": "the crash"})
         client.close()
+        crashed = status(folder)
+        os.kill(crashed.supervisor_pid, signal.SIGKILL)
+        os.kill(crashed.redis_pid, signal.SIGKILL)
+        wait_gone(crashed.supervisor_pid, crashed.redis_pid)
+        assert (folder / "server.json").exists() and embedded_status(folder) is None  # stale, and known to be
+        with acquire_embedded(folder) as fresh:
+            assert fresh.started
+            client = redis.Redis.from_url(fresh.url)
+            entries = client.xrange("stream")
+            assert entries is not None
+            assert [fields for _, fields in entries] == [{b"survives": b"the crash"}]
+            client.close()
+            assert status(folder).supervisor_pid != crashed.supervisor_pid
 
 
-def test_long_path_second_caller_finds_the_first_server(tmp_path: Path) -> None:
-    folder = tmp_path / ("long-" * 25)
-    _, first = shared_embedded_redis(folder)
-    try:
-        _, second = shared_embedded_redis(folder)
-        try:
-            assert second is None
-        finally:
-            if second is not None:
-                second.stop()
-    finally:
-        assert first is not None
-        first.stop()
+def test_a_killed_supervisor_leaves_no_redis_server_behind(folder: Path) -> None:
+    with acquire_embedded(folder) as lease:
+        client = redis.Redis.from_url(lease.url)
+        client.config_set("appendfsync", "always")
+        client.set("key", "value")
+        client.close()
+        killed = status(folder)
+        os.kill(killed.supervisor_pid, signal.SIGKILL)
+        wait_gone(killed.supervisor_pid)
+        with acquire_embedded(folder) as fresh:  # stops the orphan if the parent-death signal did not
+            assert fresh.started and read_key(fresh.url, "key") == b"value"
+            wait_gone(killed.redis_pid)
+            assert status(folder).redis_pid != killed.redis_pid
+
+
+def test_bundled_redis_works_in_shared_mode(folder: Path, users: list[User]) -> None:
+    bundled = _bundled_redis_server()
+    assert bundled is not None
+    with acquire_embedded(folder, binary=bundled) as lease:
+        running = status(folder)
+        assert running.binary == bundled and running.version is not None and running.version.startswith("6.2")
+        other = User(folder)  # any binary of its own: it uses the server that runs
+        users.append(other)
+        assert other.ready()["url"] == lease.url and not other.info["started"]
+        other.release()
+        assert ping(lease.url)
+    assert_stopped(folder, running)
+
+
+def test_shared_start_errors_are_reported(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedRedisError, match="is not an executable"):
+        acquire_embedded(folder, binary=str(tmp_path / "no-such-redis"))
+    broken = tmp_path / "broken-redis-server"
+    broken.write_text("#!/bin/sh\necho 'FATAL: broken on purpose' >> redis.log\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(EmbeddedRedisError, match=r"(?s)exited with code 3 at start.*broken on purpose"):
+        acquire_embedded(folder, binary=str(broken))
+    assert embedded_status(folder) is None and not (folder / "server.json").exists()
+    with acquire_embedded(folder) as lease:  # nothing was left holding the folder
+        assert lease.started
+
+
+async def test_broker_without_a_url_uses_the_shared_server(folder: Path) -> None:
+    from agentcomms import MessageBroker, Settings
+
+    async with MessageBroker(settings=Settings(redis_url=None, data_dir=folder)) as broker:
+        assert broker.url == status(folder).url
