@@ -461,3 +461,26 @@ async def test_broker_without_a_url_uses_the_shared_server(folder: Path) -> None
 
     async with MessageBroker(settings=Settings(redis_url=None, data_dir=folder)) as broker:
         assert broker.url == status(folder).url
+
+
+def test_loopback_tcp_as_the_last_resort_is_found_through_the_state_file(
+    folder: Path, users: list[User], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a supervisor that finds no usable folder for a unix socket (as if the path and every temp dir were unusable)
+    code = (
+        "import sys, agentcomms.embedded as e; e._socket_path_for = lambda data_dir: None; "
+        "from agentcomms._supervisor import main; sys.exit(main(sys.argv[1:]))"
+    )
+
+    def command(data_dir: Path, binary: str | None, timeout: float) -> list[str]:
+        return [sys.executable, "-c", code, str(data_dir), "--timeout", str(timeout)]
+
+    monkeypatch.setattr("agentcomms.embedded._supervisor_command", command)
+    with acquire_embedded(folder) as lease:
+        assert lease.started and lease.url.startswith("redis://127.0.0.1:")
+        other = User(folder)
+        users.append(other)
+        assert other.ready()["url"] == lease.url and not other.info["started"]
+        other.release()
+        running = status(folder)
+    assert_stopped(folder, running)
