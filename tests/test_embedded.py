@@ -5,6 +5,7 @@ Nothing here sleeps to synchronise: tests wait for a line on a pipe, a process e
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -12,7 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,26 @@ def wait_gone(*pids: int) -> None:
             assert select.select([fd], [], [], 30)[0], f"process {pid} is still running"
         finally:
             os.close(fd)
+
+
+def lock_held(path: Path, operation: int) -> bool:
+    """Whether another process holds a lock that conflicts with ``operation`` on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def poll_until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for a state nothing can block on (another process now holds a lock): check, yield the CPU, check again."""
+    deadline = time.monotonic() + 30  # a safety net against a hang, not a threshold the test relies on
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.001)
 
 
 def ping(url: str) -> bool:
@@ -377,6 +399,31 @@ def test_two_processes_acquiring_at_once_start_exactly_one_server(folder: Path, 
         racer.release()
     assert_stopped(folder, before)
     assert (folder / "supervisor.log").read_text().count("ready at") == 1
+
+
+def test_a_user_arriving_while_the_server_stops_gets_a_fresh_one(folder: Path, users: list[User]) -> None:
+    lease = acquire_embedded(folder)
+    client = redis.Redis.from_url(lease.url)
+    client.config_set("appendfsync", "always")
+    client.set("key", "value")
+    client.close()
+    stopping = status(folder)
+    os.kill(stopping.redis_pid, signal.SIGSTOP)  # holds the supervisor in the middle of its shutdown
+    try:
+        lease.release()
+        poll_until(lambda: lock_held(folder / "users.lock", fcntl.LOCK_SH), "the supervisor decided to stop")
+        newcomer = User(folder)
+        users.append(newcomer)
+        poll_until(lambda: lock_held(folder / "start.lock", fcntl.LOCK_EX), "the newcomer is inside acquire")
+    finally:
+        os.kill(stopping.redis_pid, signal.SIGCONT)
+    info = newcomer.ready()  # it waited for the old server to be gone, then started its own
+    assert info["started"]
+    wait_gone(stopping.supervisor_pid, stopping.redis_pid)
+    fresh = status(folder)
+    assert fresh.supervisor_pid != stopping.supervisor_pid and read_key(fresh.url, "key") == b"value"
+    newcomer.release()
+    assert_stopped(folder, fresh)
 
 
 def test_stop_embedded_stops_a_server_in_use(folder: Path) -> None:
