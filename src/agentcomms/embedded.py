@@ -69,7 +69,7 @@ Races, and why each is safe:
   ``server.json`` and the socket before it releases ``supervisor.lock``; a user arriving
   meanwhile finds a supervisor whose server does not answer, waits for the supervisor
   to exit, then starts a fresh server. Leases still held count as users of that new
-  server (same socket path, so their clients reconnect).
+  server (on a unix socket its path is the same, so their clients reconnect).
 * Status probes take ``supervisor.lock`` ``LOCK_SH`` for an instant; the supervisor takes
   its lock with retries, so a probe never makes a start fail.
 * Terminal signals: the supervisor runs in its own session (``start_new_session``), so
