@@ -33,6 +33,7 @@ async def running(redis_url: str, config: Path, *agent_ids: str) -> AsyncIterato
     """Agents of ``config`` in their own process, until the block ends."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentcomms", "run-agent", "--config", str(config),
+        "--class", "agentcomms.examples:TwinAgent",
         *[arg for agent_id in agent_ids for arg in ("--agent-id", agent_id)],
         env={**os.environ, "REDIS_URL": redis_url}, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -3,7 +3,14 @@
 from agentcomms.agent import BaseAgent
 from agentcomms.broker import BrokerStats, MessageBroker, PublishResult
 from agentcomms.deadletters import DeadLetter
-from agentcomms.embedded import EmbeddedRedis
+from agentcomms.embedded import (
+    EmbeddedLease,
+    EmbeddedRedis,
+    EmbeddedStatus,
+    acquire_embedded,
+    embedded_status,
+    stop_embedded,
+)
 from agentcomms.exceptions import (
     AgentCommsError,
     AgentNotFoundError,
@@ -61,8 +68,10 @@ __all__ = [
     "ConfigError",
     "DeadLetter",
     "DeadLetterNotFoundError",
+    "EmbeddedLease",
     "EmbeddedRedis",
     "EmbeddedRedisError",
+    "EmbeddedStatus",
     "ErrorDetail",
     "Handler",
     "HandlerError",
@@ -90,7 +99,10 @@ __all__ = [
     "Subscription",
     "SubscriptionStats",
     "__version__",
+    "acquire_embedded",
     "create_agent_config",
+    "embedded_status",
     "export_json_schemas",
     "load_agents_config",
+    "stop_embedded",
 ]

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 
 from agentcomms import deadletters, keys
 from agentcomms.deadletters import DeadLetter
-from agentcomms.embedded import EmbeddedRedis, shared_embedded_redis
+from agentcomms.embedded import EmbeddedLease, acquire_embedded
 from agentcomms.exceptions import (
     AgentCommsError,
     BrokerClosedError,
@@ -119,7 +120,7 @@ class MessageBroker:
         self.reply_stream = keys.replies(self.client_id)
         self._spec: ConnectionSpec | None = None
         self._pipeliner: Pipeliner | None = None
-        self._embedded: EmbeddedRedis | None = None
+        self._embedded: EmbeddedLease | None = None
         self._reply_reader: asyncio.Task[None] | None = None
         self._replies = BlockingReader(ConnectionSpec(), name="unused")  # replaced at connect
         self._closing = False
@@ -130,6 +131,11 @@ class MessageBroker:
         self._stats = BrokerStats()
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The embedded server's folder, when this broker uses it."""
+        return self.settings.data_dir if self._uses_embedded else None
 
     @property
     def url(self) -> str:
@@ -160,15 +166,21 @@ class MessageBroker:
         """
         if self._pipeliner is not None:
             return self
-        if self._url is None:
-            self._url, self._embedded = await asyncio.to_thread(
-                shared_embedded_redis, self.settings.data_dir, binary=self.settings.redis_server
+        if self._uses_embedded and self._embedded is None:
+            # a lease on the folder's shared server: it outlives this process while others use it
+            self._embedded = await asyncio.to_thread(
+                acquire_embedded, self.settings.data_dir, binary=self.settings.redis_server
             )
+            self._url = self._embedded.url
         password = self.settings.redis_password.get_secret_value() if self.settings.redis_password else None
         assert self._url is not None
-        spec = ConnectionSpec.from_url(self._url, password=password, db=self.settings.redis_db)
-        pipeliner = Pipeliner(spec, reconnect_timeout=self.settings.reconnect_timeout, name=self.client_id)
-        await pipeliner.connect()
+        try:
+            spec = ConnectionSpec.from_url(self._url, password=password, db=self.settings.redis_db)
+            pipeliner = Pipeliner(spec, reconnect_timeout=self.settings.reconnect_timeout, name=self.client_id)
+            await pipeliner.connect()
+        except BaseException:
+            self._release_embedded()
+            raise
         self._spec, self._pipeliner = spec, pipeliner
         self._replies = BlockingReader(spec, name=f"{self.client_id}.replies")
         self._closing = False
@@ -196,8 +208,11 @@ class MessageBroker:
         if self._pipeliner is not None:
             await self._pipeliner.aclose()
             self._pipeliner = None
+        self._release_embedded()
+
+    def _release_embedded(self) -> None:
         if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
+            self._embedded.release()  # the server stops when its last user is gone
             self._embedded = None
 
     async def __aenter__(self) -> Self:

@@ -79,6 +79,8 @@ async def _team(url: str, config: Path, agent_ids: list[str]) -> AsyncIterator[l
             str(config),
             "--agent-id",
             agent_id,
+            "--class",
+            "agentcomms.examples:TwinAgent",
             stdout=asyncio.subprocess.PIPE,
             env=env,
         )  # fmt: skip

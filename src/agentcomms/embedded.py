@@ -861,16 +861,3 @@ def stop_embedded(data_dir: str | Path, *, timeout: float = 15.0) -> bool:
 
 
 # -- transition -------------------------------------------------------------------------------------------------
-
-_process_leases: list[EmbeddedLease] = []
-
-
-def shared_embedded_redis(data_dir: str | Path, *, binary: str | None = None) -> tuple[str, EmbeddedRedis | None]:
-    """Deprecated: use :func:`acquire_embedded`. Kept only until ``broker.py`` switches to it.
-
-    Takes a lease that this process keeps until it exits, and returns its URL with
-    ``None`` (no caller owns the server any more: it stops when its last user is gone).
-    """
-    lease = acquire_embedded(data_dir, binary=binary)
-    _process_leases.append(lease)
-    return lease.url, None

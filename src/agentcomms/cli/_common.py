@@ -202,11 +202,8 @@ async def open_broker(
     try:
         try:
             await broker.connect()
-        except AgentCommsError:
-            raise
-        except ValueError as exc:  # redis-py's URL parser
-            url = redact_url(redis_url or settings.redis_url)
-            raise ConfigError(f"invalid Redis URL {url!r} ({where}): {exc}") from exc
+        except ConfigError as exc:  # the URL cannot be parsed: say where it came from
+            raise ConfigError(f"{exc} ({where})") from None
         say_redis(broker.url, where)
         yield broker
     finally:

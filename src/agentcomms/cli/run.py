@@ -32,7 +32,7 @@ def run_agent(
     agent_id: Annotated[list[str] | None, typer.Option("--agent-id", help="Run only these agents of the file.")] = None,
     agent_class: Annotated[
         str, typer.Option("--class", help="module:Class of the agents (a BaseAgent subclass).")
-    ] = "agentcomms.examples:TwinAgent",
+    ] = "agentcomms:BaseAgent",
     log_level: LogLevelOption = None,
 ) -> None:
     """Run agents from a config file until SIGINT or SIGTERM (REDIS_URL overrides the file's redis_url)."""

@@ -8,6 +8,8 @@ that the transport holds it and sends it again instead of failing the caller.
 
 from __future__ import annotations
 
+import re
+
 from agentcomms.exceptions import (
     AgentCommsError,
     RedisCommandError,
@@ -34,6 +36,7 @@ next one can reach the new primary; NOSCRIPT (a SCRIPT FLUSH) reloads the script
 """
 
 _RECONNECT_CODES = frozenset({"READONLY"})
+_INNER_CODE = re.compile(r": -?([A-Z][A-Z]+) ")
 
 
 def code_of(error: BaseException | str) -> str:
@@ -45,9 +48,11 @@ def code_of(error: BaseException | str) -> str:
     text = str(error)
     code = text.split(" ", 1)[0].upper()
     if code == "ERR" and "Error running script" in text:
-        inner = text.rpartition(": -")[2]
-        if inner and inner != text:
-            return inner.split(" ", 1)[0].upper()
+        # Redis 6.2: "ERR Error running script (call to f_...): @user_script:12: WRONGTYPE Operation ..."
+        # (or ": -OOM command not allowed ..."): the inner code is the last upper-case word after ": "
+        inner: list[str] = [c for c in _INNER_CODE.findall(text) if c != "ERR"]
+        if inner:
+            return inner[-1]
     return code
 
 
