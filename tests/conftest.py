@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -77,6 +78,41 @@ async def wait_for_dead_letters(raw: Redis, agent_id: str, count: int, timeout: 
                     last = entry_id
                     seen.append(fields)
     return seen
+
+
+@contextlib.asynccontextmanager
+async def keyspace_events(raw: Redis, key: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+    """A queue of the keyspace events (``xadd``, ``xtrim``, ``expire`` ...) of ``key``, while the block runs."""
+    await raw.config_set("notify-keyspace-events", "KA")
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(f"__keyspace@0__:{key}")
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def pump() -> None:
+        async for item in pubsub.listen():
+            if item["type"] == "message":
+                queue.put_nowait(item["data"])
+
+    task = asyncio.create_task(pump())
+    try:
+        yield queue
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await raw.config_set("notify-keyspace-events", "")
+
+
+async def server_time_passes(raw: Redis, seconds: float) -> None:
+    """Wait until ``seconds`` have passed on the Redis server's clock (when time passing is the scenario itself)."""
+    start_s, start_us = await raw.time()
+    until = int(start_s) * 1_000_000 + int(start_us) + int(seconds * 1_000_000)
+    while True:
+        now_s, now_us = await raw.time()
+        left = until - (int(now_s) * 1_000_000 + int(now_us))
+        if left <= 0:
+            return
+        await asyncio.sleep(left / 1_000_000)
 
 
 class AgentProcess:

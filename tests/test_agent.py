@@ -195,3 +195,12 @@ async def test_search_knowledge_is_not_configured_yet(settings: Settings) -> Non
 def test_bad_config_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="agent_id"):
         Echo({"agent_id": "bad id", "user_name": "x", "role": "r", "department": "d"})
+
+
+async def test_an_invalid_record_from_the_agent_class_is_a_config_error(settings: Settings) -> None:
+    class Sloppy(BaseAgent):
+        async def get_agent_capabilities(self) -> list[str]:
+            return ["x" * 500]  # longer than a capability may be
+
+    with pytest.raises(ConfigError, match="agent.sloppy: invalid agent record: capabilities.0"):
+        await Sloppy(config("agent.sloppy"), settings=settings).initialize()

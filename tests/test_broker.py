@@ -24,6 +24,7 @@ from agentcomms import (
     Settings,
     keys,
 )
+from conftest import keyspace_events, server_time_passes
 
 
 def message(recipient: str, sender: str = "agent.sender", **data: Any) -> AgentMessage:
@@ -398,7 +399,39 @@ async def test_reply_stream_expires_and_is_trimmed(broker: MessageBroker, agent_
         return 1
 
     await broker.subscribe_to_agent(agent_id, handler)
-    for _ in range(3):
-        await broker.request(message(agent_id))
-    ttl = await raw.pttl(broker.reply_stream)
-    assert 0 < ttl <= broker.settings.reply_ttl * 1000
+    async with keyspace_events(raw, broker.reply_stream) as events:
+        for _ in range(3):
+            await broker.request(message(agent_id))
+        ttl = await raw.pttl(broker.reply_stream)
+        assert 0 < ttl <= broker.settings.reply_ttl * 1000
+        async with asyncio.timeout(10):
+            while await raw.xlen(broker.reply_stream):  # the reader trims what it read once replies stop
+                assert await events.get() in (b"xadd", b"expire", b"xtrim")
+    assert await raw.exists(broker.reply_stream)  # trimmed, not deleted: it keeps its TTL
+
+
+async def test_a_handler_running_longer_than_claim_idle_is_not_taken_over(
+    settings: Settings, agent_id: str, raw: Redis
+) -> None:
+    # two instances; the first holds a message for several claim_idle periods (the waiting is the scenario)
+    started, release = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    def make(name: str) -> Any:
+        async def handler(msg: AgentMessage) -> str:
+            runs.append(name)
+            started.set()
+            await release.wait()
+            return name
+
+        return handler
+
+    async with MessageBroker(settings=settings) as one, MessageBroker(settings=settings) as two:
+        await one.subscribe_to_agent(agent_id, make("one"))
+        asking = asyncio.create_task(one.request(message(agent_id), timeout=30))
+        await started.wait()
+        await two.subscribe_to_agent(agent_id, make("two"))
+        await server_time_passes(raw, 5 * settings.claim_idle)
+        release.set()
+        reply = await asyncio.wait_for(asking, 30)
+    assert runs == ["one"] and reply.data == "one"  # kept alive: the second instance never took it over

@@ -152,17 +152,24 @@ class BaseAgent:
         return self._subscription is not None and self._subscription.running
 
     async def info(self) -> AgentInfo:
-        """The record this agent registers."""
+        """The record this agent registers.
+
+        Raises:
+            ConfigError: what :meth:`get_agent_capabilities` or :meth:`get_supported_intents` returned is not valid.
+        """
         intents = list(dict.fromkeys([*map(str, await self.get_supported_intents()), *BUILT_IN_INTENTS]))
-        return AgentInfo(
-            agent_id=self.agent_id,
-            user_name=self.config.user_name,
-            role=self.config.role,
-            department=self.config.department,
-            capabilities=await self.get_agent_capabilities(),
-            supported_intents=intents,
-            version=self.version,
-        )
+        try:
+            return AgentInfo(
+                agent_id=self.agent_id,
+                user_name=self.config.user_name,
+                role=self.config.role,
+                department=self.config.department,
+                capabilities=await self.get_agent_capabilities(),
+                supported_intents=intents,
+                version=self.version,
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"{self.agent_id}: invalid agent record: {describe_errors(exc)}") from None
 
     async def initialize(self) -> Self:
         """Connect, start taking messages, register and start heart-beating.

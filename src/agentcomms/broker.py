@@ -529,7 +529,8 @@ class MessageBroker:
                     untrimmed += 1
             if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
                 # drop what was read, off the hot path: in batches, or when the stream is idle
-                self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", last, replay=True)
+                ms, _, seq = last.partition("-")  # MINID keeps ids >= the one given: trim through `last` itself
+                self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", f"{ms}-{int(seq) + 1}", replay=True)
                 untrimmed = 0
             if response:
                 await asyncio.sleep(0)  # the waiting callers resume before the next read is written

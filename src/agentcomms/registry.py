@@ -151,14 +151,14 @@ class AgentRegistry:
 
     @staticmethod
     def _validate(agent_info: AgentInfo | dict[str, Any]) -> AgentInfo:
-        if isinstance(agent_info, AgentInfo):
-            return AgentInfo.model_validate(agent_info.model_dump())  # re-check: fields may have been assigned
+        # an AgentInfo is checked again: its fields may have been assigned since it was made
+        raw = agent_info.model_dump() if isinstance(agent_info, AgentInfo) else agent_info
         try:
-            return AgentInfo.model_validate(agent_info)
+            return AgentInfo.model_validate(raw)
         except ValidationError as exc:
             problems = describe_errors(exc)
-            agent_id = agent_info.get("agent_id")
-            raise RegistrationError(problems, agent_id=agent_id if isinstance(agent_id, str) else None) from exc
+            agent_id = raw.get("agent_id") if isinstance(raw, dict) else None
+            raise RegistrationError(problems, agent_id=agent_id if isinstance(agent_id, str) else None) from None
 
     async def register_agent(
         self,
