@@ -492,3 +492,33 @@ async def test_commands_say_on_stderr_which_redis_they_use(cli: Cli, redis_url: 
     assert embedded.code == 0, embedded.err
     [line] = [line for line in embedded.err.splitlines() if line.startswith("redis: ")]
     assert line.startswith(f"redis: unix://{cli.home / 'data'}/") and line.endswith("(embedded, data in ~/data)")
+
+
+async def test_the_embedded_server_is_found_from_any_folder_and_stopped_on_request(cli: Cli) -> None:
+    # an agent on the embedded server of the data folder; commands from another folder see it
+    config = save_startup_config(cli.home / "team.json", [create_agent_config("agent.cto.raj", "raj", "cto", "tech")])
+    process = await cli.start("run-agent", "--config", str(config), redis_url=None)
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(60):
+            assert await process.stdout.readline() == b"READY agent.cto.raj\n"
+        status = await cli("redis", "status", "--json", redis_url=None)
+        info = json.loads(status.out)
+        assert status.code == 0 and info["source"] == "embedded" and info["running"] is True
+        elsewhere = cli.home / "elsewhere"
+        elsewhere.mkdir()
+        found = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentcomms", "agents", "--json", cwd=elsewhere, env=cli.env(None),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await found.communicate()
+        assert found.returncode == 0, err
+        assert [a["agent_id"] for a in json.loads(out)] == ["agent.cto.raj"]  # the same server, not a new empty one
+        assert f"redis: {info['url']}" in err.decode()
+        stopped = await cli("redis", "stop", redis_url=None)
+        assert stopped.code == 0 and "stopped the embedded redis-server" in stopped.out
+        after = json.loads((await cli("redis", "status", "--json", redis_url=None)).out)
+        assert after["running"] is False
+    finally:
+        process.kill()  # its Redis is gone: a clean stop could not leave the registry anyway
+        await process.wait()

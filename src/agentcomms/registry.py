@@ -47,6 +47,9 @@ __all__ = ["AgentRegistry", "Presence", "RegistryStats"]
 
 logger = logging.getLogger(__name__)
 
+_LEAVE_TIMEOUT = 5.0
+"""Seconds a stopping instance tries to leave the registry before giving up (offline after 3 beats then)."""
+
 _STORED_FIELDS = {
     "agent_id",
     "user_name",
@@ -439,4 +442,5 @@ class Presence:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
-        await self._leave(timeout=self.registry.settings.reconnect_timeout)
+        # bounded: a program stopping while Redis is away should not hang for reconnect_timeout
+        await self._leave(timeout=min(_LEAVE_TIMEOUT, self.registry.settings.reconnect_timeout))

@@ -25,6 +25,7 @@ from agentcomms.cli.agents import agents
 from agentcomms.cli.ask import ask
 from agentcomms.cli.demo import demo
 from agentcomms.cli.dlq import dlq_app
+from agentcomms.cli.redis import redis_app
 from agentcomms.cli.run import run_agent
 from agentcomms.cli.schema import schema
 from agentcomms.cli.tail import tail
@@ -60,6 +61,7 @@ app.command()(agents)
 app.command()(ask)
 app.command()(tail)
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(redis_app, name="redis")
 app.command()(schema)
 
 
