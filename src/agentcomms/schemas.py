@@ -141,10 +141,23 @@ class MessagePayload(BaseModel):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
-class AgentMessage(BaseModel):
-    """A message from one agent (or a person's sender) to another."""
+def _wire_required(*names: str) -> Any:
+    """A JSON Schema hook: fields that have a default in Python but must be present on the wire."""
 
-    model_config = ConfigDict(extra="forbid")
+    def hook(schema: dict[str, Any]) -> None:
+        schema["required"] = sorted({*schema.get("required", []), *names})
+
+    return hook
+
+
+class AgentMessage(BaseModel):
+    """A message from one agent (or a person's sender) to another.
+
+    On the wire ``message_id`` is required (it is the dedup key; Python fills a random one). A
+    message is a request when ``reply_to`` is set; ``requires_response`` is informational.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_wire_required("message_id"))
 
     message_id: MessageId = Field(default_factory=_new_id)
     conversation_id: MessageId = Field(default_factory=_new_id)
