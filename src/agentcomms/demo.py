@@ -69,30 +69,19 @@ async def _redis(settings: Settings, folder: Path) -> AsyncIterator[str]:
 @contextlib.asynccontextmanager
 async def _team(url: str, config: Path, agent_ids: list[str]) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
-    processes = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentcomms",
-            "run-agent",
-            "--config",
-            str(config),
-            "--agent-id",
-            agent_id,
-            "--class",
-            "agentcomms.examples:TwinAgent",
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )  # fmt: skip
-        for agent_id in agent_ids
-    ]
+    log = config.parent / "agents.log"  # what the agents print on stderr: shown only if one fails to start
+    with log.open("ab") as sink:
+        processes = await _start_team(config, agent_ids, env, sink.fileno())
     try:
         async with asyncio.timeout(60):
             for process, agent_id in zip(processes, agent_ids, strict=True):
                 assert process.stdout is not None
                 line = (await process.stdout.readline()).decode()
                 if not line.startswith("READY"):
-                    raise AgentCommsError(f"agent process {agent_id} did not start (exit code {await process.wait()})")
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+                    raise AgentCommsError(
+                        f"agent process {agent_id} did not start (exit code {await process.wait()}):\n{tail}"
+                    )
         yield processes
     finally:
         for process in processes:
@@ -105,6 +94,29 @@ async def _team(url: str, config: Path, agent_ids: list[str]) -> AsyncIterator[l
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+async def _start_team(
+    config: Path, agent_ids: list[str], env: dict[str, str], stderr: int
+) -> list[asyncio.subprocess.Process]:
+    return [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentcomms",
+            "run-agent",
+            "--config",
+            str(config),
+            "--agent-id",
+            agent_id,
+            "--class",
+            "agentcomms.examples:TwinAgent",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )  # fmt: skip
+        for agent_id in agent_ids
+    ]
 
 
 async def _timed(outcome: Outcome, scenario: Callable[[Outcome], Awaitable[None]]) -> Outcome:
