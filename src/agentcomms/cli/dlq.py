@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agentcomms.broker import DeadLetter, MessageBroker
+from agentcomms.broker import MessageBroker
 from agentcomms.cli._common import (
     LogLevelOption,
     check_agent_id,
@@ -24,7 +24,7 @@ from agentcomms.cli._common import (
     plural,
     run,
 )
-from agentcomms.exceptions import AgentCommsError, AgentNotFoundError, DeadLetterNotFoundError
+from agentcomms.exceptions import AgentCommsError, AgentNotFoundError
 from agentcomms.registry import AgentRegistry
 
 dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
@@ -35,15 +35,15 @@ EntryArgument = Annotated[str, typer.Argument(help="Entry id (see dlq list AGENT
 
 _SHOWN = 1000
 """Dead letters one listing shows, the oldest first."""
-_EVERY = 1_000_000
-"""As many dead letters as one look-up reads: more than any agent keeps."""
+_PAGE = 500
+"""Dead letters read at a time by ``redrive --all``."""
 
 
-async def _find(broker: MessageBroker, agent: str, entry_id: str) -> DeadLetter:
-    for letter in await broker.dead_letters(agent, count=_EVERY):
-        if letter.entry_id == entry_id:
-            return letter
-    raise DeadLetterNotFoundError(agent_id=agent, entry_id=entry_id)
+async def _all_entry_ids(broker: MessageBroker, agent: str) -> list[str]:
+    ids: list[str] = []
+    while page := await broker.dead_letters(agent, count=_PAGE, after=ids[-1] if ids else None):
+        ids += [letter.entry_id for letter in page]
+    return ids
 
 
 @dlq_app.callback()
@@ -70,7 +70,7 @@ def dlq_list(
                 table.add_column("agent id")
                 table.add_column("dead letters")
                 for agent_id in agent_ids:
-                    table.add_row(Text(agent_id), str(len(await broker.dead_letters(agent_id, count=_EVERY))))
+                    table.add_row(Text(agent_id), str(await broker.count_dead_letters(agent_id)))
                 return table
             letters = await broker.dead_letters(agent, count=_SHOWN)
             if not letters:
@@ -103,17 +103,10 @@ def dlq_show(agent: AgentArgument, entry_id: EntryArgument, log_level: LogLevelO
 
     async def find() -> dict[str, Any]:
         async with open_broker(settings, client_name="dlq") as broker:
-            letter = await _find(broker, agent, entry_id)
-        message = letter.message
-        return {
-            "entry_id": letter.entry_id,
-            "reason": letter.reason,
-            "deliveries": letter.deliveries,
-            "source_id": letter.source_id,
-            "message": message.model_dump(mode="json") if message else None,
-            "payload": None if message else letter.payload.decode(errors="replace"),
-            "raw": letter.raw,
-        }
+            letter = await broker.get_dead_letter(agent, entry_id)
+        shown = letter.as_dict()
+        del shown["agent_id"]
+        return shown
 
     console.print_json(json.dumps(run(find())))
 
@@ -135,10 +128,7 @@ def dlq_redrive(
 
     async def redrive() -> tuple[int, list[str]]:
         async with open_broker(settings, client_name="dlq") as broker:
-            if entry_id:
-                ids = [(await _find(broker, agent, entry_id)).entry_id]
-            else:
-                ids = [letter.entry_id for letter in await broker.dead_letters(agent, count=_EVERY)]
+            ids = [entry_id] if entry_id else await _all_entry_ids(broker, agent)
             done, skipped = 0, []
             for one in ids:
                 try:
