@@ -25,13 +25,12 @@ from agentcomms import EmbeddedRedis, EmbeddedRedisError
 from agentcomms.embedded import (
     EmbeddedStatus,
     _bundled_redis_server,
-    _setpriv,
-    _socket_path_for,
     acquire_embedded,
     embedded_status,
     find_redis_server,
     stop_embedded,
 )
+from agentcomms.embedded._files import _setpriv, _socket_path_for
 
 TESTS = Path(__file__).parent
 
@@ -192,7 +191,7 @@ def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(EmbeddedRedisError, match="no-such-redis.*is not an executable"):
         EmbeddedRedis(tmp_path / "x", binary=str(tmp_path / "no-such-redis")).start()
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr("agentcomms.embedded._bundled_redis_server", lambda: None)
+    monkeypatch.setattr("agentcomms.embedded.server._bundled_redis_server", lambda: None)
     with pytest.raises(EmbeddedRedisError, match="no redis-server found"):
         EmbeddedRedis(tmp_path / "y").start()
 
@@ -515,14 +514,14 @@ def test_loopback_tcp_as_the_last_resort_is_found_through_the_state_file(
 ) -> None:
     # a supervisor that finds no usable folder for a unix socket (as if the path and every temp dir were unusable)
     code = (
-        "import sys, agentcomms.embedded as e; e._socket_path_for = lambda data_dir: None; "
-        "from agentcomms._supervisor import main; sys.exit(main(sys.argv[1:]))"
+        "import sys, agentcomms.embedded.server as e; e._socket_path_for = lambda data_dir: None; "
+        "from agentcomms.embedded.supervisor import main; sys.exit(main(sys.argv[1:]))"
     )
 
     def command(data_dir: Path, binary: str | None, timeout: float) -> list[str]:
         return [sys.executable, "-c", code, str(data_dir), "--timeout", str(timeout)]
 
-    monkeypatch.setattr("agentcomms.embedded._supervisor_command", command)
+    monkeypatch.setattr("agentcomms.embedded.shared._supervisor_command", command)
     with acquire_embedded(folder) as lease:
         assert lease.started and lease.url.startswith("redis://127.0.0.1:")
         other = User(folder)

@@ -1,4 +1,4 @@
-"""Supervisor of a shared embedded redis-server: ``python -m agentcomms._supervisor DATA_DIR``.
+"""Supervisor of a shared embedded redis-server: ``python -m agentcomms.embedded.supervisor DATA_DIR``.
 
 Started by :func:`agentcomms.embedded.acquire_embedded` (see that module's docstring for
 the files, the locks and the races). It forks once at start so that it is not the
@@ -35,16 +35,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agentcomms.embedded import (
+from agentcomms.embedded._files import (
     _SUPERVISOR_LOCK,
     _USERS_LOCK,
-    EmbeddedRedis,
     _flock,
     _open_lock,
     _remove_stale_files,
     _write_state,
-    find_redis_server,
 )
+from agentcomms.embedded.server import EmbeddedRedis, find_redis_server
 
 logger = logging.getLogger("agentcomms.supervisor")
 
@@ -159,7 +158,7 @@ def supervise(folder: Path, binary: str | None, timeout: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse arguments, fork away from the starter, supervise."""
-    parser = argparse.ArgumentParser(prog="python -m agentcomms._supervisor")
+    parser = argparse.ArgumentParser(prog="python -m agentcomms.embedded.supervisor")
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--binary")
     parser.add_argument("--timeout", type=float, default=15.0)
