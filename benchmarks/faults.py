@@ -18,7 +18,8 @@ and sends one numbered one-way message along with each request. Meanwhile it inj
 Nothing is restarted by hand but Redis itself. After the last fault the load stops, the
 one-way messages are given time to arrive, and every request and message is accounted for
 (see docs/benchmarks.md, "Faults"). Prints the tables and the goals and writes
-benchmarks/results/faults.json; the processes' logs are kept in benchmarks/results/faults-logs/.
+benchmarks/results/faults.json (``--results`` moves it); the processes' logs, and every
+request and message as CSV, are kept next to it in faults-logs/.
 """
 
 from __future__ import annotations
@@ -416,6 +417,7 @@ async def run(args: argparse.Namespace, server: RedisServer, logs: Path) -> dict
             waited = await wait_for_oneways(agents, load, args.drain)
             dead = await read_dead_letters(sender.broker)
             unmatched = sender.broker.stats.replies_unmatched
+            live = [p.pid for p in agents.processes if p.returncode is None]
     finally:
         await agents.stop()
     handled_requests, handled_oneways = agents.handled()
@@ -425,6 +427,7 @@ async def run(args: argparse.Namespace, server: RedisServer, logs: Path) -> dict
         "origin": origin,
         "end": end,
         "hung callers": hung,
+        "live pids": live,
         "one-way drain s": round(waited, 2),
         "dead": dead,
         "unmatched": unmatched,
@@ -451,6 +454,17 @@ def recovery(completions: list[tuple[float, bool]], since: float, count: int) ->
         if streak >= count:
             return start - since
     return None
+
+
+def every_instance(requests: list[Request], pids: list[int], since: float) -> float | None:
+    """Seconds from ``since`` until every live instance had answered a request again (None: one never did)."""
+    first: dict[int, float] = {}
+    for request in requests:
+        if request.outcome == "ok" and request.done >= since and request.pid not in first:
+            first[request.pid] = request.done
+    if not all(pid in first for pid in pids):
+        return None
+    return max(first[pid] for pid in pids) - since
 
 
 def longest_gap(completions: list[tuple[float, bool]], start: float, end: float) -> float:
@@ -498,6 +512,8 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str
             rec = recovery(load.completions, phase.reference, args.streak)
             row["recovery s"] = None if rec is None else round(rec, 3)
             row["longest gap s"] = round(longest_gap(load.completions, phase.injected, end), 3)
+            every = every_instance(requests[index], result["live pids"], phase.reference)
+            row["every instance answering s"] = None if every is None else round(every, 3)
         skews = sorted(r.skew for r in requests[index] if r.outcome == "ok")
         if skews:
             phase.notes["agents' clock ahead by s (median)"] = round(skews[len(skews) // 2], 1)
@@ -618,6 +634,7 @@ def request_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 row["label"], f"{r['issued']:,}", f"{r['answered']:,}", f"{r['timed out']:,}", errors_text(r["errors"]),
                 f"{r['lost']}", f"{r['answered twice']}", f"{r['handled twice']}", f"{r['misrouted']}",
                 seconds(row.get("recovery s")) if "recovery s" in row else "-",
+                seconds(row.get("every instance answering s")) if "recovery s" in row else "-",
                 seconds(row.get("longest gap s")) if "longest gap s" in row else "-",
                 seconds(r["max latency s"]),
             ]
@@ -640,7 +657,7 @@ def oneway_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 REQUEST_COLUMNS = [
     "fault", "requests", "answered", "timed out", "errors", "lost", "answered twice", "handled twice",
-    "misrouted", "recovery s", "longest gap s", "max latency s",
+    "misrouted", "recovery s", "every instance s", "longest gap s", "max latency s",
 ]  # fmt: skip
 ONEWAY_COLUMNS = [
     "fault", "sent", "accepted", "refused", "never returned", "handled", "missing", "handled twice", "dead-lettered"
@@ -726,6 +743,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--phase-limit", type=float, default=30.0, help="seconds to wait for a recovery at most")
     parser.add_argument("--drain", type=float, default=20.0, help="seconds to wait for one-way messages at the end")
     parser.add_argument("--goal", type=float, default=5.0, help="recovery goal, s")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="where faults.json and the logs go")
     args = parser.parse_args()
     if args.quick:
         args.keys, args.pause_ms, args.down, args.baseline = 50_000, 1500, 3.0, 1.5
@@ -768,7 +786,7 @@ def configure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    results = HERE / "results"
+    results: Path = args.results
     logs = results / "faults-logs"
     settings = configure(args, logs)
     with tempfile.TemporaryDirectory() as folder, RedisServer(Path(folder) / "redis") as server:
@@ -807,7 +825,7 @@ def main() -> None:
     print_tables({**summary, "faults": rows})
     console.print(f"after the run: {summary['after run']}")
     sys.stdout.write(report({**summary, "faults": rows}))
-    results.mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "faults.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {results / 'faults.json'}; logs in {logs}")
 
