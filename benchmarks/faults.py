@@ -61,7 +61,7 @@ from agentcomms import (
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fault_agent import answer  # noqa: E402 - a sibling module of this script
+from fault_agent import ROLE, answer  # noqa: E402 - a sibling module of this script
 
 from faultkit import RedisServer  # noqa: E402 - the tests' harness: a restartable redis-server on loopback
 
@@ -306,7 +306,8 @@ class Faults:
         injected = time.monotonic()
         await asyncio.to_thread(self.server.stop)
         notes["stopped after s"] = round(time.monotonic() - injected, 3)
-        await asyncio.to_thread(self.server.start, wait=False)
+        extra = self.server.slow_loading_args() if self.args.slow_loading else []
+        await asyncio.to_thread(self.server.start, wait=False, extra=extra)
         with contextlib.suppress(redis.RedisError):
             notes["loading seen"] = await asyncio.to_thread(self.server.loading)
         answering = await self._answering()
@@ -349,6 +350,15 @@ FAULTS: list[tuple[str, str, str]] = [
 
 
 # -- the run -------------------------------------------------------------------------------
+
+
+async def online_instances(sender: MessageSender) -> int | str:
+    """The agent's live instances as the registry sees them when asked by role (0: not found online)."""
+    try:
+        found = await sender.discover_agents(role=ROLE, online_only=True)
+    except AgentCommsError as exc:
+        return type(exc).__name__
+    return next((info.instance_count for info in found if info.agent_id == AGENT_ID), 0)
 
 
 async def read_dead_letters(broker: MessageBroker) -> list[dict[str, Any]]:
@@ -412,6 +422,7 @@ async def run(args: argparse.Namespace, server: RedisServer, logs: Path) -> dict
                 phases.append(phase)
                 phase.notes["recovered"] = await load.recovered(phase.reference, args.streak, args.phase_limit)
                 await asyncio.sleep(args.settle)
+                phase.notes["instances online by role"] = await online_instances(sender)
             hung = await load.stop(grace=args.timeout + 10)
             end = time.monotonic()
             waited = await wait_for_oneways(agents, load, args.drain)
@@ -735,6 +746,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reconnect", type=float, default=2.0, help="AGENTCOMMS_RECONNECT_TIMEOUT, s")
     parser.add_argument("--pause-ms", type=int, default=3000, help="CLIENT PAUSE duration")
     parser.add_argument("--down", type=float, default=4.0, help="seconds Redis stays killed (> --reconnect)")
+    parser.add_argument(
+        "--slow-loading", action="store_true", help="the restart loads each key slowly (~60 µs): LOADING for longer"
+    )
     parser.add_argument("--baseline", type=float, default=3.0, help="seconds of load before the first fault")
     parser.add_argument(
         "--settle", type=float, default=5.0, help="seconds of load after recovery, before the next fault"
