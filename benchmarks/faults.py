@@ -16,8 +16,22 @@ and sends one numbered one-way message along with each request. Meanwhile it inj
   5. a +120 s wall-clock step on the agents' host (libfaketime)
 
 Nothing is restarted by hand but Redis itself. After the last fault the load stops, the
-one-way messages are given time to arrive, and every request and message is accounted for
-(see docs/benchmarks.md, "Faults"). Prints the tables and the goals and writes
+one-way messages are given time to arrive, and every request and message is accounted for.
+Each belongs to the phase in which its call returned (the last fault while it was in flight):
+
+  lost            a request whose call never returned (or raised an untyped error), a one-way
+                  send that never returned, or an accepted one-way message no instance handled
+                  and that is not in the dead letters
+  timed out       RequestTimeoutError; errors: any other typed error, by class (failed, reported)
+  answered twice  a request whose caller got two replies (must be 0); handled twice: a request or
+                  message the handlers ran on twice (at-least-once after a crash or a long stall)
+  misrouted       a reply whose sequence number or answer is not its request's (must be 0)
+  recovery        from Redis answering PING again (the fault itself for the kill and the clock
+                  step) to the first success followed by --streak successes in a row; every
+                  instance: until each live instance answered again; longest gap: the longest
+                  time without any success from the fault to the next one
+
+Prints the tables and the goals and writes
 benchmarks/results/faults.json (``--results`` moves it); the processes' logs, and every
 request and message as CSV, are kept next to it in faults-logs/.
 """
@@ -71,6 +85,8 @@ AGENT_ID = "agent.faults.twin"
 FAILURE_PAUSE = 0.1
 """Seconds a caller waits after a failed request before its next one (as a real caller would back off)."""
 CLOCK_STEP = 120
+STORED = ("accepted", "duplicate")
+"""Outcomes of a one-way send that say the message is in the inbox (a duplicate: it was, from an earlier try)."""
 
 
 @dataclass(slots=True)
@@ -237,7 +253,7 @@ class Load:
             outcome = "timeout"
         except AgentCommsError as exc:
             outcome = type(exc).__name__
-        except Exception as exc:  # not a typed error: a caller could not act on it
+        except Exception as exc:  # not a typed error: a caller could not act on it (counted as lost)
             log.exception("request %d raised an untyped error", request.seq)
             outcome = f"untyped {type(exc).__name__}"
         else:
@@ -269,6 +285,9 @@ class Load:
             result = await self.sender.send_message(AGENT_ID, "record", {"seq": oneway.seq})
         except AgentCommsError as exc:
             oneway.outcome = type(exc).__name__
+        except Exception as exc:  # not a typed error (counted as lost)
+            log.exception("one-way message %d raised an untyped error", oneway.seq)
+            oneway.outcome = f"untyped {type(exc).__name__}"
         else:
             oneway.outcome = "duplicate" if result.duplicate else "accepted"
         oneway.done = time.monotonic()
@@ -379,7 +398,7 @@ async def read_dead_letters(broker: MessageBroker) -> list[dict[str, Any]]:
 
 async def wait_for_oneways(agents: Agents, load: Load, limit: float) -> float:
     """Until every accepted one-way message was handled (or ``limit`` s): seconds waited."""
-    accepted = {m.seq for m in load.oneways if m.outcome == "accepted"}
+    accepted = {m.seq for m in load.oneways if m.outcome in STORED}
     started = time.monotonic()
     while time.monotonic() - started < limit:
         _, handled = agents.handled()
@@ -539,7 +558,7 @@ def request_figures(
     seconds: float,
 ) -> dict[str, Any]:
     outcomes = collections.Counter(r.outcome for r in requests)
-    errors = {k: v for k, v in outcomes.items() if k not in ("ok", "timeout", "misrouted", "")}
+    errors = {k: v for k, v in outcomes.items() if k not in ("ok", "timeout", "misrouted", "") and "untyped" not in k}
     latencies = sorted(r.done - r.issued for r in requests if r.outcome == "ok")
     unseen = [r for r in requests if r.outcome == "timeout" and not handled[r.seq] and ("R", r.seq) not in dead]
     return {
@@ -547,7 +566,7 @@ def request_figures(
         "answered": outcomes["ok"],
         "timed out": outcomes["timeout"],
         "errors": errors,
-        "lost": outcomes[""],  # the call never returned
+        "lost": outcomes[""] + sum(v for k, v in outcomes.items() if k.startswith("untyped")),  # never returned
         "answered twice": sum(1 for r in requests if r.answers > 1),
         "handled twice": sum(1 for r in requests if handled[r.seq] > 1),
         "misrouted": outcomes["misrouted"],
@@ -564,15 +583,15 @@ def oneway_figures(
     oneways: list[OneWay], handled: collections.Counter[int], dead: dict[tuple[str, int], list[str]]
 ) -> dict[str, Any]:
     outcomes = collections.Counter(m.outcome for m in oneways)
-    accepted = [m for m in oneways if m.outcome == "accepted"]
-    refused = [m for m in oneways if m.outcome not in ("accepted", "duplicate", "")]
+    accepted = [m for m in oneways if m.outcome in STORED]
+    refused = [m for m in oneways if m.outcome not in ("accepted", "duplicate", "") and "untyped" not in m.outcome]
     missing = [m.seq for m in accepted if not handled[m.seq] and ("O", m.seq) not in dead]
     return {
         "sent": len(oneways),
         "accepted": len(accepted),
         "duplicate": outcomes["duplicate"],
-        "refused": {k: v for k, v in outcomes.items() if k not in ("accepted", "duplicate", "")},
-        "never returned": outcomes[""],
+        "refused": {k: v for k, v in outcomes.items() if k not in ("accepted", "duplicate", "") and "untyped" not in k},
+        "never returned": outcomes[""] + sum(v for k, v in outcomes.items() if k.startswith("untyped")),
         "handled": sum(1 for m in accepted if handled[m.seq]),
         "missing": len(missing),
         "missing seqs": missing[:50],
