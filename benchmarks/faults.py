@@ -29,7 +29,7 @@ Each belongs to the phase in which its call returned (the last fault while it wa
   recovery        from Redis answering PING again (the fault itself for the kill and the clock
                   step) to the first success followed by --streak successes in a row; every
                   instance: until each live instance answered again; longest gap: the longest
-                  time without any success from the fault to the next one
+                  time without any success between this fault and the next
 
 Prints the tables and the goals and writes
 benchmarks/results/faults.json (``--results`` moves it); the processes' logs, and every
