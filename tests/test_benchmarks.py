@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -27,3 +32,16 @@ def test_suite_runs_every_benchmark() -> None:
 def test_discovery_benchmark_runs() -> None:
     output = run_benchmark("discovery.py", "--small", "10", "--large", "50", "--queries", "10", "--repeats", "1")
     assert "narrow: p50 at 50 / at 10 agents" in output
+
+
+def test_faults_benchmark_quick_run(tmp_path: Path) -> None:
+    if not glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") and not os.environ.get("CI"):
+        pytest.skip("needs libfaketime (Debian package faketime) to step the agents' clock")
+    output = run_benchmark("faults.py", "--quick", "--results", str(tmp_path))
+    summary = json.loads((tmp_path / "faults.json").read_text())
+    faults = summary["faults"]
+    assert [f["fault"] for f in faults] == ["agent_kill", "redis_restart", "client_pause", "redis_down", "clock_step"]
+    assert all(f["requests"]["misrouted"] == 0 for f in faults)
+    assert all(f["requests"]["answered"] > 0 for f in faults)  # requests flowed through every fault
+    assert faults[-1]["notes"]["agents' clock ahead by s (median)"] > 100  # the step really happened
+    assert "goal" in output and (tmp_path / "faults-logs" / "requests.csv").exists()
