@@ -272,3 +272,19 @@ def test_the_raw_error_classes_of_redis_py_never_reach_callers() -> None:
         assert "redis" not in {name.split(".")[0] for name in vars(module) if isinstance(name, str)}
         assert not any((getattr(v, "__module__", None) or "").startswith("redis.") for v in vars(module).values())
     assert redis  # the tests' own client is redis-py
+
+
+async def test_an_outage_longer_than_reconnect_timeout_leaves_no_unretrieved_errors(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gc
+
+    async with MessageBroker(settings=settings_for(server, reconnect_timeout=0.5)) as broker:
+        await broker.subscribe_to_agent("agent.outage", echo)
+        await asyncio.to_thread(server.kill)
+        with pytest.raises(BrokerConnectionError):  # the outage has outlasted reconnect_timeout
+            await broker.publish_message(message("agent.outage", n=0))
+        await asyncio.to_thread(server.start)
+        assert (await broker.request(message("agent.outage", n=1), timeout=30)).data == {"n": 1}
+    gc.collect()
+    assert "never retrieved" not in caplog.text

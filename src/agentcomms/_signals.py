@@ -79,4 +79,10 @@ def _on_sigterm() -> None:
 
 async def _terminate(agents: list[BaseAgent]) -> None:
     await asyncio.gather(*(agent.shutdown() for agent in agents), return_exceptions=True)
+    # raised from a plain callback, not from this task: the loop stops with it, and no task is left
+    # holding an exception nobody retrieves (asyncio would log that as an error)
+    asyncio.get_running_loop().call_soon(_exit)
+
+
+def _exit() -> None:
     raise SystemExit(EXIT_STATUS)

@@ -35,7 +35,7 @@ from pydantic_core import PydanticSerializationError
 
 from agentcomms import keys
 from agentcomms.deadletters import move_to_dead_letters
-from agentcomms.exceptions import AgentCommsError, RedisCommandError
+from agentcomms.exceptions import AgentCommsError, BrokerConnectionError, RedisCommandError
 from agentcomms.schemas import AgentMessage, AgentResponse, describe_errors
 from agentcomms.settings import Settings
 from agentcomms.transport import (
@@ -248,13 +248,12 @@ class Subscription:
                 for stream in self._streams
             ]
             persisted = [pipeliner.call("PERSIST", stream, replay=True) for stream in self._streams]
-        for future in created:
-            try:
-                await future
-            except RedisCommandError as exc:
-                if exc.code != "BUSYGROUP":
-                    raise
-        await asyncio.gather(*persisted)
+        # every future's outcome is read, so none is left with an error nobody retrieved
+        for outcome in await asyncio.gather(*created, *persisted, return_exceptions=True):
+            if isinstance(outcome, RedisCommandError) and outcome.code == "BUSYGROUP":
+                continue  # the group exists already
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _server_ms(self) -> float:
         return time.monotonic() * 1000 + self._server_offset_ms
@@ -488,11 +487,15 @@ class Subscription:
         self._refresh_ttl(reply_stream)
 
     def _reply_written(self, done: asyncio.Future[Any]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            self.stats.replies_failed += 1
-            logger.error(
-                "%s: a reply could not be written (%s); its caller will time out", self.agent_id, done.exception()
-            )
+        if done.cancelled() or (error := done.exception()) is None:
+            return
+        self.stats.replies_failed += 1
+        if isinstance(error, BrokerConnectionError):
+            # Redis was away: the acknowledgement queued behind the reply fails too, so the
+            # message stays pending and is handled again (its caller may still get that answer)
+            logger.warning("%s: a reply could not be written (%s); it will be handled again", self.agent_id, error)
+        else:  # refused (out of memory ...): the acknowledgement behind it goes through
+            logger.error("%s: a reply could not be written (%s); its caller will time out", self.agent_id, error)
 
     def _acknowledge(self, stream: str, entry_id: str) -> None:
         """Queue an acknowledgement; those queued in one event-loop tick go out as one ACK call per stream.

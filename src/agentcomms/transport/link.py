@@ -21,7 +21,7 @@ from agentcomms.exceptions import RedisPermissionError
 from agentcomms.transport.errors import ProtocolError, ReplyError, classify, code_of, is_transient
 from agentcomms.transport.spec import ConnectionSpec
 
-__all__ = ["EncodableT", "Link", "LinkLost", "NotReady", "open_link", "pack"]
+__all__ = ["EncodableT", "Link", "LinkLost", "NotReady", "gather_replies", "open_link", "pack"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,19 @@ class Link(asyncio.Protocol):
             self._transport.close()
 
 
+async def gather_replies(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """The raw replies of ``futures`` in order (a :class:`ReplyError` is a reply), or the link's failure.
+
+    Every future's outcome is read first, so none is left with an error nobody retrieved.
+    """
+    if futures:
+        await asyncio.wait(futures)
+    failures = [error for future in futures if (error := future.exception()) is not None]
+    if failures:
+        raise failures[0]
+    return [future.result() for future in futures]
+
+
 async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = None) -> Link:
     """Connect, log in, select the database and name the connection; returns a link in request mode.
 
@@ -162,7 +175,7 @@ async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = 
             if spec.db:
                 commands.append(("SELECT", spec.db))
             commands += [("CLIENT", "SETNAME", name), ("CLIENT", "ID"), ("PING",)]
-            replies = [await f for f in link.request(*commands)]
+            replies = await gather_replies(link.request(*commands))
     except (OSError, TimeoutError) as exc:
         link.abort()
         raise LinkLost(f"cannot connect to Redis at {spec.address}: {exc or type(exc).__name__}") from None

@@ -46,7 +46,16 @@ from agentcomms.exceptions import (
     CommandOutcomeUnknownError,
 )
 from agentcomms.transport.errors import ReplyError, classify, code_of, is_transient, needs_reconnect
-from agentcomms.transport.link import Command, EncodableT, Link, LinkLost, NotReady, open_link, pack
+from agentcomms.transport.link import (
+    Command,
+    EncodableT,
+    Link,
+    LinkLost,
+    NotReady,
+    gather_replies,
+    open_link,
+    pack,
+)
 from agentcomms.transport.scripts import ALL_SCRIPTS, Script, script_name
 from agentcomms.transport.spec import ConnectionSpec
 
@@ -391,6 +400,11 @@ class Pipeliner:
                     break
                 except (LinkLost, NotReady, AgentCommsError) as exc:
                     self._expire(exc)
+                except Exception as exc:  # a bug must not end recovery for good: start over on a new link
+                    logger.exception("unexpected error while reconnecting to Redis; trying again")
+                    if self._link is not None:
+                        self._link.abort()
+                    self._expire(exc)
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
             self._ready = True
@@ -405,7 +419,7 @@ class Pipeliner:
     async def _load_scripts(self, link: Link) -> None:
         """Load every script on a new link (request mode), before any queued command uses it."""
         commands = [("SCRIPT", "LOAD", script.body) for script in ALL_SCRIPTS]
-        for reply in [await f for f in link.request(*commands)]:
+        for reply in await gather_replies(link.request(*commands)):
             if isinstance(reply, ReplyError):
                 link.abort()
                 if is_transient(reply):
@@ -427,7 +441,7 @@ class Pipeliner:
             self._busy_since = now
         self._sent.extend((command, future, _RAW, now) for command, future in zip(commands, futures, strict=True))
         link.write(pack(commands))
-        replies = [await future for future in futures]
+        replies = await gather_replies(futures)
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ReplyError):
                 if is_transient(reply):
