@@ -400,6 +400,34 @@ async def test_close_returns_when_a_refusal_and_a_new_command_meet_during_it(ser
     assert closed, "MessageBroker.close() never returns"
 
 
+async def test_close_during_a_refusal_does_not_call_a_command_that_ran_not_sent(server: RedisServer) -> None:
+    """aclose() while the pipeliner holds a refused command (``_ready`` False) skips the wait and
+    ``_fail_all`` fails the commands still in ``_sent`` with BrokerClosedError "...the command was
+    not sent". They were sent, and Redis ran them: a caller that trusts the message and sends
+    again (a new message) makes a duplicate."""
+    async with proxy_for(server) as proxy:
+        broker = await MessageBroker(settings=settings_for(proxy.url)).connect()
+        assert (await broker.publish_message(message("agent.one", n=0))).entry_id
+        client = server.client()
+        client.script_flush()
+        [conn] = proxy.connections
+        proxy.hold_replies = True
+        refused = asyncio.ensure_future(broker.publish_message(message("agent.one", n=1)))  # NOSCRIPT
+        await asyncio.sleep(0)
+        written = broker.pipeliner.call("SET", "review:ran", "yes", replay=True)
+        await proxy.wait_for(lambda: conn.held.count(b"\r\n") >= 2)  # NOSCRIPT and +OK are at the proxy
+        proxy.release(conn, conn.held.index(b"\r\n") + 2)  # the NOSCRIPT: held, not ready
+        async with asyncio.timeout(20):
+            while broker.pipeliner.connected:
+                await asyncio.sleep(0.01)
+        await broker.close()
+        outcome = await asyncio.gather(written, refused, return_exceptions=True)
+        ran = client.get("review:ran")
+        client.close()
+    assert ran == b"yes"  # Redis ran the SET
+    assert "not sent" not in str(outcome[0]), f"the caller of a SET that ran was told: {outcome[0]!r}"
+
+
 # -- 6. replays that are "safe" but lose what the first run did ----------------------------------
 
 
@@ -575,3 +603,50 @@ async def test_a_handler_error_with_a_long_code_is_answered_once(server: RedisSe
         reply = await sender.request("agent.strict", "request_knowledge", {"n": 1}, timeout=20)
     assert len(calls) == 1, f"the handler ran {len(calls)} times"
     assert reply.error is not None and reply.error.code != "dead_lettered", reply.error
+
+
+# -- 9. send.lua: a hostile id just below the last one makes a real message "hostile" ------------
+
+
+async def test_an_entry_just_below_the_last_id_costs_no_accepted_message(server: RedisServer) -> None:
+    """send.lua repairs only an exhausted stream. After a hostile entry at ``<max>-<max - 1>``,
+    the next send is accepted *with the last possible id* (the sender gets that entry id);
+    the send after it exhausts the stream, and the repair moves every entry dated ahead,
+    the accepted message included, to the dead letters as "hostile entry id". It is never
+    delivered. (Until then every accepted message is dated ~585 million years ahead, so no
+    request to that inbox can expire either.)"""
+    received: asyncio.Queue[int] = asyncio.Queue()
+
+    async def handler(msg: AgentMessage) -> None:
+        received.put_nowait(msg.payload.data["n"])
+
+    async with MessageBroker(settings=settings_for(server.url)) as broker:
+        assert (await broker.publish_message(message("agent.hostile2", n=0))).entry_id
+        client = server.client()
+        client.xadd(keys.inbox("agent.hostile2"), {"m": "evil"}, id="18446744073709551615-18446744073709551614")
+        client.close()
+        accepted = await broker.publish_message(message("agent.hostile2", n=1))
+        assert accepted.entry_id and not accepted.duplicate  # accepted: the sender is told it is stored
+        assert (await broker.publish_message(message("agent.hostile2", n=2))).entry_id
+        await broker.subscribe_to_agent("agent.hostile2", handler)
+        got = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while len(got) < 3:
+                    got.append(await received.get())
+        letters = await broker.dead_letters("agent.hostile2")
+    assert got == [0, 1, 2], f"delivered {got}; dead letters: {[letter.reason for letter in letters]}"
+    assert accepted.entry_id != "18446744073709551615-18446744073709551615", "accepted with the last possible id"
+
+
+async def test_a_send_whose_answer_was_lost_is_not_reported_a_duplicate(server: RedisServer) -> None:
+    """SEND is replayed after a lost connection; the replay finds the id in the dedup set, so the
+    only publish of this message returns ``duplicate=True`` with no entry id (and the broker
+    counts a duplicate, not a send)."""
+    async with proxy_for(server) as proxy, MessageBroker(settings=settings_for(proxy.url)) as broker:
+        await broker.publish_message(message("agent.dup", n=0))
+        proxy.cut_when = sends(b"EVALSHA")
+        result = await broker.publish_message(message("agent.dup", n=1))
+        stats = broker.stats
+    assert proxy.cuts == 1 and inbox_numbers(server, "agent.dup") == [0, 1]
+    assert (result.duplicate, stats.duplicates, stats.sent) == (False, 0, 2), (result, stats)
