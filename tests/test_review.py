@@ -629,7 +629,7 @@ async def test_an_entry_just_below_the_last_id_costs_no_accepted_message(server:
         assert accepted.entry_id and not accepted.duplicate  # accepted: the sender is told it is stored
         assert (await broker.publish_message(message("agent.hostile2", n=2))).entry_id
         await broker.subscribe_to_agent("agent.hostile2", handler)
-        got = []
+        got: list[int] = []
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 while len(got) < 3:
