@@ -650,3 +650,43 @@ async def test_a_send_whose_answer_was_lost_is_not_reported_a_duplicate(server: 
         stats = broker.stats
     assert proxy.cuts == 1 and inbox_numbers(server, "agent.dup") == [0, 1]
     assert (result.duplicate, stats.duplicates, stats.sent) == (False, 0, 2), (result, stats)
+
+
+async def test_a_sigterm_shutdown_prints_no_traceback(server: RedisServer) -> None:
+    """_signals._terminate raises SystemExit inside a task: asyncio logs "Task exception was never
+    retrieved" with a traceback on every ``docker stop`` of a healthy agent (exit status 143 is right)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).parent / "plain_agent.py"), "wait", server.url, "agent.plain.quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        assert (await process.stdout.readline()).strip() == b"READY"
+    process.terminate()
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    assert process.returncode == 143
+    assert b"Traceback" not in err, err.decode(errors="replace")[-600:]
+
+
+async def test_a_broker_whose_client_name_makes_an_invalid_reply_stream_fails_fast(server: RedisServer) -> None:
+    """MessageBroker(client_name=...) is not checked: a name with ``/`` (or ``+``, ``{`` ...) is a
+    valid Redis client name but makes a reply stream that agents refuse (``invalid reply_to``),
+    and _tell_caller cannot answer it either: every request silently times out."""
+
+    async def echo(msg: AgentMessage) -> dict[str, Any]:
+        return dict(msg.payload.data)
+
+    settings = settings_for(server.url)
+    async with MessageBroker(settings=settings, client_name="agent") as agent_side:
+        await agent_side.subscribe_to_agent("agent.echo", echo)
+        outcome: list[Any] = []
+        try:
+            async with MessageBroker(settings=settings, client_name="dashboard/v2") as caller:
+                outcome = await asyncio.gather(
+                    caller.request(message("agent.echo", n=1), timeout=3), return_exceptions=True
+                )
+        except Exception as exc:  # refused at once: fine
+            outcome = [exc]
+    assert not isinstance(outcome[0], RequestTimeoutError), "the request silently timed out"
