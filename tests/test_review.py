@@ -684,8 +684,8 @@ async def test_a_broker_whose_client_name_makes_an_invalid_reply_stream_fails_fa
         outcome: list[Any] = []
         try:
             async with MessageBroker(settings=settings, client_name="dashboard/v2") as caller:
-                outcome = await asyncio.gather(
-                    caller.request(message("agent.echo", n=1), timeout=3), return_exceptions=True
+                outcome = list(
+                    await asyncio.gather(caller.request(message("agent.echo", n=1), timeout=3), return_exceptions=True)
                 )
         except Exception as exc:  # refused at once: fine
             outcome = [exc]
