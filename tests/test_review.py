@@ -690,3 +690,88 @@ async def test_a_broker_whose_client_name_makes_an_invalid_reply_stream_fails_fa
         except Exception as exc:  # refused at once: fine
             outcome = [exc]
     assert not isinstance(outcome[0], RequestTimeoutError), "the request silently timed out"
+
+
+# -- 10. a request before connect() starts a reply reader bound to nothing ------------------------
+
+
+async def test_a_request_before_connect_does_not_break_requests_after_it(server: RedisServer) -> None:
+    """MessageBroker.request starts the reply reader (and registers its future) before ``self.pipeliner``
+    raises BrokerClosedError. The reader captured the placeholder ``BlockingReader(ConnectionSpec())``
+    (localhost:6379) and, with no ``_closed_event``, retries without any pause (a busy loop). After
+    connect() no new reader is started (``_reply_reader`` is not None): every request times out.
+    The same happens to a request made after close() when the broker is connected again."""
+
+    async def echo(msg: AgentMessage) -> dict[str, Any]:
+        return dict(msg.payload.data)
+
+    settings = settings_for(server.url)
+    broker = MessageBroker(settings=settings, client_name="early")
+    early = await asyncio.gather(broker.request(message("agent.echo2", n=0), timeout=1), return_exceptions=True)
+    assert type(early[0]).__name__ == "BrokerClosedError"  # typed: fine
+    async with MessageBroker(settings=settings, client_name="agent") as agent_side:
+        await agent_side.subscribe_to_agent("agent.echo2", echo)
+        await broker.connect()
+        try:
+            outcome = await asyncio.gather(
+                broker.request(message("agent.echo2", n=1), timeout=5), return_exceptions=True
+            )
+        finally:
+            await broker.close()
+    assert not isinstance(outcome[0], BaseException), repr(outcome[0])
+
+
+# -- 11. backoff() overflows after 1,024 attempts: every retry loop dies in a long outage ----------
+
+
+def test_backoff_is_defined_for_every_attempt() -> None:
+    """``base * 2**attempt`` converts a huge int to float: OverflowError from attempt 1,024 on.
+
+    Every retry loop calls backoff(attempt) with an unbounded counter: Pipeliner._recover and
+    connect, Subscription._run, the reply reader, Presence, events(). At the real pace (the
+    jitter averages 0.5 s, connection refused at once) that is an outage of ~9 minutes.
+    """
+    from agentcomms.transport import backoff
+
+    outcome: list[object] = []
+    for attempt in (10, 1023, 1024, 5000):
+        try:
+            outcome.append(0 <= backoff(attempt) <= 1.0)
+        except Exception as exc:
+            outcome.append(type(exc).__name__)
+    assert outcome == [True, True, True, True]
+
+
+async def test_a_long_outage_does_not_kill_the_pipeliners_recovery(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After 1,024 failed reconnection attempts Pipeliner._recover raises OverflowError from backoff();
+    the task ends, ``_recovering`` is None, and nothing starts recovery again: once Redis is back,
+    every command waits forever (``_expire`` runs only inside that loop, so none even fails).
+
+    The jitter is drawn as 0 here (``random.uniform`` returns its lower bound, a possible draw),
+    so that 1,024 attempts take a second instead of ~9 minutes; the code path is the same.
+    """
+    import types
+
+    monkeypatch.setattr(pipeliner_module, "random", types.SimpleNamespace(uniform=lambda low, high: low))
+    attempts = 0
+    many = asyncio.Event()
+    original_expire = pipeliner_module.Pipeliner._expire
+
+    def counting_expire(self: Any, cause: BaseException) -> None:  # called once per failed attempt
+        nonlocal attempts
+        attempts += 1
+        if attempts >= 1025:
+            many.set()
+        original_expire(self, cause)
+
+    monkeypatch.setattr(pipeliner_module.Pipeliner, "_expire", counting_expire)
+    async with MessageBroker(settings=settings_for(server.url, reconnect_timeout=3600)) as broker:
+        assert (await broker.publish_message(message("agent.long", n=0))).entry_id
+        await asyncio.to_thread(server.kill)
+        sending = asyncio.ensure_future(broker.publish_message(message("agent.long", n=1)))
+        await asyncio.wait({asyncio.ensure_future(many.wait())}, timeout=60)  # Redis has been away a long time
+        await asyncio.to_thread(server.start)
+        ended = await ends(sending, within=20)
+    assert ended, f"after {attempts} failed attempts the send never completes: the recovery task died"
