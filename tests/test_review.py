@@ -194,10 +194,18 @@ async def ends(future: asyncio.Future[Any], *, within: float) -> bool:
     """
     await asyncio.wait({future}, timeout=within)
     if not future.done():
-        future.cancel()
-        await asyncio.gather(future, return_exceptions=True)
+        await settle(future)
         return False
+    if not future.cancelled():
+        future.exception()  # retrieved: its outcome is the test's to check
     return True
+
+
+async def settle(*futures: asyncio.Future[Any]) -> None:
+    """Cancel what is still pending and collect every outcome (no "exception never retrieved")."""
+    for future in futures:
+        future.cancel()
+    await asyncio.gather(*futures, return_exceptions=True)
 
 
 def inbox_numbers(server: RedisServer, agent_id: str) -> list[Any]:
@@ -241,8 +249,7 @@ async def test_a_publish_waiting_for_a_full_socket_is_not_stranded_by_a_lost_con
         await asyncio.to_thread(server.start)
         assert (await broker.publish_message(message("agent.flow", n=3))).entry_id  # Redis is back
         ended = await ends(waiting, within=20)  # 40 x reconnect_timeout, and Redis has been back all along
-        for future in burst:
-            future.cancel()
+        await settle(*burst)
     assert ended, "publish_message still waits in Pipeliner.wait_writable"
 
 
@@ -395,8 +402,7 @@ async def test_close_returns_when_a_refusal_and_a_new_command_meet_during_it(ser
         proxy.hold_replies = False
         proxy.release(conn)  # the last reply owed
         closed = await ends(closing, within=20)
-        for future in (first, second, third):
-            future.cancel()
+        await settle(first, second, third)
     assert closed, "MessageBroker.close() never returns"
 
 
