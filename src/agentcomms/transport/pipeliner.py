@@ -86,7 +86,7 @@ _Sent = tuple[Command, "asyncio.Future[Any] | None", int, float]
 
 def backoff(attempt: int, *, base: float = 0.05, cap: float = 1.0) -> float:
     """Delay before retry ``attempt`` (0-based): exponential with full jitter, at most ``cap`` seconds."""
-    return random.uniform(0, min(cap, base * (2**attempt)))
+    return random.uniform(0, min(cap, base * (2 ** min(attempt, 32))))  # 2**attempt as a float overflows at 1024
 
 
 def command_name(command: Command) -> str:
