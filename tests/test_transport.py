@@ -288,3 +288,50 @@ async def test_an_outage_longer_than_reconnect_timeout_leaves_no_unretrieved_err
         assert (await broker.request(message("agent.outage", n=1), timeout=30)).data == {"n": 1}
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_script_that_keeps_redis_busy_is_waited_out_in_order(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agentcomms")
+    client = server.client(timeout=30)
+    client.config_set("lua-time-limit", "50")  # after 50 ms, other clients get BUSY
+    busy = "local s = tonumber(redis.call('TIME')[1]) while tonumber(redis.call('TIME')[1]) < s + 2 do end return 1"
+    async with MessageBroker(settings=settings_for(server)) as broker:
+        await broker.publish_message(message("agent.busy", n=0))
+        running = asyncio.create_task(asyncio.to_thread(client.eval, busy, 0))
+        while "BUSY" not in str(await asyncio.to_thread(_ping_error, server)):  # the script holds Redis now
+            pass
+        results = await asyncio.gather(*(broker.publish_message(message("agent.busy", n=n)) for n in range(1, 50)))
+        await running
+    client.close()
+    assert all(r.entry_id for r in results)
+    assert inbox_numbers(server, "agent.busy") == list(range(50))
+    assert "BUSY" in caplog.text  # held, then sent again in order
+
+
+def _ping_error(server: RedisServer) -> BaseException | None:
+    client = server.client()
+    try:
+        client.ping()
+        return None
+    except redis.RedisError as exc:
+        return exc
+    finally:
+        client.close()
+
+
+async def test_refused_credentials_are_a_typed_error_at_connect(tmp_path: Path) -> None:
+    from agentcomms import RedisPermissionError
+
+    with RedisServer(tmp_path / "locked") as locked:
+        client = locked.client()
+        client.config_set("requirepass", "s3cret-pass")
+        client.close()
+        for password in (None, "wrong-pass"):
+            settings = Settings(redis_url=locked.url, redis_password=password)
+            with pytest.raises(RedisPermissionError) as caught:
+                await MessageBroker(settings=settings).connect()
+            assert "wrong-pass" not in str(caught.value) and caught.value.code in ("NOAUTH", "WRONGPASS")
+        async with MessageBroker(settings=Settings(redis_url=locked.url, redis_password="s3cret-pass")) as broker:
+            assert (await broker.publish_message(message("agent.locked", n=0))).entry_id

@@ -7,7 +7,8 @@ disposition, agentcomms installs a handler on the running loop: every agent of t
 process shuts down (leaves the registry at once, finishes what it holds for up to
 ``shutdown_timeout`` s), then the process exits with status 143, as SIGTERM would have
 ended it. A second SIGTERM exits at once. A program that installs its own SIGTERM
-handler (before or after) keeps full control; ``AGENTCOMMS_HANDLE_SIGNALS=false``
+handler (before or after) keeps full control (the handler is never removed: with no
+agent left it just exits 143); ``AGENTCOMMS_HANDLE_SIGNALS=false``
 turns this off.
 
 SIGINT and a program that simply returns need no handler: ``asyncio.run`` cancels the
@@ -34,6 +35,7 @@ EXIT_STATUS = 128 + signal.SIGTERM
 _agents: weakref.WeakSet[BaseAgent] = weakref.WeakSet()
 _loop: asyncio.AbstractEventLoop | None = None
 _terminating = False
+_state: dict[str, object] = {}
 
 
 def watch(agent: BaseAgent) -> None:
@@ -50,27 +52,26 @@ def watch(agent: BaseAgent) -> None:
         except (NotImplementedError, RuntimeError, ValueError):  # not a unix loop, or not the main thread's
             return
         _loop = loop
+        _state["installed"] = signal.getsignal(signal.SIGTERM)  # what the loop put in place: ours while it stays
     _agents.add(agent)
 
 
 def unwatch(agent: BaseAgent) -> None:
-    """``agent`` stopped; the handler goes when no agent of the process needs it (SIGTERM is default again)."""
-    global _loop
+    """``agent`` stopped.
+
+    The handler stays on the loop: the program may have installed its own SIGTERM handler
+    since, and removing "ours" would remove that one. With no agent left, ours simply
+    exits 143, as the default disposition would have ended the process.
+    """
     _agents.discard(agent)
-    if _agents or _loop is None or _terminating:
-        return
-    try:
-        if asyncio.get_running_loop() is _loop:
-            _loop.remove_signal_handler(signal.SIGTERM)
-            _loop = None
-    except RuntimeError:
-        pass
 
 
 def _on_sigterm() -> None:
     global _terminating
-    if _terminating:
-        raise SystemExit(EXIT_STATUS)  # a second SIGTERM: now
+    if signal.getsignal(signal.SIGTERM) is not _state.get("installed"):
+        return  # the program has put its own handler in place since (signal.signal): the signal is its own
+    if _terminating or not _agents:
+        raise SystemExit(EXIT_STATUS)  # a second SIGTERM, or no agent to stop: now
     _terminating = True
     agents = list(_agents)
     logger.warning("SIGTERM: %d agent(s) leave the registry, finish what they hold, then exit", len(agents))

@@ -33,8 +33,10 @@ from agentcomms.embedded import EmbeddedLease, acquire_embedded
 from agentcomms.exceptions import (
     AgentCommsError,
     BrokerClosedError,
+    ConfigError,
     InboxFullError,
     MessageTooLargeError,
+    MessageValidationError,
     RequestTimeoutError,
 )
 from agentcomms.schemas import AgentMessage, AgentResponse
@@ -62,6 +64,9 @@ logger = logging.getLogger(__name__)
 _SEND_BATCH = 128
 """Messages to one inbox sent by one SEND call of ``publish_many`` at the most."""
 
+_MAX_TIMEOUT = 86_400.0
+"""The longest ``response_timeout`` a message may carry (its schema's bound)."""
+
 _TRIM_EVERY = 256
 """Replies read before the reply stream is trimmed (it is trimmed sooner when it goes idle)."""
 
@@ -75,7 +80,11 @@ _OpenSend = list[tuple[AgentMessage, bytes, asyncio.Future[Any]]]
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """Where a message went: its stream entry id, or ``duplicate=True`` (and no entry id) if it was accepted before."""
+    """Where a message went: its stream entry id, or ``duplicate=True`` (and no entry id) if it was accepted before.
+
+    The entry id is also empty for a message stored by a send that was repeated after a
+    lost connection (the first one ran; its answer was lost with the connection).
+    """
 
     message_id: str
     recipient_id: str
@@ -118,13 +127,18 @@ class MessageBroker:
         self._uses_embedded = self._url is None
         self.client_id = f"{client_name}.{uuid.uuid4().hex[:12]}"
         self.reply_stream = keys.replies(self.client_id)
+        if not keys.is_reply_stream(self.reply_stream):  # agents would refuse to answer there
+            raise ConfigError(
+                f"client_name {client_name!r} cannot name a reply stream: use 1-140 of A-Za-z0-9_.:@- "
+                "starting with a letter, digit or _"
+            )
         self._spec: ConnectionSpec | None = None
         self._pipeliner: Pipeliner | None = None
         self._embedded: EmbeddedLease | None = None
         self._reply_reader: asyncio.Task[None] | None = None
-        self._replies = BlockingReader(ConnectionSpec(), name="unused")  # replaced at connect
+        self._replies: BlockingReader | None = None  # made at connect
         self._closing = False
-        self._closed_event: asyncio.Event | None = None
+        self._closed_event = asyncio.Event()
         self._waiting: dict[str, asyncio.Future[AgentResponse]] = {}
         self._open_sends: dict[str, _OpenSend] = {}
         self._subscriptions: set[Subscription] = set()
@@ -184,7 +198,8 @@ class MessageBroker:
         self._spec, self._pipeliner = spec, pipeliner
         self._replies = BlockingReader(spec, name=f"{self.client_id}.replies")
         self._closing = False
-        self._closed_event = asyncio.Event()
+        self._closed_event.clear()
+        self._reply_reader = None  # a reader of an earlier connection has ended with it
         logger.info("broker %s connected to %s", self.client_id, spec.address)
         return self
 
@@ -196,9 +211,8 @@ class MessageBroker:
         for subscription in list(self._subscriptions):
             await subscription.stop()
         self._closing = True
-        if self._closed_event is not None:
-            self._closed_event.set()
-        if self._reply_reader is not None and self._pipeliner is not None:
+        self._closed_event.set()
+        if self._reply_reader is not None and self._replies is not None and self._pipeliner is not None:
             await stop_blocked(self._reply_reader, self._replies, self._pipeliner)
             self._reply_reader = None
         for future in self._waiting.values():
@@ -329,7 +343,7 @@ class MessageBroker:
             return  # nothing was sent: every caller had given up
         error = done.exception()
         if error is None:
-            replies = done.result()
+            replies = self._send_replies(done)
             self._hostile_ids_cleared(batch[0][0].recipient_id if batch else "", done)
         else:
             replies = [error] * len(batch)
@@ -353,8 +367,25 @@ class MessageBroker:
                 "inbox of %s held %d entries dated in the future; moved to its dead letters", recipient, moved
             )
 
+    def _send_replies(self, done: asyncio.Future[Any]) -> list[Any]:
+        """A SEND call's per-message replies; ``dup`` becomes ``sent`` if the call was written twice.
+
+        After a lost connection a SEND is sent again; if the first one had run, its messages
+        come back ``dup``: they were stored by this very call, not before it.
+        """
+        replies: list[Any] = done.result()
+        if self.pipeliner.was_replayed(done):
+            return [b"sent" if reply == b"dup" else reply for reply in replies]
+        return replies
+
     def _sent(self, message: AgentMessage, reply: bytes) -> PublishResult:
-        """The result of one message from its SEND call's reply: an entry id, ``dup`` or ``full <length>``."""
+        """The result of one message from its SEND call's reply: an entry id, ``dup``, ``full <length>`` or ``sent``.
+
+        ``sent`` (see :meth:`_send_replies`): stored, its entry id unknown.
+        """
+        if reply == b"sent":
+            self._stats.sent += 1
+            return PublishResult(message.message_id, message.recipient_id, "")
         if reply == b"dup":
             self._stats.duplicates += 1
             logger.debug("message %s to %s is a duplicate; dropped", message.message_id, message.recipient_id)
@@ -385,7 +416,9 @@ class MessageBroker:
         if pipeliner.write_paused:
             await pipeliner.wait_writable()
         if inbox_ttl:
-            [reply, _] = await self._queue_sends([(message, body)], inbox_ttl=inbox_ttl)
+            sent = self._queue_sends([(message, body)], inbox_ttl=inbox_ttl)
+            await asyncio.wait([sent])
+            reply = self._send_replies(sent)[0]
         else:
             reply = await self._send(message, body)
         return self._sent(message, reply)
@@ -418,7 +451,8 @@ class MessageBroker:
                         self.pipeliner.write_now()  # more of this inbox follows: let Redis start on this part
         for chunk, future in calls:
             try:
-                replies = await future
+                await future
+                replies = self._send_replies(future)
             except AgentCommsError as exc:
                 replies = [exc] * len(chunk)
             for (index, message, _), reply in zip(chunk, replies, strict=False):
@@ -442,9 +476,12 @@ class MessageBroker:
             RequestTimeoutError: no reply in time (also when Redis was unreachable all along).
             MessageTooLargeError, InboxFullError, RedisOutOfMemoryError: the request was not stored.
         """
+        self.pipeliner  # noqa: B018 - raises BrokerClosedError before anything is set up if not connected
         loop = asyncio.get_running_loop()
         payload = message.payload
         timeout = timeout or payload.response_timeout or self.settings.message_timeout
+        if not 0 < timeout <= _MAX_TIMEOUT:
+            raise MessageValidationError(f"a request's timeout must be above 0 and at most {_MAX_TIMEOUT:g}s")
         deadline = loop.time() + timeout
         if not payload.requires_response or payload.response_timeout != timeout:
             payload = payload.model_copy(update={"requires_response": True, "response_timeout": timeout})
@@ -496,6 +533,7 @@ class MessageBroker:
     async def _read_replies(self) -> None:
         """Read this broker's reply stream for as long as the broker is open; never ends on an error."""
         reader = self._replies
+        assert reader is not None  # made by connect(), which request() requires
         last = "0-0"  # the stream is this instance's own and new: read it from the start
         attempt = untrimmed = 0
         while not self._closing:
@@ -537,8 +575,6 @@ class MessageBroker:
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if the broker closes meanwhile."""
-        if self._closed_event is None:
-            return
         try:
             await asyncio.wait_for(self._closed_event.wait(), seconds)
         except TimeoutError:
@@ -637,7 +673,7 @@ class MessageBroker:
                     for line in data.splitlines():  # a feed message holds one event per line
                         try:
                             event = json.loads(line)
-                        except ValueError:
+                        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
                             continue
                         if isinstance(event, dict):
                             yield event

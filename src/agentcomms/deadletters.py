@@ -7,6 +7,7 @@ when it was not a message at all. Nothing trims that stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,14 @@ from agentcomms import keys
 from agentcomms.exceptions import AgentCommsError, DeadLetterNotFoundError, InboxFullError
 from agentcomms.schemas import AgentMessage
 from agentcomms.transport import Pipeliner
-from agentcomms.transport.scripts import DEAD_LETTER, REDRIVE
+from agentcomms.transport.scripts import DEAD_LETTER, PURGE, REDRIVE
 
 __all__ = ["DeadLetter", "move_to_dead_letters"]
 
 logger = logging.getLogger(__name__)
+
+_RECEIPT_TTL_MS = 3_600_000
+"""How long a redrive's receipt lives (a repeat after a lost connection comes within seconds)."""
 
 
 def _text(value: bytes | str | None) -> str:
@@ -98,12 +102,14 @@ async def move_to_dead_letters(
     *,
     consumer: str,
     claim_idle_ms: int | None,
-) -> bytes | None:
+) -> tuple[bytes, bool] | None:
     """Move one inbox entry to ``agent_id``'s dead letters (one script; safe to repeat).
 
     With ``claim_idle_ms``, the entry is claimed first (only if idle that long), so of two
-    instances only one moves an abandoned entry. Returns the entry's body, or ``None`` if
-    there was nothing to move (another instance took it, or it was moved already).
+    instances only one moves an abandoned entry. Returns the entry's body and whether this
+    call moved it (``False``: it was moved already, by a repeat of this call after a lost
+    connection or by another instance: its dead letter was found), or ``None`` if there was
+    nothing to move (another instance holds the entry).
     """
     result = await pipeliner.script(
         DEAD_LETTER,
@@ -114,9 +120,11 @@ async def move_to_dead_letters(
     if result is None:
         return None
     pipeliner.fire("SADD", keys.DEAD_LETTER_INDEX, agent_id, replay=True)
-    logger.warning("dead-lettered %s from %s after %d deliveries: %s", entry_id, stream, deliveries, reason)
+    moved = result[2] == b"moved"
+    if moved:
+        logger.warning("dead-lettered %s from %s after %d deliveries: %s", entry_id, stream, deliveries, reason)
     body = result[1]
-    return body if isinstance(body, bytes) else str(body).encode()
+    return (body if isinstance(body, bytes) else str(body).encode()), moved
 
 
 async def dead_letter_agents(pipeliner: Pipeliner) -> list[str]:
@@ -176,9 +184,13 @@ async def redrive_dead_letter(
         raise AgentCommsError(f"dead letter {entry_id} is not a valid message ({letter.reason}); purge it instead")
     result = await pipeliner.script(
         REDRIVE,
-        [keys.dead_letters(agent_id), keys.inbox(agent_id, message.payload.priority)],
-        [entry_id, max_inbox_length],
-        replay=True,
+        [
+            keys.dead_letters(agent_id),
+            keys.inbox(agent_id, message.payload.priority),
+            keys.redrive_receipt(agent_id, entry_id),
+        ],
+        [entry_id, max_inbox_length, _RECEIPT_TTL_MS],
+        replay=True,  # a repeat finds the receipt and answers where the message went
     )
     if result is None:
         raise DeadLetterNotFoundError(agent_id=agent_id, entry_id=entry_id)
@@ -191,12 +203,14 @@ async def redrive_dead_letter(
 
 
 async def purge_dead_letters(pipeliner: Pipeliner, agent_id: str) -> int:
-    """Delete all of ``agent_id``'s dead letters; returns how many there were."""
-    stream = keys.dead_letters(agent_id)
+    """Delete all of ``agent_id``'s dead letters; returns how many there were.
+
+    Raises:
+        CommandOutcomeUnknownError: the connection was lost while purging: count them again.
+    """
     with pipeliner.batch():
-        count = pipeliner.call("XLEN", stream, replay=True)
-        pipeliner.call("DEL", stream, replay=True)
+        # not repeated after a lost connection: a repeat would report 0 purged
+        count = pipeliner.script(PURGE, [keys.dead_letters(agent_id)], [], replay=False)
         removed = pipeliner.call("SREM", keys.DEAD_LETTER_INDEX, agent_id, replay=True)
-    number = int(await count)
-    await removed
-    return number
+    number, _ = await asyncio.gather(count, removed)
+    return int(number)

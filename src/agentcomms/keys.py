@@ -46,6 +46,11 @@ def dead_letters(agent_id: str) -> str:
     return f"{PREFIX}:{{{agent_id}}}:dead"
 
 
+def redrive_receipt(agent_id: str, dead_letter_id: str) -> str:
+    """String key: the new entry id of a redriven dead letter, kept a while so a repeated redrive says where it went."""
+    return f"{PREFIX}:{{{agent_id}}}:redriven:{dead_letter_id}"
+
+
 REPLY_PREFIX = f"{PREFIX}:{{reply."
 
 

@@ -295,7 +295,7 @@ class AgentRegistry:
                 agent.last_seen = _ms_to_datetime(seen)
                 agent.started_at = _ms_to_datetime(started)
                 agent.instance_count = int(instances) if is_online else 0
-            except (ValidationError, ValueError) as exc:
+            except (ValidationError, ValueError, OverflowError, OSError) as exc:  # e.g. a last beat of 10**30 ms
                 self._malformed(_text(agent_id), exc)
                 continue
             agents.append(agent)

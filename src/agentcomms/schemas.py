@@ -208,8 +208,9 @@ class AgentResponse(BaseModel):
 
     @classmethod
     def fail(cls, code: str, message: str = "", **fields: Any) -> AgentResponse:
-        """A failed reply with an error ``code`` and ``message``."""
-        return cls(success=False, error=ErrorDetail(code=code, message=message[:4096]), **fields)
+        """A failed reply with an error ``code`` and ``message`` (cut to their limits: 64 and 4096 characters)."""
+        code = str(code).strip()[:64] or "error"
+        return cls(success=False, error=ErrorDetail(code=code, message=str(message)[:4096]), **fields)
 
     def __getitem__(self, key: str) -> Any:
         if key not in type(self).model_fields:

@@ -6,12 +6,13 @@ one too (``agent.sender``) whose sender id is the agent's own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self, TypeVar, overload
 
 from pydantic import ValidationError
 
@@ -30,6 +31,8 @@ from agentcomms.schemas import (
 from agentcomms.settings import Settings
 
 __all__ = ["MessageSender", "SenderStats"]
+
+T = TypeVar("T")
 
 _KNOWN_FOR = 30.0
 """Seconds a recipient found in the registry is taken as known without asking again."""
@@ -124,6 +127,15 @@ class MessageSender:
         until = time.monotonic() + _KNOWN_FOR
         for recipient_id in recipient_ids:
             self._known[recipient_id] = until
+
+    @staticmethod
+    async def _within(timeout: float, step: Awaitable[T], recipient: str, message_id: str) -> T:
+        """``step``, or RequestTimeoutError if it takes longer than ``timeout`` (a request's own deadline)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await step
+        except TimeoutError:
+            raise RequestTimeoutError(agent_id=recipient, message_id=message_id, timeout=timeout) from None
 
     async def _inbox_ttl(self, recipient_id: str, *, allow_unregistered: bool) -> float | None:
         """``None`` for a registered recipient; else the inbox TTL if allowed, or AgentNotFoundError."""
@@ -244,10 +256,16 @@ class MessageSender:
         """
         started = time.perf_counter()
         self.stats.requests += 1
+        timeout = timeout or message.payload.response_timeout or self.broker.settings.message_timeout
         try:
             if not self._knows(message.recipient_id):
-                await self._inbox_ttl(message.recipient_id, allow_unregistered=False)
-            response = await self.broker.request(message, timeout=timeout)
+                # the registry look-up counts against the request's timeout: it ends by it, Redis or not
+                await self._within(
+                    timeout, self._inbox_ttl(message.recipient_id, allow_unregistered=False), message.recipient_id,
+                    message.message_id,
+                )  # fmt: skip
+            remaining = timeout - (time.perf_counter() - started)
+            response = await self.broker.request(message, timeout=max(remaining, 0.001))
         except RequestTimeoutError:
             self.stats.timeouts += 1
             raise
@@ -294,10 +312,14 @@ class MessageSender:
             NoAgentAvailableError: no agent with that role is online.
             RequestTimeoutError: no reply in time.
         """
-        target = await self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
+        timeout = timeout or self.broker.settings.message_timeout
+        started = time.perf_counter()
+        picking = self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
+        target = await self._within(timeout, picking, f"role {role}", "")
         self._remember([target.agent_id])
+        remaining = max(timeout - (time.perf_counter() - started), 0.001)
         return await self.request(
-            target.agent_id, intent, data, timeout=timeout, context=context, conversation_id=conversation_id
+            target.agent_id, intent, data, timeout=remaining, context=context, conversation_id=conversation_id
         )
 
     # -- the seed's helpers ----------------------------------------------------------------

@@ -137,6 +137,7 @@ class Subscription:
     ) -> None:
         self.agent_id = agent_id
         self.consumer = consumer_name
+        self._consumer_bytes = consumer_name.encode()
         self.stats = SubscriptionStats()
         self._pipeliner = pipeliner
         self._settings = settings
@@ -151,6 +152,7 @@ class Subscription:
         self._channel = keys.EVENTS_CHANNEL if settings.event_feed else ""
         self._inflight: dict[tuple[str, str], float] = {}
         self._last_error: dict[tuple[str, str], str] = {}
+        self._unanswered_claims: dict[tuple[str, str], int] = {}  # entry -> its delivery count had the claim run
         self._queue: collections.deque[_Work] = collections.deque()
         self._workers: set[asyncio.Task[None]] = set()
         self._idle: list[asyncio.Future[None]] = []
@@ -540,16 +542,19 @@ class Subscription:
     async def _dead_letter(
         self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None
     ) -> None:
-        body = await move_to_dead_letters(
+        moved = await move_to_dead_letters(
             self._pipeliner, self.agent_id, stream, entry_id, reason, deliveries,
             consumer=self.consumer, claim_idle_ms=claim_idle_ms,
         )  # fmt: skip
-        if body is None:
-            return  # another instance took it first, or this already happened
-        self.stats.dead_lettered += 1
+        if moved is None:
+            return  # another instance holds it
+        body, by_this_call = moved
         self._last_error.pop((stream, entry_id), None)
         if not reason.startswith("expired"):
-            self._tell_caller(body, reason)
+            self._tell_caller(body, reason)  # also after a repeat: the caller drops a second answer
+        if not by_this_call:
+            return  # moved by an earlier run of this call (its answer was lost), or by another instance
+        self.stats.dead_lettered += 1
         message = self._parse([b"m", body]) if body else None
         if isinstance(message, AgentMessage) and self._channel:
             self._pipeliner.fire(
@@ -563,7 +568,7 @@ class Subscription:
         """
         try:
             raw = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(raw, dict):
             return
@@ -599,6 +604,17 @@ class Subscription:
         await self._keepalive()
         await self._reclaim()
 
+    async def _adopt(self, stream: str, orphans: dict[str, int]) -> None:
+        """Handle entries pending for this consumer that it does not hold: reset their idle time, read, queue."""
+        ids = list(orphans)
+        await self._pipeliner.call("XCLAIM", stream, keys.GROUP, self.consumer, 0, *ids, "JUSTID", replay=True)
+        with self._pipeliner.batch():
+            reads = [self._pipeliner.call("XRANGE", stream, i, i, replay=True) for i in ids]
+        for entry_id, found in zip(ids, await asyncio.gather(*reads), strict=True):
+            if found:
+                logger.info("%s: handling %s, delivered to this instance but not taken in", self.agent_id, entry_id)
+                self._dispatch(stream, [found[0]], deliveries=orphans[entry_id])
+
     async def _keepalive(self) -> None:
         """Reset the idle time of entries still being handled, so no other instance takes them."""
         threshold = time.monotonic() - self._claim_idle_ms / 3000
@@ -627,9 +643,19 @@ class Subscription:
 
     async def _take_over(self, stream: str, page: list[list[Any]]) -> None:
         retry: dict[str, int] = {}
+        orphans: dict[str, int] = {}
         for pending in page:  # [entry id, consumer, idle ms, times delivered]
             entry_id, delivered = pending[0].decode(), int(pending[3])
-            if (stream, entry_id) in self._inflight:
+            key = (stream, entry_id)
+            if key in self._inflight:
+                continue
+            if pending[1] == self._consumer_bytes and (
+                key not in self._last_error or self._unanswered_claims.get(key) == delivered
+            ):
+                # ours and not in hand: delivered to us by a claim whose answer was lost with the
+                # connection (or its acknowledgement was lost): handle it, without spending a delivery
+                self._unanswered_claims.pop(key, None)
+                orphans[entry_id] = delivered
                 continue
             if delivered >= self._max_deliveries:
                 last = self._last_error.get((stream, entry_id))
@@ -639,11 +665,20 @@ class Subscription:
                 await self._dead_letter(stream, entry_id, reason, delivered, claim_idle_ms=self._claim_idle_ms)
             else:
                 retry[entry_id] = delivered
+        if orphans:
+            await self._adopt(stream, orphans)
         if not retry:
             return
+        # a repeat after a lost connection claims nothing (the first run did): the entries stay
+        # ours, pending, and come back as orphans above at the next round
         claimed = await self._pipeliner.call(
             "XCLAIM", stream, keys.GROUP, self.consumer, self._claim_idle_ms, *retry, replay=True
         )
+        answered = {entry[0].decode() for entry in claimed or () if entry is not None}
+        if len(self._unanswered_claims) > 10_000:
+            self._unanswered_claims.clear()
+        for entry_id in retry.keys() - answered:  # another instance's now, or ours if the claim's answer was lost
+            self._unanswered_claims[(stream, entry_id)] = retry[entry_id] + 1
         for entry in claimed or ():
             if entry is None or entry[1] is None:
                 continue  # deleted while pending (Redis 6.2): dead-lettered when its deliveries run out

@@ -36,6 +36,7 @@ import collections
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ from agentcomms.exceptions import (
     BrokerClosedError,
     BrokerConnectionError,
     CommandOutcomeUnknownError,
+    MessageValidationError,
 )
 from agentcomms.transport.errors import ReplyError, classify, code_of, is_transient, needs_reconnect
 from agentcomms.transport.link import (
@@ -126,6 +128,8 @@ class Pipeliner:
         self._closing = False
         self._closed = False
         self._drained: asyncio.Event | None = None
+        self._closed_future: asyncio.Future[None] | None = None
+        self._replayed: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._writable = asyncio.Event()
         self._writable.set()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -172,28 +176,39 @@ class Pipeliner:
         self._schedule_watchdog()
 
     async def aclose(self) -> None:
-        """Send what is queued, wait for the replies (while Redis answers), then close."""
-        if self._closed:
+        """Send what is queued, wait for the replies (while Redis answers), then close.
+
+        Commands still unwritten then fail with :class:`BrokerClosedError` (not sent); commands
+        written and not answered fail with :class:`CommandOutcomeUnknownError`. Safe to call
+        twice, or concurrently: every caller returns once the pipeliner is closed.
+        """
+        if self._closed_future is not None:
+            await asyncio.shield(self._closed_future)
             return
-        self._closing = True
-        if self._ready:
-            self._write()
-            if self._sent or self._outbox:
+        self._closed_future = self._loop.create_future()
+        try:
+            self._closing = True
+            self._writable.set()
+            if self._ready:
+                self._write()
+            if self._sent and self._link is not None:
                 self._drained = asyncio.Event()
                 await self._drained.wait()  # replies arrive, or the watchdog or a lost connection ends the wait
-        self._closed = True
-        if self._recovering is not None:
-            self._recovering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovering
-        self._fail_all(BrokerClosedError("broker closed while Redis was unreachable; the command was not sent"))
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._link is not None:
-            self._link.on_lost = None
-            self._link.close()
-            self._link = None
-        self._ready = False
+            self._ready = False  # nothing more is written
+            self._closed = True
+            if self._recovering is not None:
+                self._recovering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._recovering
+            self._fail_all(BrokerClosedError("broker closed before the command was sent"))
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            if self._link is not None:
+                self._link.on_lost = None
+                self._link.close()
+                self._link = None
+        finally:
+            self._closed_future.set_result(None)
 
     # -- queueing --------------------------------------------------------------------------
 
@@ -252,9 +267,16 @@ class Pipeliner:
         """Whether the socket's write buffer is full (producers should :meth:`wait_writable`)."""
         return self._link is not None and self._link.paused
 
+    def was_replayed(self, future: asyncio.Future[Any]) -> bool:
+        """Whether ``future``'s command was written again after a lost connection (it may have run twice)."""
+        return future in self._replayed
+
     async def wait_writable(self) -> None:
-        """Wait while the connection's write buffer is full (flow control for producers)."""
-        while self._link is not None and self._link.paused:
+        """Wait while the connection's write buffer is full (flow control for producers).
+
+        Also ends when the connection is lost or closed: what is queued then waits in the outbox.
+        """
+        while self._link is not None and self._link.paused and not self._closing:
             self._writable.clear()
             await self._writable.wait()
 
@@ -279,7 +301,9 @@ class Pipeliner:
         if not self._ready or link is None or link.paused or not self._outbox:
             return  # the outbox goes out once the connection is ready (or writable) again
         batch: list[_Sent] = []
-        for command, future, flags, queued in self._outbox:
+        packed: list[bytes] = []
+        outbox, self._outbox = self._outbox, []
+        for command, future, flags, queued in outbox:
             if future is not None and future.cancelled():
                 continue
             if callable(command):
@@ -289,15 +313,28 @@ class Pipeliner:
                         future.cancel()
                     continue
                 command = built
+            try:  # packed one by one: a command that cannot be sent must not put the others out of step
+                packed.append(pack([command]))
+            except (TypeError, ValueError) as exc:  # an argument of the wrong type, a string that is not UTF-8
+                self._refuse(command, future, exc)
+                continue
             batch.append((command, future, flags, queued))
-        self._outbox = []
         if not batch:
             return
         if not self._sent:
             self._busy_since = self._loop.time()
         self._sent.extend(batch)
         self.round_trips += 1
-        link.write(pack([command for command, _, _, _ in batch]))
+        link.write(b"".join(packed))
+
+    @staticmethod
+    def _refuse(command: Command, future: asyncio.Future[Any] | None, error: Exception) -> None:
+        problem = MessageValidationError(f"cannot send {command_name(command)}: an argument is not text or a number")
+        problem.__cause__ = error
+        if future is None:
+            logger.error("%s", problem)
+        elif not future.done():
+            future.set_exception(problem)
 
     # -- replies ---------------------------------------------------------------------------
 
@@ -306,6 +343,7 @@ class Pipeliner:
         link.on_reply = self._on_reply
         link.on_lost = self._on_lost
         link.on_writable = self._on_writable
+        self._writable.set()  # a new link starts writable: nobody waits for the old one
 
     def _on_reply(self, reply: Any) -> None:
         entry = self._sent.popleft()
@@ -326,7 +364,8 @@ class Pipeliner:
             if future is not None and not future.done():
                 future.set_result(reply)
         if not self._sent:
-            if self._drained is not None and not self._outbox:
+            if self._drained is not None:
+                self._ready = False  # closing: nothing more is written; what is queued or held fails as not sent
                 self._drained.set()
             elif not self._ready and self._held and self._link is not None:
                 self._start_recovery()
@@ -351,11 +390,14 @@ class Pipeliner:
     def _on_lost(self, error: BaseException | None) -> None:
         self._ready = False
         self._link = None
+        self._writable.set()  # producers waiting for the lost socket go on: their commands wait in the outbox
         replay: list[_Sent] = []
         for entry in self._sent:
             command, future, flags, _ = entry
             if flags & _REPLAY and not self._closing:
                 replay.append(entry)
+                if future is not None:
+                    self._replayed.add(future)
             elif future is not None and not future.done():
                 future.set_exception(
                     CommandOutcomeUnknownError(
@@ -417,9 +459,19 @@ class Pipeliner:
             self._recovering = None
 
     async def _load_scripts(self, link: Link) -> None:
-        """Load every script on a new link (request mode), before any queued command uses it."""
+        """Load every script on a new link (request mode), before any queued command uses it.
+
+        Raises:
+            LinkLost: the link died, or Redis did not answer within the connect timeout (a silent peer).
+        """
         commands = [("SCRIPT", "LOAD", script.body) for script in ALL_SCRIPTS]
-        for reply in await gather_replies(link.request(*commands)):
+        try:
+            async with asyncio.timeout(self._spec.connect_timeout):
+                replies = await gather_replies(link.request(*commands))
+        except TimeoutError:
+            link.abort()
+            raise LinkLost(f"Redis at {self._spec.address} did not answer SCRIPT LOAD") from None
+        for reply in replies:
             if isinstance(reply, ReplyError):
                 link.abort()
                 if is_transient(reply):
@@ -441,7 +493,12 @@ class Pipeliner:
             self._busy_since = now
         self._sent.extend((command, future, _RAW, now) for command, future in zip(commands, futures, strict=True))
         link.write(pack(commands))
-        replies = await gather_replies(futures)
+        try:
+            async with asyncio.timeout(self._spec.connect_timeout):
+                replies = await gather_replies(futures)
+        except TimeoutError:
+            link.abort()  # a silent peer: a new connection
+            raise LinkLost(f"Redis at {self._spec.address} did not answer the readiness probe") from None
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ReplyError):
                 if is_transient(reply):
@@ -479,7 +536,16 @@ class Pipeliner:
         return True
 
     def _fail_all(self, error: AgentCommsError) -> None:
-        for _, future, _, _ in [*self._held, *self._sent, *self._outbox]:
+        """Fail everything still waiting: ``error`` for what was never written, "outcome unknown" for the rest."""
+        for command, future, _, _ in self._sent:
+            if future is not None and not future.done():
+                future.set_exception(
+                    CommandOutcomeUnknownError(
+                        f"closed while {command_name(command)} was sent and not answered; it may or may not have run",
+                        url=self._spec.address,
+                    )
+                )
+        for _, future, _, _ in [*self._held, *self._outbox]:
             if future is not None and not future.done():
                 future.set_exception(error)
         self._held, self._outbox = [], []

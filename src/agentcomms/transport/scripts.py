@@ -15,6 +15,7 @@ __all__ = [
     "ACK",
     "ALL_SCRIPTS",
     "DEAD_LETTER",
+    "PURGE",
     "REDRIVE",
     "REGISTRY_BEAT",
     "REGISTRY_DEREGISTER",
@@ -54,6 +55,7 @@ SEND = Script.load("send")
 ACK = Script.load("ack")
 DEAD_LETTER = Script.load("dead_letter")
 REDRIVE = Script.load("redrive")
+PURGE = Script.load("purge")
 REGISTRY_REGISTER = Script.load("registry_register")
 REGISTRY_BEAT = Script.load("registry_beat")
 REGISTRY_LEAVE = Script.load("registry_leave")

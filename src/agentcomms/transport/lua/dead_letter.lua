@@ -1,16 +1,30 @@
 -- dead_letter: move one inbox entry to the agent's dead-letter stream, with why.
 -- KEYS[1] inbox stream, KEYS[2] dead-letter stream
 -- ARGV: group, entry id, reason, deliveries, consumer, min idle ms ('' = the caller holds the entry)
--- Returns {dead-letter id, the entry's body ('' if it had no 'm' field)}, or false if there was
--- nothing to move: another instance took it first, or this is a repeat of a call that already ran.
+-- Returns {dead-letter id, the entry's body ('' if it had no 'm' field), 'moved' or 'found'}:
+-- 'found' when the entry had been moved already (a repeat of this call after a lost connection,
+-- or another instance's move) and its dead letter is among the newest; false if there was
+-- nothing to move and no such dead letter (another instance holds the entry).
+local function already_moved()
+  for _, e in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 100)) do
+    local f, source, source_id, body = e[2], nil, nil, ''
+    for i = 1, #f, 2 do
+      if f[i] == 'source' then source = f[i + 1]
+      elseif f[i] == 'source_id' then source_id = f[i + 1]
+      elseif f[i] == 'payload' then body = f[i + 1] end
+    end
+    if source == KEYS[1] and source_id == ARGV[2] then return {e[1], body, 'found'} end
+  end
+  return false
+end
 if ARGV[6] ~= '' then
   -- claim first, so that of two instances only one dead-letters an abandoned entry
   local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], ARGV[6], ARGV[2], 'JUSTID')
-  if #claimed == 0 then return false end
+  if #claimed == 0 then return already_moved() end
 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if #entry == 0 and acked == 0 then return false end
+if #entry == 0 and acked == 0 then return already_moved() end
 local reason = ARGV[3]
 if #entry == 0 then reason = reason .. ' (the entry was deleted while pending)' end
 local out = {'reason', reason, 'deliveries', ARGV[4], 'source', KEYS[1], 'source_id', ARGV[2]}
@@ -23,4 +37,4 @@ end
 table.insert(out, 'payload'); table.insert(out, body or '')
 local id = redis.call('XADD', KEYS[2], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[2])
-return {id, body or ''}
+return {id, body or '', 'moved'}

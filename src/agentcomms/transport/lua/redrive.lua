@@ -1,9 +1,15 @@
--- redrive: move one dead letter back into an inbox, atomically (safe to repeat).
--- KEYS[1] dead-letter stream, KEYS[2] inbox stream; ARGV: dead-letter entry id, max inbox length
+-- redrive: move one dead letter back into an inbox, atomically; safe to repeat.
+-- KEYS[1] dead-letter stream, KEYS[2] inbox stream, KEYS[3] the redrive's receipt (a string key)
+-- ARGV: dead-letter entry id, max inbox length, receipt TTL ms
 -- Returns {'ok', new entry id}, {'full', length}, {'empty'} (no message to send back), or false
--- if the dead letter is gone (already redriven or purged).
+-- if the dead letter is gone (purged, or redriven longer ago than the receipt lives). The
+-- receipt holds the new entry id for a while, so a repeat of a redrive that ran answers 'ok'.
 local entry = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
-if not entry then return false end
+if not entry then
+  local done = redis.call('GET', KEYS[3])
+  if done then return {'ok', done} end
+  return false
+end
 local body = ''
 local f = entry[2]
 for i = 1, #f, 2 do if f[i] == 'payload' then body = f[i + 1] end end
@@ -12,4 +18,5 @@ local len = redis.call('XLEN', KEYS[2])
 if len >= tonumber(ARGV[2]) then return {'full', len} end
 local id = redis.call('XADD', KEYS[2], '*', 'm', body)
 redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[3], id, 'PX', ARGV[3])
 return {'ok', id}

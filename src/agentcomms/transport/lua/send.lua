@@ -4,7 +4,7 @@
 -- ARGV: max length, dedup window ms (0 = no dedup), event channel ('' = none), n,
 --       inbox TTL ms (0 = none: the recipient is registered), then n message ids, then n bodies
 -- Returns per message its entry id, or 'dup', or 'full <length>'; then one more element:
--- how many hostile entries were moved to the dead letters (0 almost always).
+-- how many hostile entries (ids more than a day ahead) were moved to the dead letters (0 almost always).
 -- No consumer group is made here: a stream keeps every entry, and a consumer creates its group at 0.
 -- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message. Its member
 -- '~' (never a message id) holds when its TTL was last set and its expired ids were last dropped:
@@ -52,11 +52,25 @@ local function clear_future_ids(inbox, dead)
     end
   end
 end
+local checked = false
 local function add(inbox, body)
   local id = redis.pcall('XADD', inbox, '*', 'm', body)
   if type(id) == 'table' and id.err then
-    if string.find(id.err, 'exhausted', 1, true) then clear_future_ids(inbox, KEYS[3]) end
+    if string.find(id.err, 'exhausted', 1, true) then
+      clear_future_ids(inbox, KEYS[3])
+      checked = true
+    end
     id = redis.call('XADD', inbox, '*', 'm', body)  -- raises the error again if it was another one (OOM ...)
+  end
+  if not checked then
+    -- once per call: an id more than a day ahead of the server's clock means the stream's last id
+    -- was set by a hostile entry (just below the last possible one, say): clear it, add again
+    checked = true
+    if tonumber(string.match(id, '^(%d+)')) > now_ms() + 86400000 then
+      redis.call('XDEL', inbox, id)
+      clear_future_ids(inbox, KEYS[3])
+      id = redis.call('XADD', inbox, '*', 'm', body)
+    end
   end
   return id
 end

@@ -1,4 +1,5 @@
-"""Review of the transport and delivery rework (issue 9): each test shows one defect on a real redis-server.
+"""Faults placed at exact moments, on a real redis-server: each test once showed a defect of the transport
+and delivery code (found by an independent review), and now shows it is gone.
 
 Faults are placed with faultkit (kill, pause, restart) or with ``Proxy``, a TCP proxy in
 front of a private redis-server that cuts a connection right after Redis answered a
