@@ -38,7 +38,9 @@ import logging
 import random
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
+
+from hiredis import pack_command
 
 from agentcomms.exceptions import (
     AgentCommsError,
@@ -314,7 +316,7 @@ class Pipeliner:
                     continue
                 command = built
             try:  # packed one by one: a command that cannot be sent must not put the others out of step
-                packed.append(pack([command]))
+                packed.append(pack_command(cast(Any, command if type(command) is tuple else tuple(command))))
             except (TypeError, ValueError) as exc:  # an argument of the wrong type, a string that is not UTF-8
                 self._refuse(command, future, exc)
                 continue
