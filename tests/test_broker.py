@@ -262,7 +262,7 @@ async def test_high_priority_is_read_first(broker: MessageBroker, agent_id: str)
 
 
 async def test_fan_out_is_one_round_trip(broker: MessageBroker, raw: Redis) -> None:
-    recipients = [f"agent.fan.{uuid.uuid4().hex[:6]}" for _ in range(200)]
+    recipients = [f"agent.fan.{n}.{uuid.uuid4().hex[:6]}" for n in range(200)]  # distinct ids
     before = broker.stats.round_trips
     results = await broker.publish_many([message(r, note="all hands") for r in recipients])
     assert broker.stats.round_trips - before == 1
