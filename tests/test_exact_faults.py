@@ -782,3 +782,29 @@ async def test_a_long_outage_does_not_kill_the_pipeliners_recovery(
         await asyncio.to_thread(server.start)
         ended = await ends(sending, within=20)
     assert ended, f"after {attempts} failed attempts the send never completes: the recovery task died"
+
+
+async def test_a_connection_that_goes_silent_while_replies_are_owed_is_replaced(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog: Redis owes replies on the attached link and sends nothing for READ_TIMEOUT (a dead peer,
+    no FIN, no RST): the link is dropped, a new one made, and the sends written again."""
+    monkeypatch.setattr(pipeliner_module, "READ_TIMEOUT", 1.0)  # the silence rule, shortened
+    async with proxy_for(server) as proxy:
+        async with MessageBroker(settings=settings_for(proxy.url)) as broker:
+            assert (await broker.publish_message(message("agent.mute", n=0))).entry_id
+            fired: list[bool] = []
+
+            def once(data: bytes) -> bool:  # this link hears nothing back from the next send on; later links do
+                if fired or b"agent.mute" not in data:
+                    return False
+                fired.append(True)
+                return True
+
+            proxy.stall_when = once
+            sending = asyncio.ensure_future(broker.publish_message(message("agent.mute", n=1)))
+            ended = await ends(sending, within=20)
+            reconnects = broker.stats.reconnects
+    assert fired and ended and not sending.cancelled() and sending.exception() is None
+    assert reconnects >= 1
+    assert inbox_numbers(server, "agent.mute") == [0, 1]  # sent again on the new link, once
