@@ -162,3 +162,19 @@ class HandlerError(AgentCommsError):
 
 class KnowledgeNotConfiguredError(AgentCommsError, RuntimeError):
     """Raised by ``search_knowledge`` while no knowledge memory is configured."""
+
+
+class SecurityError(AgentCommsError):
+    """Raised when identities, keys, the trust store or a security policy cannot be used as asked."""
+
+
+class IdentityError(SecurityError, ValueError):
+    """Raised when an identity file is missing, unreadable or invalid, or no identity is held for a sender id."""
+
+
+class TrustError(SecurityError):
+    """Raised when an identity is not in the trust store, or its record is not signed by a trusted admin."""
+
+
+class PermissionDeniedError(SecurityError, PermissionError):
+    """Raised when an identity may not do what it asked (register another agent's id, change a role ...)."""

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agentcomms.exceptions import ConfigError
 from agentcomms.schemas import AgentId, Name, ShortList, describe_errors
@@ -120,6 +120,47 @@ class Settings(BaseSettings):
     """On SIGTERM, how long an agent lets the handlers in hand finish before the process exits."""
     handle_signals: bool = Field(True, validation_alias=_env("HANDLE_SIGNALS"))
     """Let agents handle SIGTERM (leave the registry, finish in-hand work, exit) when the program does not."""
+
+    # -- security (docs/security.md) --
+    security: Literal["off", "on"] = Field("off", validation_alias=_env("SECURITY"))
+    """``on``: every message and reply is authenticated, refused otherwise; senders need an identity."""
+    identity_file: Path | None = Field(None, validation_alias=_env("IDENTITY"))
+    """This process's identity (private keys), for a program with one (the CLI, a dashboard, a script)."""
+    identity_dir: Path | None = Field(None, validation_alias=_env("IDENTITY_DIR"))
+    """Folder of identity files, ``<id>.json`` (default: ``<data_dir>/identities``), for agents run together."""
+    trust_anchors: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias=_env("TRUST_ANCHORS"))
+    """Admin public keys (base64url Ed25519, comma-separated) whose signatures make the trust store."""
+    auth: Literal["mac", "signature"] = Field("mac", validation_alias=_env("AUTH"))
+    """How messages are authenticated: ``mac`` (HMAC-SHA256 with a key agreed by X25519, fast) or
+    ``signature`` (Ed25519, verifiable by anyone, slower)."""
+    replay_window: float = Field(120.0, gt=0, validation_alias=_env("REPLAY_WINDOW"))
+    """A message stamped (by the Redis server's clock) further than this from its arrival is refused."""
+    policy_file: Path | None = Field(None, validation_alias=_env("POLICY"))
+    """JSON file of rules: which roles may send which intents to which roles (docs/security.md)."""
+    sealed_intents: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("SEALED_INTENTS")
+    )
+    """Intents whose payloads are always sealed (encrypted to the recipient), comma-separated."""
+    redis_ssl_ca_certs: Path | None = None
+    """CA bundle that signs the Redis server's certificate (``rediss://``)."""
+    redis_ssl_certfile: Path | None = None
+    """This client's certificate, for Redis servers that ask for one (``tls-auth-clients yes``)."""
+    redis_ssl_keyfile: Path | None = None
+    """The private key of ``redis_ssl_certfile``."""
+    require_tls: bool = Field(False, validation_alias=_env("REQUIRE_TLS"))
+    """Refuse a Redis URL that is not ``rediss://`` (a unix socket on this machine is accepted)."""
+
+    @field_validator("trust_anchors", "sealed_intents", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def identities_folder(self) -> Path:
+        """Where identity files live: ``identity_dir``, else ``<data_dir>/identities``."""
+        return self.identity_dir or self.data_dir / "identities"
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
