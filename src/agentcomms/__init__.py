@@ -21,17 +21,21 @@ from agentcomms.exceptions import (
     DeadLetterNotFoundError,
     EmbeddedRedisError,
     HandlerError,
+    IdentityError,
     InboxFullError,
     KnowledgeNotConfiguredError,
     MessageTooLargeError,
     MessageValidationError,
     NoAgentAvailableError,
+    PermissionDeniedError,
     RedisCommandError,
     RedisOutOfMemoryError,
     RedisPermissionError,
     RegistrationConflictError,
     RegistrationError,
     RequestTimeoutError,
+    SecurityError,
+    TrustError,
 )
 from agentcomms.registry import AgentRegistry, Presence, RegistryStats
 from agentcomms.schemas import (
@@ -45,6 +49,7 @@ from agentcomms.schemas import (
     Priority,
     export_json_schemas,
 )
+from agentcomms.security import Identity, Policy, PublicIdentity, TrustRecord, TrustStore
 from agentcomms.sender import MessageSender, SenderStats
 from agentcomms.settings import AgentConfig, Settings, create_agent_config, load_agents_config
 from agentcomms.subscription import Handler, Subscription, SubscriptionStats
@@ -75,6 +80,8 @@ __all__ = [
     "ErrorDetail",
     "Handler",
     "HandlerError",
+    "Identity",
+    "IdentityError",
     "InboxFullError",
     "KnowledgeNotConfiguredError",
     "MessageBroker",
@@ -84,8 +91,11 @@ __all__ = [
     "MessageTooLargeError",
     "MessageValidationError",
     "NoAgentAvailableError",
+    "PermissionDeniedError",
+    "Policy",
     "Presence",
     "Priority",
+    "PublicIdentity",
     "PublishResult",
     "RedisCommandError",
     "RedisOutOfMemoryError",
@@ -94,10 +104,14 @@ __all__ = [
     "RegistrationError",
     "RegistryStats",
     "RequestTimeoutError",
+    "SecurityError",
     "SenderStats",
     "Settings",
     "Subscription",
     "SubscriptionStats",
+    "TrustError",
+    "TrustRecord",
+    "TrustStore",
     "__version__",
     "acquire_embedded",
     "create_agent_config",

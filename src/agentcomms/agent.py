@@ -189,7 +189,7 @@ class BaseAgent:
                 info, instance_id=self.broker.client_id, heartbeat_interval=self.heartbeat_interval
             )
             self._subscription = await self.broker.subscribe_to_agent(
-                self.agent_id, self._on_message, concurrency=self.concurrency
+                self.agent_id, self._on_message, concurrency=self.concurrency, role=self.config.role
             )
         except BaseException:
             await self.shutdown()

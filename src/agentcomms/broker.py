@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import logging
 import time
@@ -38,8 +39,10 @@ from agentcomms.exceptions import (
     MessageTooLargeError,
     MessageValidationError,
     RequestTimeoutError,
+    SecurityError,
 )
 from agentcomms.schemas import AgentMessage, AgentResponse
+from agentcomms.security.guard import Security
 from agentcomms.settings import Settings, redact_url
 from agentcomms.subscription import Handler, Subscription
 from agentcomms.transport import (
@@ -74,7 +77,10 @@ _TRIM_EVERY = 256
 _dump_message = AgentMessage.__pydantic_serializer__.to_json
 _validate_response = AgentResponse.__pydantic_validator__.validate_json
 
-_OpenSend = list[tuple[AgentMessage, bytes, asyncio.Future[Any]]]
+_Outgoing = tuple[AgentMessage, bytes, bytes]
+"""A message ready to send: the message, its JSON body, its authentication token (empty: none)."""
+
+_OpenSend = list[tuple[AgentMessage, bytes, bytes, asyncio.Future[Any]]]
 """Messages to one inbox waiting for their shared SEND call to be written."""
 
 
@@ -102,9 +108,36 @@ class BrokerStats:
     requests: int = 0
     replies_received: int = 0
     replies_unmatched: int = 0
+    replies_refused: int = 0
+    """Replies dropped because they were not authenticated by the request's recipient (security on)."""
     timeouts: int = 0
     round_trips: int = 0
     reconnects: int = 0
+
+
+_warned_insecure = False
+
+
+def _local(spec: ConnectionSpec) -> bool:
+    """Whether the server is on this machine (a unix socket or a loopback address)."""
+    if spec.path is not None:
+        return True
+    host = (spec.host or "").strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _warn_insecure(spec: ConnectionSpec) -> None:
+    global _warned_insecure
+    _warned_insecure = True
+    logger.warning(
+        "SECURITY: connected to Redis at %s, not on this machine, without identities (AGENTCOMMS_SECURITY is "
+        "off): anyone who can reach this Redis can send as any agent, read every message and answer in any "
+        "agent's name. See docs/security.md.",
+        spec.address,
+    )
 
 
 class MessageBroker:
@@ -140,6 +173,10 @@ class MessageBroker:
         self._closing = False
         self._closed_event = asyncio.Event()
         self._waiting: dict[str, asyncio.Future[AgentResponse]] = {}
+        self._expected: dict[str, tuple[str, str]] = {}  # correlation -> (sender, recipient): whose reply to accept
+        self._security: Security | None = None
+        self._sender_streams: dict[str, str] = {}  # sender id -> its reply stream (security on)
+        self._reply_positions: dict[str, str] = {self.reply_stream: "0-0"}
         self._open_sends: dict[str, _OpenSend] = {}
         self._subscriptions: set[Subscription] = set()
         self._stats = BrokerStats()
@@ -195,6 +232,12 @@ class MessageBroker:
         except BaseException:
             self._release_embedded()
             raise
+        try:
+            self._security = await self._secure(spec, pipeliner)
+        except BaseException:
+            await pipeliner.aclose()
+            self._release_embedded()
+            raise
         self._spec, self._pipeliner = spec, pipeliner
         self._replies = BlockingReader(spec, name=f"{self.client_id}.replies")
         self._closing = False
@@ -205,6 +248,22 @@ class MessageBroker:
 
     initialize = connect
     """The seed's name for :meth:`connect`."""
+
+    async def _secure(self, spec: ConnectionSpec, pipeliner: Pipeliner) -> Security | None:
+        """With ``AGENTCOMMS_SECURITY=on``: identities, trust store, the server's clock. Else a warning off loopback."""
+        if self.settings.security != "on":
+            if not _local(spec) and not _warned_insecure:
+                _warn_insecure(spec)
+            return None
+        security = Security(self.settings, pipeliner)
+        await security.sync_clock()
+        await security.check_enrolled()
+        return security
+
+    @property
+    def security(self) -> Security | None:
+        """Identities, trust store and keys in use, when ``AGENTCOMMS_SECURITY=on``."""
+        return self._security
 
     async def close(self) -> None:
         """Stop every subscription (finishing handlers in hand), then disconnect."""
@@ -271,7 +330,20 @@ class MessageBroker:
             )
         return body
 
-    def _send_command(self, batch: Sequence[tuple[AgentMessage, bytes]], *, inbox_ttl: float | None = None) -> Command:
+    def _outgoing(self, message: AgentMessage) -> _Outgoing:
+        """The message, its body and (with security on) its token; the message was prepared (keys, seal)."""
+        body = self._encode(message)
+        return message, body, (self._security.token(message, body) if self._security is not None else b"")
+
+    async def _prepare(self, message: AgentMessage, seal: bool | None) -> AgentMessage:
+        """With security on: the sender's identity checked, keys agreed with the recipient, the payload sealed."""
+        if self._security is None:
+            if seal:
+                raise SecurityError("sealing needs AGENTCOMMS_SECURITY=on (identities and a trust store)")
+            return message
+        return await self._security.prepare(message, seal_it=seal)
+
+    def _send_command(self, batch: Sequence[_Outgoing], *, inbox_ttl: float | None = None) -> Command:
         """The SEND call for messages to the same inbox (same recipient and priority)."""
         settings = self.settings
         first = batch[0][0]
@@ -288,13 +360,12 @@ class MessageBroker:
             keys.EVENTS_CHANNEL if settings.event_feed else "",
             len(batch),
             int(inbox_ttl * 1000) if inbox_ttl else 0,
-            *(m.message_id for m, _ in batch),
-            *(body for _, body in batch),
+            *(m.message_id for m, _, _ in batch),
+            *(body for _, body, _ in batch),
+            *(token for _, _, token in batch),
         )
 
-    def _queue_sends(
-        self, batch: Sequence[tuple[AgentMessage, bytes]], *, inbox_ttl: float | None = None
-    ) -> asyncio.Future[Any]:
+    def _queue_sends(self, batch: Sequence[_Outgoing], *, inbox_ttl: float | None = None) -> asyncio.Future[Any]:
         """Queue one SEND call for ``batch`` as it is (messages to one inbox)."""
         first = batch[0][0]
         # a send still open for this inbox takes no more messages: they would overtake this batch
@@ -304,7 +375,7 @@ class MessageBroker:
         sent.add_done_callback(functools.partial(self._hostile_ids_cleared, first.recipient_id))
         return sent
 
-    def _send(self, message: AgentMessage, body: bytes) -> asyncio.Future[Any]:
+    def _send(self, message: AgentMessage, body: bytes, token: bytes) -> asyncio.Future[Any]:
         """Queue one message; those to the same inbox in one event-loop tick share one SEND call.
 
         The future resolves to the message's own reply from the script: its entry id, ``dup`` or ``full <length>``.
@@ -313,12 +384,12 @@ class MessageBroker:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch = self._open_sends.get(inbox)
         if batch is not None:
-            batch.append((message, body, future))
+            batch.append((message, body, token, future))
             if len(batch) >= FLUSH_AT:
                 del self._open_sends[inbox]
                 self.pipeliner.write_now()
             return future
-        batch = [(message, body, future)]
+        batch = [(message, body, token, future)]
         self._open_sends[inbox] = batch
         # built when written: on an idle connection at once (a batch of one), under load at the end of the tick
         sent = self.pipeliner.call_lazy(functools.partial(self._close_send, inbox, batch), replay=True)
@@ -328,8 +399,8 @@ class MessageBroker:
     def _close_send(self, inbox: str, batch: _OpenSend) -> Command | None:
         if self._open_sends.get(inbox) is batch:
             del self._open_sends[inbox]
-        batch[:] = [item for item in batch if not item[2].cancelled()]  # callers that gave up before the write
-        return self._send_command([(m, b) for m, b, _ in batch]) if batch else None
+        batch[:] = [item for item in batch if not item[3].cancelled()]  # callers that gave up before the write
+        return self._send_command([(m, b, t) for m, b, t, _ in batch]) if batch else None
 
     def _answer_sends(self, inbox: str, batch: _OpenSend, done: asyncio.Future[Any]) -> None:
         """Hand each message of a shared SEND call its own reply (or the call's error).
@@ -347,7 +418,7 @@ class MessageBroker:
             self._hostile_ids_cleared(batch[0][0].recipient_id if batch else "", done)
         else:
             replies = [error] * len(batch)
-        for (_, _, future), reply in zip(batch, replies, strict=False):
+        for (_, _, _, future), reply in zip(batch, replies, strict=False):
             if future.done():
                 continue
             if isinstance(reply, BaseException):
@@ -397,30 +468,37 @@ class MessageBroker:
         self._stats.sent += 1
         return PublishResult(message.message_id, message.recipient_id, reply.decode())
 
-    async def publish_message(self, message: AgentMessage, *, inbox_ttl: float | None = None) -> PublishResult:
+    async def publish_message(
+        self, message: AgentMessage, *, inbox_ttl: float | None = None, seal: bool | None = None
+    ) -> PublishResult:
         """Put ``message`` into its recipient's inbox (durable once this returns).
 
         A message whose ``message_id`` was accepted within the dedup window is not added
         again: the result says ``duplicate=True``. ``inbox_ttl`` (seconds) makes the inbox
         expire that long after this send unless a consumer starts reading it: for
-        recipients the registry does not know (see ``MessageSender``).
+        recipients the registry does not know (see ``MessageSender``). With security on the
+        message is authenticated, and sealed when ``seal`` is true (``None``: when its
+        intent is one of ``AGENTCOMMS_SEALED_INTENTS``).
 
         Raises:
             MessageTooLargeError: the message is over ``max_message_bytes``.
             InboxFullError: the recipient has ``max_inbox_length`` messages waiting.
             RedisOutOfMemoryError: Redis is at ``maxmemory``; nothing was stored.
             BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
+            IdentityError, TrustError: security is on and the sender or the recipient is not a known identity.
         """
         pipeliner = self.pipeliner
-        body = self._encode(message)
+        if self._security is not None or seal:
+            message = await self._prepare(message, seal)
+        message, body, token = self._outgoing(message)
         if pipeliner.write_paused:
             await pipeliner.wait_writable()
         if inbox_ttl:
-            sent = self._queue_sends([(message, body)], inbox_ttl=inbox_ttl)
+            sent = self._queue_sends([(message, body, token)], inbox_ttl=inbox_ttl)
             await asyncio.wait([sent])
             reply = self._send_replies(sent)[0]
         else:
-            reply = await self._send(message, body)
+            reply = await self._send(message, body, token)
         return self._sent(message, reply)
 
     async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
@@ -431,50 +509,83 @@ class MessageBroker:
         encoded, so that Redis stores the first while the next are being encoded.
         """
         results: list[PublishResult | AgentCommsError | None] = [None] * len(messages)
+        if self._security is not None:
+            messages = await self._prepare_all(messages, results)
         groups: dict[tuple[str, str], list[tuple[int, AgentMessage]]] = {}
         for index, message in enumerate(messages):
-            groups.setdefault((message.recipient_id, message.payload.priority), []).append((index, message))
-        calls: list[tuple[list[tuple[int, AgentMessage, bytes]], asyncio.Future[Any]]] = []
+            if results[index] is None:
+                groups.setdefault((message.recipient_id, message.payload.priority), []).append((index, message))
+        calls: list[tuple[list[tuple[int, _Outgoing]], asyncio.Future[Any]]] = []
         await self.pipeliner.wait_writable()
         with self.pipeliner.batch():  # one write for a fan-out
             for group in groups.values():
                 for start in range(0, len(group), _SEND_BATCH):
-                    chunk: list[tuple[int, AgentMessage, bytes]] = []
+                    chunk: list[tuple[int, _Outgoing]] = []
                     for index, message in group[start : start + _SEND_BATCH]:
                         try:
-                            chunk.append((index, message, self._encode(message)))
+                            chunk.append((index, self._outgoing(message)))
                         except AgentCommsError as exc:
                             results[index] = exc
                     if chunk:
-                        calls.append((chunk, self._queue_sends([(m, b) for _, m, b in chunk])))
+                        calls.append((chunk, self._queue_sends([out for _, out in chunk])))
                     if start + _SEND_BATCH < len(group):
                         self.pipeliner.write_now()  # more of this inbox follows: let Redis start on this part
         for chunk, future in calls:
-            try:
-                await future
-                replies = self._send_replies(future)
-            except AgentCommsError as exc:
-                replies = [exc] * len(chunk)
-            for (index, message, _), reply in zip(chunk, replies, strict=False):
-                try:
-                    results[index] = reply if isinstance(reply, AgentCommsError) else self._sent(message, reply)
-                except AgentCommsError as exc:
-                    results[index] = exc
+            await self._collect(chunk, future, results)
         return [r for r in results if r is not None]
+
+    async def _prepare_all(
+        self, messages: Sequence[AgentMessage], results: list[PublishResult | AgentCommsError | None]
+    ) -> list[AgentMessage]:
+        """Keys with every recipient, agreed concurrently (one read of each new record); failures in ``results``."""
+        prepared = await asyncio.gather(*(self._prepare(m, None) for m in messages), return_exceptions=True)
+        out: list[AgentMessage] = []
+        for index, outcome in enumerate(prepared):
+            if isinstance(outcome, AgentMessage):
+                out.append(outcome)
+                continue
+            if not isinstance(outcome, AgentCommsError):
+                raise outcome
+            results[index] = outcome
+            out.append(messages[index])
+        return out
+
+    async def _collect(
+        self,
+        chunk: list[tuple[int, _Outgoing]],
+        future: asyncio.Future[Any],
+        results: list[PublishResult | AgentCommsError | None],
+    ) -> None:
+        """Each message's result of one SEND call of :meth:`publish_many`."""
+        try:
+            await future
+            replies = self._send_replies(future)
+        except AgentCommsError as exc:
+            replies = [exc] * len(chunk)
+        for (index, (message, _, _)), reply in zip(chunk, replies, strict=False):
+            try:
+                results[index] = reply if isinstance(reply, AgentCommsError) else self._sent(message, reply)
+            except AgentCommsError as exc:
+                results[index] = exc
 
     # -- request / reply -------------------------------------------------------------------
 
-    async def request(self, message: AgentMessage, *, timeout: float | None = None) -> AgentResponse:
+    async def request(
+        self, message: AgentMessage, *, timeout: float | None = None, seal: bool | None = None
+    ) -> AgentResponse:
         """Send ``message`` and wait for its reply; it always ends by ``timeout``.
 
         The timeout is ``timeout``, else the message's ``response_timeout``, else
         ``MESSAGE_TIMEOUT``, counted from this call. If it passes before the recipient
         handled the request, the request is dead-lettered as expired when it is read,
-        and never answered late.
+        and never answered late. With security on, the request is authenticated (and
+        sealed, see :meth:`publish_message`), and only a reply authenticated by the
+        recipient is accepted; others are dropped and counted (``replies_refused``).
 
         Raises:
             RequestTimeoutError: no reply in time (also when Redis was unreachable all along).
             MessageTooLargeError, InboxFullError, RedisOutOfMemoryError: the request was not stored.
+            IdentityError, TrustError: security is on and the sender or the recipient is not a known identity.
         """
         self.pipeliner  # noqa: B018 - raises BrokerClosedError before anything is set up if not connected
         loop = asyncio.get_running_loop()
@@ -485,13 +596,24 @@ class MessageBroker:
         deadline = loop.time() + timeout
         if not payload.requires_response or payload.response_timeout != timeout:
             payload = payload.model_copy(update={"requires_response": True, "response_timeout": timeout})
+        reply_to = self.reply_stream if self._security is None else self._reply_stream_for(message.sender_id)
         request = message.model_copy(
-            update={"reply_to": self.reply_stream, "correlation_id": message.message_id, "payload": payload}
+            update={"reply_to": reply_to, "correlation_id": message.message_id, "payload": payload}
         )
         correlation = request.message_id
         if correlation in self._waiting:
             raise AgentCommsError(f"a request with message_id {correlation} is already waiting for its reply")
-        body = self._encode(request)
+        if self._security is not None or seal:
+            try:  # agreeing keys with a new recipient reads the trust store: it counts against the timeout
+                async with asyncio.timeout_at(deadline):
+                    request = await self._prepare(request, seal)
+            except TimeoutError:
+                self._stats.timeouts += 1
+                raise RequestTimeoutError(
+                    agent_id=request.recipient_id, message_id=request.message_id, timeout=timeout
+                ) from None
+            self._expected[correlation] = (request.sender_id, request.recipient_id)
+        request, body, token = self._outgoing(request)
         if self._reply_reader is None:
             # the reader reads the stream from its start whenever it connects: a reply written first is not missed
             self._reply_reader = loop.create_task(self._read_replies(), name=f"replies-{self.client_id}")
@@ -499,7 +621,7 @@ class MessageBroker:
         self._waiting[correlation] = reply
         self._stats.requests += 1
         # one future to await: the send's failure, the reply, or the deadline (a timer, cheaper than a timeout scope)
-        sent = self._send(request, body)
+        sent = self._send(request, body, token)
         sent.add_done_callback(functools.partial(self._request_sent, request, reply))
         timer = loop.call_at(deadline, self._request_expired, request, timeout, reply)
         try:
@@ -508,6 +630,7 @@ class MessageBroker:
             timer.cancel()
             sent.cancel()  # a request not yet written when its caller gives up is not sent at all
             self._waiting.pop(correlation, None)
+            self._expected.pop(correlation, None)
 
     def _request_sent(
         self, request: AgentMessage, reply: asyncio.Future[AgentResponse], sent: asyncio.Future[Any]
@@ -530,18 +653,40 @@ class MessageBroker:
                 RequestTimeoutError(agent_id=request.recipient_id, message_id=request.message_id, timeout=timeout)
             )
 
+    def _reply_stream_for(self, sender_id: str) -> str:
+        """The reply stream of ``sender_id`` in this broker.
+
+        With security on, a reply may only go to a stream named after the (verified) sender,
+        so each sender id that shares this broker gets a stream of its own.
+        """
+        if self.client_id.startswith(sender_id + "."):
+            return self.reply_stream
+        stream = self._sender_streams.get(sender_id)
+        if stream is None:
+            stream = keys.replies(f"{sender_id}.{uuid.uuid4().hex[:12]}")
+            if not keys.is_reply_stream(stream):
+                raise ConfigError(f"sender id {sender_id!r} cannot name a reply stream")
+            self._sender_streams[sender_id] = stream
+            self._reply_positions[stream] = "0-0"  # new: read from its start
+            if self._replies is not None and self._replies.busy and self._replies.client_id is not None:
+                # the reader is blocked on the old list of streams: wake it to read this one too
+                self.pipeliner.fire("CLIENT", "UNBLOCK", self._replies.client_id, replay=False)
+        return stream
+
     async def _read_replies(self) -> None:
-        """Read this broker's reply stream for as long as the broker is open; never ends on an error."""
+        """Read this broker's reply streams for as long as the broker is open; never ends on an error."""
         reader = self._replies
         assert reader is not None  # made by connect(), which request() requires
-        last = "0-0"  # the stream is this instance's own and new: read it from the start
+        positions = self._reply_positions  # stream -> last id read ("0-0": the stream is new, read it all)
         attempt = untrimmed = 0
         while not self._closing:
             try:
                 block = MAX_BLOCK_MS if not untrimmed else 200  # wake soon to trim once replies stop
+                streams = list(positions)
                 response = await reader.call(
-                    "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", self.reply_stream, last, block_ms=block
-                )
+                    "XREAD", "COUNT", 1024, "BLOCK", block, "STREAMS", *streams, *(positions[k] for k in streams),
+                    block_ms=block,
+                )  # fmt: skip
                 attempt = 0
             except (LinkLost, NotReady, AgentCommsError) as exc:  # lost, LOADING, WRONGTYPE if overwritten ...
                 if self._closing:
@@ -560,15 +705,20 @@ class MessageBroker:
                 await self._pause(backoff(attempt))
                 attempt += 1
                 continue
-            for _stream, batch in response or ():
-                for entry_id, flat in batch:  # raw: [id, [b"r", reply]]
-                    last = entry_id.decode()
-                    self._deliver_reply(flat[1] if flat and flat[0] == b"r" else b"")
+            read: set[str] = set()
+            for stream, batch in response or ():
+                name = stream.decode()
+                for entry_id, flat in batch:  # raw: [id, [b"r", reply, (b"a", token)]]
+                    positions[name] = entry_id.decode()
+                    self._deliver_reply(flat)
                     untrimmed += 1
+                read.add(name)
             if untrimmed >= _TRIM_EVERY or (untrimmed and not response):
-                # drop what was read, off the hot path: in batches, or when the stream is idle
-                ms, _, seq = last.partition("-")  # MINID keeps ids >= the one given: trim through `last` itself
-                self.pipeliner.fire("XTRIM", self.reply_stream, "MINID", f"{ms}-{int(seq) + 1}", replay=True)
+                # drop what was read, off the hot path: in batches, or when the streams are idle
+                for name, last in positions.items():
+                    if last != "0-0":
+                        ms, _, seq = last.partition("-")  # MINID keeps ids >= the one given: trim through `last`
+                        self.pipeliner.fire("XTRIM", name, "MINID", f"{ms}-{int(seq) + 1}", replay=True)
                 untrimmed = 0
             if response:
                 await asyncio.sleep(0)  # the waiting callers resume before the next read is written
@@ -580,14 +730,31 @@ class MessageBroker:
         except TimeoutError:
             pass
 
-    def _deliver_reply(self, body: bytes) -> None:
+    def _deliver_reply(self, flat: Any) -> None:
+        body = flat[1] if flat and flat[0] == b"r" else b""
         try:
             response = _validate_response(body)
         except ValidationError:
             self._stats.replies_unmatched += 1
             logger.warning("ignoring a malformed reply on %s", self.reply_stream)
             return
-        future = self._waiting.pop(response.correlation_id or "", None)
+        correlation = response.correlation_id or ""
+        if self._security is not None:
+            expected = self._expected.get(correlation)
+            token = flat[3] if len(flat) >= 4 and flat[2] == b"a" else None
+            opened = (
+                self._security.open_reply(response, body, token, own_id=expected[0], expected=expected[1])
+                if expected is not None
+                else None
+            )
+            if opened is None:  # forged, from someone else than asked, or for no request of ours: dropped
+                self._stats.replies_refused += 1
+                logger.warning(
+                    "dropped a reply on %s that is not authenticated by its request's recipient", correlation
+                )
+                return
+            response = opened
+        future = self._waiting.pop(correlation, None)
         if future is None or future.done():
             # a duplicate (redelivered request) or a reply to a request cancelled or timed out
             self._stats.replies_unmatched += 1
@@ -605,6 +772,7 @@ class MessageBroker:
         *,
         concurrency: int | None = None,
         consumer_name: str | None = None,
+        role: str = "",
     ) -> Subscription:
         """Start handling ``agent_id``'s inbox with ``handler``; returns the running subscription.
 
@@ -613,7 +781,9 @@ class MessageBroker:
         acknowledged only after the handler returned and its reply was written; if the
         handler raises, the message is delivered again after ``claim_idle`` and
         dead-lettered after ``max_deliveries``. A one-way message whose handler returns a
-        failed :class:`AgentResponse` is dead-lettered with that error at once.
+        failed :class:`AgentResponse` is dead-lettered with that error at once. With security
+        on, a message that is not authenticated, replayed, or forbidden by the policy for an
+        agent of ``role`` is not handed to the handler.
         """
         subscription = Subscription(
             self.pipeliner,
@@ -623,6 +793,8 @@ class MessageBroker:
             handler,
             concurrency=concurrency or self.settings.concurrency,
             consumer_name=consumer_name or self.client_id,
+            security=self._security,
+            role=role,
         )
         await subscription.start()
         self._subscriptions.add(subscription)

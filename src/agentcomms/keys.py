@@ -102,3 +102,9 @@ def registry_instances(agent_id: str) -> str:
 def registry_index(kind: str, value: str) -> str:
     """Set of agent ids with ``kind`` (role, department, capability, intent) equal to ``value`` (case-folded)."""
     return f"{REGISTRY}:idx:{kind}:{value.strip().casefold()}"
+
+
+# -- trust store: identities enrolled by an admin (docs/security.md) --
+
+TRUST_IDENTITIES = f"{PREFIX}:{{trust}}:identities"
+"""Hash: identity id -> its trust record (public keys, roles, admin flag), signed by an admin's Ed25519 key."""

@@ -27,10 +27,12 @@ from agentcomms.exceptions import (
     AgentCommsError,
     AgentNotFoundError,
     NoAgentAvailableError,
+    PermissionDeniedError,
     RegistrationConflictError,
     RegistrationError,
 )
 from agentcomms.schemas import AgentInfo, AgentStatus, MessageIntent, describe_errors
+from agentcomms.security.records import RecordGuard
 from agentcomms.settings import Settings
 from agentcomms.transport import Script, backoff
 from agentcomms.transport.scripts import (
@@ -123,6 +125,7 @@ class AgentRegistry:
         self._owns_broker = broker is None
         self.broker = broker or MessageBroker(redis_url, settings=settings, client_name="registry")
         self.settings = self.broker.settings
+        self._record_guard: RecordGuard | None = None
         self.malformed_records = 0
         """Malformed records met by discovery and statistics so far (each skipped and logged once)."""
         self._malformed_seen: set[str] = set()
@@ -144,6 +147,22 @@ class AgentRegistry:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    @property
+    def _guard(self) -> RecordGuard | None:
+        """With security on: signs what this process registers and checks what it reads."""
+        security = self.broker.security
+        if security is None:
+            return None
+        if self._record_guard is None:
+            self._record_guard = RecordGuard(security)
+        return self._record_guard
+
+    def _owner(self, agent_id: str) -> None:
+        """With security on, refuse to write presence or removal for an agent this process does not speak for."""
+        security = self.broker.security
+        if security is not None and agent_id not in security.identities and security.admin_identity() is None:
+            raise PermissionDeniedError(f"this process holds no identity for {agent_id!r} (nor an admin's)")
 
     async def _script(self, script: Script, args: Sequence[str | int], index_keys: Sequence[str] = ()) -> Any:
         # through the pipeliner: batched with other commands, and never cancelled mid-flight; every
@@ -181,6 +200,13 @@ class AgentRegistry:
             RegistrationConflictError: the id is taken by an agent with another role.
         """
         info = self._validate(agent_info)
+        guard = self._guard
+        stored = info.model_dump_json(include=_STORED_FIELDS)
+        if guard is not None:  # security on: only its identity (or an admin) writes it, signed
+            guard.authorize(info, replace=replace)
+            fields = json.loads(stored)
+            fields["signature"] = await guard.sign(info, fields)
+            stored = json.dumps(fields, separators=(",", ":"))
         interval = heartbeat_interval or self.settings.heartbeat_interval
         role_index = keys.registry_index("role", info.role)  # first: the script compares roles by it
         indexes = [role_index, keys.registry_index("department", info.department)]
@@ -191,7 +217,7 @@ class AgentRegistry:
             REGISTRY_REGISTER,
             [
                 info.agent_id,
-                info.model_dump_json(include=_STORED_FIELDS),
+                stored,
                 role_index,
                 "1" if replace else "0",
                 instance_id or info.agent_id,
@@ -207,16 +233,23 @@ class AgentRegistry:
 
     async def heartbeat(self, agent_id: str, *, instance_id: str | None = None, interval: float | None = None) -> bool:
         """Record that an instance of ``agent_id`` is alive; ``False`` if the agent is not registered."""
+        self._owner(agent_id)
         interval = interval or self.settings.heartbeat_interval
         result = await self._script(REGISTRY_BEAT, [agent_id, instance_id or agent_id, int(interval * 1000)])
         return result is not None
 
     async def leave(self, agent_id: str, *, instance_id: str | None = None) -> int:
         """An instance stops cleanly; the agent is offline at once if it was the last. Returns instances left."""
+        self._owner(agent_id)
         return int(await self._script(REGISTRY_LEAVE, [agent_id, instance_id or agent_id]))
 
     async def deregister_agent(self, agent_id: str) -> bool:
-        """Remove an agent and its index entries; ``False`` if it was not registered."""
+        """Remove an agent and its index entries; ``False`` if it was not registered.
+
+        Raises:
+            PermissionDeniedError: security is on and this process holds neither the agent's identity nor an admin's.
+        """
+        self._owner(agent_id)
         return bool(await self._script(REGISTRY_DEREGISTER, [agent_id]))
 
     async def update_status(self, agent_id: str, status: AgentStatus | str) -> None:
@@ -232,6 +265,7 @@ class AgentRegistry:
             raise RegistrationError(f"unknown status {status!r}", agent_id=agent_id) from exc
         if value is AgentStatus.OFFLINE:
             raise RegistrationError("status offline is set by leave() or missed heartbeats", agent_id=agent_id)
+        self._owner(agent_id)
         if not await self._script(REGISTRY_SET_STATUS, [agent_id, value.value]):
             raise AgentNotFoundError(agent_id)
 
@@ -298,6 +332,8 @@ class AgentRegistry:
             except (ValidationError, ValueError, OverflowError, OSError) as exc:  # e.g. a last beat of 10**30 ms
                 self._malformed(_text(agent_id), exc)
                 continue
+            if self._guard is not None and not await self._guard.believe(agent.agent_id, info):
+                continue  # not signed for its role: an impostor, or a role changed by hand
             agents.append(agent)
         return sorted(agents, key=lambda a: a.agent_id)
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, field_validator
 
 __all__ = [
     "AgentId",
@@ -171,6 +171,15 @@ class AgentMessage(BaseModel):
     """The caller's reply stream; set by the broker for requests."""
     correlation_id: MessageId | None = None
     """Set on requests: the reply carries it back so the caller can match it."""
+    sealed: Annotated[str, StringConstraints(max_length=2_000_000)] | None = None
+    """The payload's ``data`` and ``context`` encrypted for the recipient (both are then empty): docs/security.md."""
+
+    _sender_roles: tuple[str, ...] | None = PrivateAttr(default=None)
+
+    @property
+    def sender_roles(self) -> tuple[str, ...] | None:
+        """The roles of the verified sender, from the trust store (``None`` when security is off)."""
+        return self._sender_roles
 
     @field_validator("timestamp")
     @classmethod
@@ -200,6 +209,8 @@ class AgentResponse(BaseModel):
     error: ErrorDetail | None = None
     correlation_id: MessageId | None = None
     responder_id: AgentId | None = None
+    sealed: Annotated[str, StringConstraints(max_length=2_000_000)] | None = None
+    """``data``, encrypted for the caller (when the request was sealed)."""
 
     @classmethod
     def ok(cls, data: Any = None, **fields: Any) -> AgentResponse:
@@ -243,6 +254,8 @@ class AgentInfo(BaseModel):
     last_seen: datetime | None = None
     instance_count: Annotated[int, Field(ge=0)] = 0
     metadata: dict[str, str] = Field(default_factory=dict)
+    signature: Annotated[str, StringConstraints(max_length=300)] | None = None
+    """With security on: the record's signature by the agent's identity (or an admin's), see docs/security.md."""
 
 
 def export_json_schemas() -> dict[str, dict[str, Any]]:

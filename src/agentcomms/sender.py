@@ -28,6 +28,7 @@ from agentcomms.schemas import (
     Priority,
     describe_errors,
 )
+from agentcomms.security.identity import Identity
 from agentcomms.settings import Settings
 
 __all__ = ["MessageSender", "SenderStats"]
@@ -58,6 +59,13 @@ class SenderStats:
         return self.total_reply_ms / self.replies if self.replies else 0.0
 
 
+def _own_identity_id(settings: Settings) -> str | None:
+    """With security on and an identity file set (``AGENTCOMMS_IDENTITY``): the id to send as."""
+    if settings.security != "on" or settings.identity_file is None:
+        return None
+    return Identity.load(settings.identity_file).id
+
+
 class MessageSender:
     """Send messages to agents, ask them and wait for answers, broadcast, and find agents.
 
@@ -70,7 +78,9 @@ class MessageSender:
 
     Args:
         redis_url: where Redis is (default ``REDIS_URL``, else the embedded server).
-        sender_id: the id replies and logs know this sender by (default ``sender.<random>``).
+        sender_id: the id replies and logs know this sender by (default: the identity of
+            ``AGENTCOMMS_IDENTITY`` when security is on, else ``sender.<random>``). With
+            security on it must be an identity this process holds.
         settings: timeouts and limits.
         broker: share a broker instead of making one (then the caller closes it).
         registry: share a registry (by default one on the same broker).
@@ -85,7 +95,8 @@ class MessageSender:
         broker: MessageBroker | None = None,
         registry: AgentRegistry | None = None,
     ) -> None:
-        self.sender_id = sender_id or f"sender.{uuid.uuid4().hex[:8]}"
+        settings = broker.settings if broker is not None else settings or Settings()
+        self.sender_id = sender_id or _own_identity_id(settings) or f"sender.{uuid.uuid4().hex[:8]}"
         self._owns_broker = broker is None
         self.broker = broker or MessageBroker(redis_url, settings=settings, client_name=self.sender_id)
         self.registry = registry or AgentRegistry(self.broker)

@@ -37,6 +37,7 @@ from agentcomms import keys
 from agentcomms.deadletters import move_to_dead_letters
 from agentcomms.exceptions import AgentCommsError, BrokerConnectionError, RedisCommandError
 from agentcomms.schemas import AgentMessage, AgentResponse, describe_errors
+from agentcomms.security.guard import Refusal, Security
 from agentcomms.settings import Settings
 from agentcomms.transport import (
     MAX_BLOCK_MS,
@@ -84,6 +85,8 @@ class SubscriptionStats:
     """One-way messages whose handler answered with an error (dead-lettered with it)."""
     replies_failed: int = 0
     """Replies Redis refused to store (e.g. out of memory); their callers time out."""
+    refused: int = 0
+    """Messages security refused: unauthenticated, replayed (dead-lettered) or forbidden (answered so)."""
 
 
 def feed_event(kind: str, message: AgentMessage, **extra: Any) -> str:
@@ -134,11 +137,15 @@ class Subscription:
         *,
         concurrency: int,
         consumer_name: str,
+        security: Security | None = None,
+        role: str = "",
     ) -> None:
         self.agent_id = agent_id
         self.consumer = consumer_name
         self._consumer_bytes = consumer_name.encode()
         self.stats = SubscriptionStats()
+        self._security = security
+        self._role = role
         self._pipeliner = pipeliner
         self._settings = settings
         self._handler = handler
@@ -380,17 +387,23 @@ class Subscription:
 
     # -- one message -----------------------------------------------------------------------
 
-    def _parse(self, flat: Sequence[bytes] | None) -> AgentMessage | str:
-        """The message in a raw entry's fields, or why it is not one (checked before parsing where possible)."""
+    def _parse(self, flat: Sequence[bytes] | None) -> tuple[AgentMessage, bytes, bytes | None] | str:
+        """The message in a raw entry's fields, its body and token, or why it is not one.
+
+        Checked before parsing where possible.
+        """
+        token = None
         if flat is not None and len(flat) == 2 and flat[0] == b"m":
-            body = flat[1]  # what every entry we write looks like
+            body = flat[1]  # what every entry we write looks like (without security)
+        elif flat is not None and len(flat) == 4 and flat[0] == b"m" and flat[2] == b"a":
+            body, token = flat[1], flat[3]  # and with security
         else:
             items = iter(flat or ())
             fields = dict(zip(items, items, strict=False))
             found = fields.get(b"m")
             if found is None:
                 return f"malformed: entry has no 'm' field (fields: {_field_names(fields)[:200]})"
-            body = found
+            body, token = found, fields.get(b"a")
         if len(body) > self._max_bytes:
             return f"too large: {len(body)} bytes, limit {self._max_bytes}"
         try:
@@ -404,7 +417,7 @@ class Subscription:
             return f"wrong recipient: addressed to {message.recipient_id!r}"
         if message.reply_to is not None and not keys.is_reply_stream(message.reply_to):
             return f"invalid reply_to {message.reply_to[:80]!r}: not a reply stream"
-        return message
+        return message, body, token
 
     def _expired(self, entry_id: str, message: AgentMessage) -> bool:
         timeout = message.payload.response_timeout
@@ -417,14 +430,22 @@ class Subscription:
         key = (stream, entry_id)
         acknowledging = False
         try:
-            message = self._parse(flat)
-            if isinstance(message, str):
-                await self._dead_letter(stream, entry_id, message, deliveries)
+            parsed = self._parse(flat)
+            if isinstance(parsed, str):
+                await self._dead_letter(stream, entry_id, parsed, deliveries)
                 return
+            message, body, token = parsed
             if self._expired(entry_id, message):
                 self.stats.expired += 1
                 await self._dead_letter(stream, entry_id, "expired: not handled within response_timeout", deliveries)
                 return
+            sealed = message.sealed is not None
+            if self._security is not None:
+                verdict = await self._security.check(message, body, token, entry_id, self._role)
+                if isinstance(verdict, Refusal):
+                    acknowledging = await self._refused(stream, entry_id, message, verdict, deliveries)
+                    return
+                message = verdict
             try:
                 result = await self._handler(message)
             except Exception as exc:
@@ -437,7 +458,7 @@ class Subscription:
                 reason = f"rejected: {error.code}: {error.message}" if error else "rejected by the handler"
                 await self._dead_letter(stream, entry_id, reason[:1000], deliveries)
                 return
-            self._complete(stream, entry_id, message, result)
+            self._complete(stream, entry_id, message, result, sealed=sealed)
             acknowledging = True  # _acked() finishes the bookkeeping when the ack is answered
         except AgentCommsError as exc:
             logger.warning(
@@ -465,10 +486,28 @@ class Subscription:
             await self._dead_letter(key[0], key[1], reason, deliveries)
         # otherwise it stays pending and is delivered again after claim_idle
 
-    def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any) -> None:
+    async def _refused(
+        self, stream: str, entry_id: str, message: AgentMessage, refusal: Refusal, deliveries: int
+    ) -> bool:
+        """Security refused the message: a ``forbidden`` request is answered so; anything else is dead-lettered.
+
+        Returns whether an acknowledgement was queued (the reply's).
+        """
+        self.stats.refused += 1
+        if refusal.kind == "forbidden" and message.reply_to is not None:
+            self._complete(stream, entry_id, message, AgentResponse.fail("forbidden", refusal.reason), sealed=False)
+            return True
+        # unauthenticated or replayed: no answer (its reply_to is not to be trusted)
+        await self._dead_letter(stream, entry_id, str(refusal), deliveries, tell=False)
+        return False
+
+    def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any, *, sealed: bool) -> None:
         """Write the reply (if any) and queue the acknowledgement behind it."""
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
+            security = self._security
+            if security is not None:
+                response = security.reply_body(response, own_id=self.agent_id, peer_id=message.sender_id, sealed=sealed)
             try:
                 body = _dump_response(response, exclude_none=True)
             except PydanticSerializationError as exc:
@@ -479,12 +518,18 @@ class Subscription:
                     responder_id=self.agent_id,
                 )
                 body = _dump_response(failure, exclude_none=True)
-            self._reply(message.reply_to, body)
+            token = b""
+            if security is not None:
+                token = security.reply_token(body, own_id=self.agent_id, peer_id=message.sender_id)
+            self._reply(message.reply_to, body, token)
         self._acknowledge(stream, entry_id)
 
-    def _reply(self, reply_stream: str, body: bytes) -> None:
+    def _reply(self, reply_stream: str, body: bytes, token: bytes = b"") -> None:
         """Queue a reply (a repeat after a lost connection is harmless: the caller drops duplicates)."""
-        written = self._pipeliner.call("XADD", reply_stream, "*", "r", body, replay=True)
+        if token:
+            written = self._pipeliner.call("XADD", reply_stream, "*", "r", body, "a", token, replay=True)
+        else:
+            written = self._pipeliner.call("XADD", reply_stream, "*", "r", body, replay=True)
         written.add_done_callback(self._reply_written)
         self._refresh_ttl(reply_stream)
 
@@ -540,7 +585,14 @@ class Subscription:
         self._slot_free.set()
 
     async def _dead_letter(
-        self, stream: str, entry_id: str, reason: str, deliveries: int, *, claim_idle_ms: int | None = None
+        self,
+        stream: str,
+        entry_id: str,
+        reason: str,
+        deliveries: int,
+        *,
+        claim_idle_ms: int | None = None,
+        tell: bool = True,
     ) -> None:
         moved = await move_to_dead_letters(
             self._pipeliner, self.agent_id, stream, entry_id, reason, deliveries,
@@ -550,15 +602,15 @@ class Subscription:
             return  # another instance holds it
         body, by_this_call = moved
         self._last_error.pop((stream, entry_id), None)
-        if not reason.startswith("expired"):
+        if tell and not reason.startswith("expired"):
             self._tell_caller(body, reason)  # also after a repeat: the caller drops a second answer
         if not by_this_call:
             return  # moved by an earlier run of this call (its answer was lost), or by another instance
         self.stats.dead_lettered += 1
-        message = self._parse([b"m", body]) if body else None
-        if isinstance(message, AgentMessage) and self._channel:
+        parsed = self._parse([b"m", body]) if body else None
+        if isinstance(parsed, tuple) and self._channel:
             self._pipeliner.fire(
-                "PUBLISH", self._channel, feed_event("dead_lettered", message, reason=reason), replay=False
+                "PUBLISH", self._channel, feed_event("dead_lettered", parsed[0], reason=reason), replay=False
             )
 
     def _tell_caller(self, body: bytes, reason: str) -> None:
@@ -578,7 +630,17 @@ class Subscription:
         if not isinstance(correlation, str) or _MESSAGE_ID.fullmatch(correlation) is None:
             return
         failure = AgentResponse.fail("dead_lettered", reason, correlation_id=correlation, responder_id=self.agent_id)
-        self._reply(reply_to, _dump_response(failure, exclude_none=True))
+        reply = _dump_response(failure, exclude_none=True)
+        token = b""
+        if self._security is not None:
+            sender = raw.get("sender_id")
+            # only to a sender verified before (its keys agreed), at its own reply stream
+            if not isinstance(sender, str) or self._security.pair_now(self.agent_id, sender) is None:
+                return
+            if not reply_to.startswith("ac:{reply." + sender + "."):
+                return
+            token = self._security.reply_token(reply, own_id=self.agent_id, peer_id=sender)
+        self._reply(reply_to, reply, token)
 
     def _refresh_ttl(self, reply_stream: str) -> None:
         """Keep a caller's reply stream expiring ``reply_ttl`` after its last reply (refreshed at most every ttl/10)."""

@@ -28,13 +28,16 @@ if #entry == 0 and acked == 0 then return already_moved() end
 local reason = ARGV[3]
 if #entry == 0 then reason = reason .. ' (the entry was deleted while pending)' end
 local out = {'reason', reason, 'deliveries', ARGV[4], 'source', KEYS[1], 'source_id', ARGV[2]}
-local body = nil
+local body, auth = nil, ''
 if #entry == 1 then
   local f = entry[1][2]
-  for i = 1, #f, 2 do if f[i] == 'm' then body = f[i + 1] end end
+  for i = 1, #f, 2 do
+    if f[i] == 'm' then body = f[i + 1] elseif f[i] == 'a' then auth = f[i + 1] end
+  end
   if body == nil then table.insert(out, 'raw'); table.insert(out, cjson.encode(f)) end
 end
 table.insert(out, 'payload'); table.insert(out, body or '')
+table.insert(out, 'auth'); table.insert(out, auth)  -- kept, so that a redriven message is still authenticated
 local id = redis.call('XADD', KEYS[2], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[2])
 return {id, body or '', 'moved'}

@@ -10,13 +10,17 @@ if not entry then
   if done then return {'ok', done} end
   return false
 end
-local body = ''
+local body, auth = '', ''
 local f = entry[2]
-for i = 1, #f, 2 do if f[i] == 'payload' then body = f[i + 1] end end
+for i = 1, #f, 2 do
+  if f[i] == 'payload' then body = f[i + 1] elseif f[i] == 'auth' then auth = f[i + 1] end
+end
 if body == '' then return {'empty'} end
 local len = redis.call('XLEN', KEYS[2])
 if len >= tonumber(ARGV[2]) then return {'full', len} end
-local id = redis.call('XADD', KEYS[2], '*', 'm', body)
+local id
+if auth ~= '' then id = redis.call('XADD', KEYS[2], '*', 'm', body, 'a', auth)
+else id = redis.call('XADD', KEYS[2], '*', 'm', body) end
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[3], id, 'PX', ARGV[3])
 return {'ok', id}

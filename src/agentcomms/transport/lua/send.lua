@@ -2,7 +2,8 @@
 -- KEYS[1] inbox stream, KEYS[2] the inbox's dedup set (message id -> server ms when accepted),
 -- KEYS[3] the agent's dead-letter stream (used only to clear a hostile entry id, see below)
 -- ARGV: max length, dedup window ms (0 = no dedup), event channel ('' = none), n,
---       inbox TTL ms (0 = none: the recipient is registered), then n message ids, then n bodies
+--       inbox TTL ms (0 = none: the recipient is registered), then n message ids, then n bodies,
+--       then n authentication tokens ('' = none; stored as the entry's field 'a' beside its body 'm')
 -- Returns per message its entry id, or 'dup', or 'full <length>'; then one more element:
 -- how many hostile entries (ids more than a day ahead) were moved to the dead letters (0 almost always).
 -- No consumer group is made here: a stream keeps every entry, and a consumer creates its group at 0.
@@ -30,10 +31,12 @@ local function clear_future_ids(inbox, dead)
   -- and its groups' last ids back to the newest remaining entry.
   local from = (now_ms() + 86400000) .. '-0'
   for _, e in ipairs(redis.call('XRANGE', inbox, from, '+')) do
-    local f, body = e[2], ''
-    for i = 1, #f, 2 do if f[i] == 'm' then body = f[i + 1] end end
+    local f, body, auth = e[2], '', ''
+    for i = 1, #f, 2 do
+      if f[i] == 'm' then body = f[i + 1] elseif f[i] == 'a' then auth = f[i + 1] end
+    end
     redis.call('XADD', dead, '*', 'reason', 'hostile entry id ' .. e[1] .. ': dated more than a day ahead',
-               'deliveries', '0', 'source', inbox, 'source_id', e[1], 'payload', body)
+               'deliveries', '0', 'source', inbox, 'source_id', e[1], 'payload', body, 'auth', auth)
     redis.call('XDEL', inbox, e[1])
     moved = moved + 1
   end
@@ -53,14 +56,19 @@ local function clear_future_ids(inbox, dead)
   end
 end
 local checked = false
-local function add(inbox, body)
-  local id = redis.pcall('XADD', inbox, '*', 'm', body)
+local function xadd(inbox, body, token)
+  if token ~= nil and token ~= '' then return redis.pcall('XADD', inbox, '*', 'm', body, 'a', token) end
+  return redis.pcall('XADD', inbox, '*', 'm', body)
+end
+local function add(inbox, body, token)
+  local id = xadd(inbox, body, token)
   if type(id) == 'table' and id.err then
     if string.find(id.err, 'exhausted', 1, true) then
       clear_future_ids(inbox, KEYS[3])
       checked = true
     end
-    id = redis.call('XADD', inbox, '*', 'm', body)  -- raises the error again if it was another one (OOM ...)
+    id = xadd(inbox, body, token)
+    if type(id) == 'table' and id.err then return redis.error_reply(id.err) end  -- another error (OOM ...)
   end
   if not checked then
     -- once per call: an id more than a day ahead of the server's clock means the stream's last id
@@ -69,7 +77,8 @@ local function add(inbox, body)
     if tonumber(string.match(id, '^(%d+)')) > now_ms() + 86400000 then
       redis.call('XDEL', inbox, id)
       clear_future_ids(inbox, KEYS[3])
-      id = redis.call('XADD', inbox, '*', 'm', body)
+      id = xadd(inbox, body, token)
+      if type(id) == 'table' and id.err then return redis.error_reply(id.err) end
     end
   end
   return id
@@ -91,14 +100,15 @@ local ts
 if feed then ts = now_ms() / 1000 end
 local out, events, marks, here, last = {}, {}, {}, {}, nil
 for i = 1, n do
-  local id, body = ARGV[first + i - 1], ARGV[first + n + i - 1]
+  local id, body, token = ARGV[first + i - 1], ARGV[first + n + i - 1], ARGV[first + 2 * n + i - 1]
   local seen = known[i + 1]
   if window > 0 and ((seen and tonumber(seen) >= now - window) or here[id]) then
     out[i] = 'dup'
   elseif len >= max then
     out[i] = 'full ' .. len
   else
-    last = add(KEYS[1], body)
+    last = add(KEYS[1], body, token)
+    if type(last) == 'table' then return last end  -- an error reply: raised to the caller
     out[i] = last
     len = len + 1
     if window > 0 then

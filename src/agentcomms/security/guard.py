@@ -1,0 +1,344 @@
+"""Security: what one broker needs to authenticate, authorize and seal messages and replies.
+
+A :class:`Security` holds the identities this process may speak as, reads the trust
+store, keeps the pair keys it agreed with each peer, remembers recent message ids (replay
+refusal), and applies the policy. The broker and its subscriptions call it on the hot
+path; everything there is a dictionary look-up and one HMAC once a peer is known (the
+first message with a peer costs one trust-store read, one Ed25519 verification of the
+record, and one X25519 agreement).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from agentcomms.exceptions import IdentityError, SecurityError, TrustError
+from agentcomms.schemas import AgentMessage, AgentResponse, MessagePayload
+from agentcomms.security.crypto import (
+    MSG,
+    REPLY,
+    PairKeys,
+    make_token,
+    open_sealed,
+    pair_keys,
+    parse_token,
+    seal,
+    verify_tag,
+)
+from agentcomms.security.identity import Identity, load_identities
+from agentcomms.security.policy import Policy
+from agentcomms.security.trust import TrustRecord, TrustStore
+from agentcomms.settings import Settings
+from agentcomms.transport import Pipeliner
+
+__all__ = ["Refusal", "Security", "load_anchors"]
+
+logger = logging.getLogger(__name__)
+
+_SEEN_LIMIT = 1_000_000
+"""Message ids remembered at the most (per process) for replay refusal within the window."""
+
+_CLOCK_EVERY = 60.0
+"""Seconds between measurements of the Redis server's clock (for the timestamps of tokens)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a received message is not handled: ``kind`` is ``unauthenticated``, ``replayed`` or ``forbidden``."""
+
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.reason}"
+
+
+def load_anchors(settings: Settings) -> list[str]:
+    """The admins' public keys: ``AGENTCOMMS_TRUST_ANCHORS``, plus ``<identity folder>/trust_anchors`` if present."""
+    anchors = list(settings.trust_anchors)
+    path = settings.identities_folder / "trust_anchors"
+    try:
+        anchors += [line.strip() for line in path.read_text().splitlines() if line.strip() and line[0] != "#"]
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
+    return list(dict.fromkeys(anchors))
+
+
+class Security:
+    """Identities, trust, pair keys, replay memory and policy for one broker (see the module docstring).
+
+    Args:
+        settings: ``security``, ``auth``, ``replay_window``, identities, anchors, policy, sealed intents.
+        pipeliner: the broker's connection, for the trust store and the server's clock.
+    """
+
+    def __init__(self, settings: Settings, pipeliner: Pipeliner) -> None:
+        self.signature_mode = settings.auth == "signature"
+        self.window_ms = settings.replay_window * 1000
+        self.sealed_intents = frozenset(i.strip().casefold() for i in settings.sealed_intents)
+        self.policy = Policy.load(settings.policy_file) if settings.policy_file else None
+        self.identities: dict[str, Identity] = load_identities(settings.identities_folder)
+        if settings.identity_file is not None:
+            own = Identity.load(settings.identity_file)
+            self.identities[own.id] = own
+        anchors = load_anchors(settings)
+        if not anchors:
+            raise SecurityError(
+                "AGENTCOMMS_SECURITY=on needs the admins' public keys: set AGENTCOMMS_TRUST_ANCHORS "
+                f"(or write them to {settings.identities_folder / 'trust_anchors'})"
+            )
+        self.trust = TrustStore(pipeliner, anchors)
+        self._pipeliner = pipeliner
+        self._pairs: dict[tuple[str, str], PairKeys] = {}
+        self._seen: dict[str, tuple[str, float]] = {}  # "<message id>/<token ts>" -> (entry id, forget at)
+        self._offset_ms = 0.0
+        self._clock_at = 0.0
+        self.refused: Counter[str] = Counter()
+        """Messages and replies refused, by kind (``unauthenticated``, ``replayed``, ``forbidden``, ``reply``)."""
+
+    # -- identities and keys ---------------------------------------------------------------------
+
+    @property
+    def default_identity(self) -> Identity | None:
+        """The identity of a process that holds exactly one (the CLI, a dashboard, a script)."""
+        return next(iter(self.identities.values())) if len(self.identities) == 1 else None
+
+    def identity(self, identity_id: str) -> Identity:
+        """The identity this process holds for ``identity_id``.
+
+        Raises:
+            IdentityError: no identity file for it here: this process may not speak as it.
+        """
+        found = self.identities.get(identity_id)
+        if found is None:
+            raise IdentityError(
+                f"no identity for {identity_id!r} in this process: it may not send as {identity_id!r} "
+                "(create one with `agentcomms identity create` and have an admin enrol it)"
+            )
+        return found
+
+    def admin_identity(self) -> Identity | None:
+        """An identity held here whose key is a trust anchor, if any."""
+        return next((i for i in self.identities.values() if self.trust.is_admin_identity(i)), None)
+
+    async def check_enrolled(self) -> None:
+        """Warn about identities held here that the trust store does not list with these keys."""
+        for identity in self.identities.values():
+            try:
+                record = await self.trust.get(identity.id)
+            except TrustError as exc:
+                logger.warning("identity %s: %s; peers will refuse its messages", identity.id, exc)
+                continue
+            if record.identity != identity.public:
+                logger.warning(
+                    "identity %s: the trust store lists other keys for it; peers will refuse it", identity.id
+                )
+
+    def pair_now(self, own_id: str, peer_id: str) -> PairKeys | None:
+        """The keys ``own_id`` shares with ``peer_id`` if already agreed (no I/O)."""
+        return self._pairs.get((own_id, peer_id))
+
+    async def pair(self, own_id: str, peer_id: str) -> PairKeys:
+        """The keys ``own_id`` shares with ``peer_id`` (the peer's record is read and verified once).
+
+        Raises:
+            IdentityError: this process does not hold ``own_id``.
+            TrustError: ``peer_id`` is not a trusted identity.
+        """
+        found = self._pairs.get((own_id, peer_id))
+        if found is None:
+            record = await self.trust.get(peer_id)
+            found = pair_keys(self.identity(own_id), record.identity)
+            if len(self._pairs) > 100_000:
+                self._pairs.clear()
+            self._pairs[(own_id, peer_id)] = found
+        return found
+
+    # -- the server's clock ----------------------------------------------------------------------
+
+    async def sync_clock(self) -> None:
+        """Measure the Redis server's clock against the monotonic one (tokens carry server time)."""
+        sent = time.monotonic()
+        seconds, micros = await self._pipeliner.call("TIME", replay=True)
+        now = time.monotonic()
+        self._offset_ms = int(seconds) * 1000 + int(micros) / 1000 - (sent + now) * 500
+        self._clock_at = now
+
+    def server_ms(self) -> int:
+        """This process's estimate of the Redis server's clock, in ms (measured again every minute)."""
+        now = time.monotonic()
+        if now - self._clock_at > _CLOCK_EVERY:
+            self._clock_at = now
+            measuring = self._pipeliner.call("TIME", replay=True)
+            measuring.add_done_callback(lambda done: self._clock_measured(done, now))
+        return int(now * 1000 + self._offset_ms)
+
+    def _clock_measured(self, done: Any, sent: float) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        seconds, micros = done.result()
+        self._offset_ms = int(seconds) * 1000 + int(micros) / 1000 - (sent + time.monotonic()) * 500
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def wants_seal(self, message: AgentMessage, seal_it: bool | None) -> bool:
+        """Whether ``message`` is to be sealed: asked for, or its intent is one of ``AGENTCOMMS_SEALED_INTENTS``."""
+        if seal_it is not None:
+            return seal_it
+        return str(message.intent).casefold() in self.sealed_intents
+
+    async def prepare(self, message: AgentMessage, *, seal_it: bool | None = None) -> AgentMessage:
+        """Agree keys with the recipient (once) and seal the payload if asked; the message to encode.
+
+        Raises:
+            IdentityError: this process does not hold the sender's identity.
+            TrustError: the recipient is not a trusted identity.
+        """
+        keys = await self.pair(message.sender_id, message.recipient_id)
+        if not self.wants_seal(message, seal_it):
+            return message
+        payload = message.payload
+        plaintext = json.dumps({"data": payload.data, "context": payload.context}, separators=(",", ":")).encode()
+        sealed = seal(keys, plaintext, message.message_id.encode())
+        bare = MessagePayload(
+            priority=payload.priority,
+            requires_response=payload.requires_response,
+            response_timeout=payload.response_timeout,
+        )
+        return message.model_copy(update={"payload": bare, "sealed": sealed})
+
+    def token(self, message: AgentMessage, body: bytes) -> bytes:
+        """The authentication token of an encoded message (after :meth:`prepare`)."""
+        keys = None if self.signature_mode else self._pairs[(message.sender_id, message.recipient_id)]
+        signer = self.identities[message.sender_id] if self.signature_mode else None
+        return make_token(MSG, self.server_ms(), body, keys=keys, signer=signer)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _refuse(self, kind: str, reason: str) -> Refusal:
+        self.refused[kind] += 1
+        return Refusal(kind, reason)
+
+    def _remember(self, message_id: str, ts: int, entry_id: str) -> bool:
+        """Record a message (its id and token time) in its entry; ``False`` if it came before in another entry.
+
+        The same entry again is a redelivery (a handler failed, an instance died), not a replay.
+        """
+        now = time.monotonic()
+        key = f"{message_id}/{ts}"
+        seen = self._seen.get(key)
+        if seen is not None and seen[1] > now and seen[0] != entry_id:
+            return False
+        if len(self._seen) >= _SEEN_LIMIT:
+            for old in list(self._seen)[: _SEEN_LIMIT // 10]:  # the oldest tenth (insertion order)
+                del self._seen[old]
+        self._seen[key] = (entry_id, now + 2 * self.window_ms / 1000)
+        return True
+
+    async def check(
+        self, message: AgentMessage, body: bytes, token: bytes | None, entry_id: str, recipient_role: str
+    ) -> AgentMessage | Refusal:
+        """Authenticate, refuse replays, authorize, unseal: the message to hand over, or why not.
+
+        ``entry_id`` is the inbox entry's id: the Redis server's clock when it was stored.
+        """
+        entry_ms = int(entry_id.partition("-")[0])
+        if token is None:
+            return self._refuse("unauthenticated", "no authentication token")
+        try:
+            parsed = parse_token(token)
+        except ValueError:
+            return self._refuse("unauthenticated", "malformed authentication token")
+        try:
+            record = await self.trust.get(message.sender_id)
+            keys = await self.pair(message.recipient_id, message.sender_id)
+        except (TrustError, IdentityError) as exc:
+            return self._refuse("unauthenticated", str(exc))
+        if not verify_tag(parsed, MSG, body, keys=keys, sender=record.identity):
+            return self._refuse("unauthenticated", f"the token does not match {message.sender_id!r}'s keys")
+        if abs(entry_ms - parsed.ts) > self.window_ms:
+            return self._refuse(
+                "replayed", f"stamped {abs(entry_ms - parsed.ts) / 1000:.0f}s away from its arrival (window "
+                f"{self.window_ms / 1000:g}s)"
+            )  # fmt: skip
+        if not self._remember(message.message_id, parsed.ts, entry_id):
+            return self._refuse("replayed", f"message id {message.message_id} was handled already")
+        if message.reply_to is not None and not _owns(message.reply_to, message.sender_id):
+            return self._refuse("unauthenticated", "reply_to is not the sender's own reply stream")
+        if self.policy is not None and not self.policy.allows(record.roles, str(message.intent), recipient_role):
+            return self._refuse(
+                "forbidden", f"{message.sender_id} (roles {', '.join(record.roles) or 'none'}) may not send "
+                f"{message.intent} to a {recipient_role}"
+            )  # fmt: skip
+        if message.sealed is not None:
+            try:
+                plain = json.loads(open_sealed(keys, message.sealed, message.message_id.encode()))
+                payload = message.payload.model_copy(update={"data": plain["data"], "context": plain["context"]})
+            except (ValueError, KeyError, TypeError):
+                return self._refuse("unauthenticated", "the sealed payload cannot be opened")
+            message = message.model_copy(update={"payload": payload, "sealed": None})
+        message._sender_roles = record.roles
+        return message
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def reply_body(self, response: AgentResponse, *, own_id: str, peer_id: str, sealed: bool) -> AgentResponse:
+        """``response`` with its data sealed for the caller, when the request was sealed."""
+        if not sealed or response.data is None:
+            return response
+        keys = self._pairs[(own_id, peer_id)]
+        plaintext = json.dumps(response.data, separators=(",", ":")).encode()
+        return response.model_copy(
+            update={"data": None, "sealed": seal(keys, plaintext, (response.correlation_id or "").encode())}
+        )
+
+    def reply_token(self, body: bytes, *, own_id: str, peer_id: str) -> bytes:
+        """The token of a reply from ``own_id`` to ``peer_id`` (who just sent us a verified request)."""
+        keys = None if self.signature_mode else self._pairs[(own_id, peer_id)]
+        signer = self.identities[own_id] if self.signature_mode else None
+        return make_token(REPLY, self.server_ms(), body, keys=keys, signer=signer)
+
+    def open_reply(
+        self, response: AgentResponse, body: bytes, token: bytes | None, *, own_id: str, expected: str
+    ) -> AgentResponse | None:
+        """The verified reply (unsealed), or ``None``: from someone else than asked, forged, or unauthenticated."""
+        if response.responder_id != expected or token is None:
+            self.refused["reply"] += 1
+            return None
+        keys = self._pairs.get((own_id, expected))
+        record = self.trust.cached(expected)
+        if keys is None or record is None:
+            self.refused["reply"] += 1
+            return None
+        try:
+            parsed = parse_token(token)
+        except ValueError:
+            self.refused["reply"] += 1
+            return None
+        if not verify_tag(parsed, REPLY, body, keys=keys, sender=record.identity):
+            self.refused["reply"] += 1
+            return None
+        if response.sealed is not None:
+            try:
+                data = json.loads(open_sealed(keys, response.sealed, (response.correlation_id or "").encode()))
+            except ValueError:
+                self.refused["reply"] += 1
+                return None
+            response = response.model_copy(update={"data": data, "sealed": None})
+        return response
+
+    def record_of(self, identity_id: str) -> TrustRecord | None:
+        """The cached trust record of ``identity_id`` (no I/O)."""
+        return self.trust.cached(identity_id)
+
+
+def _owns(reply_to: str, sender_id: str) -> bool:
+    """Whether a reply stream ``ac:{reply.<client id>}:replies`` belongs to ``sender_id`` (its client id's prefix)."""
+    return reply_to.startswith("ac:{reply." + sender_id + ".")
