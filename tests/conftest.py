@@ -161,3 +161,19 @@ class AgentProcess:
         if self.process.returncode is None:
             self.process.terminate()
         return await self.process.wait()
+
+
+FIGURES: list[str] = []
+"""Lines the attack suite and other measuring tests report; printed at the end of the run."""
+
+
+def report(line: str) -> None:
+    """Keep ``line`` for the summary at the end of the test run (figures the tests measured)."""
+    FIGURES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

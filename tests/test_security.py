@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from agentcomms import (
     keys,
 )
 from agentcomms.security import b64encode, create_admin, enrol_team
-from conftest import wait_for_dead_letters
+from conftest import server_time_passes, wait_for_dead_letters
 
 TEAM = [("agent.cso.jane", ["cso"]), ("agent.cmo.john", ["cmo"]), ("dashboard.cmo", ["cmo"]), ("mallory", ["intern"])]
 
@@ -90,3 +91,92 @@ async def test_sealed_payloads_reach_the_handler_and_are_not_in_the_aof(
         await asyncio.sleep(0.01)
     aof = b"".join(p.read_bytes() for p in folder.rglob("*.aof*") if p.is_file())
     assert secret.encode() not in aof
+
+
+async def test_an_admin_may_register_any_agent_and_readers_believe_it(secure: Settings, tmp_path: Path) -> None:
+    from agentcomms import AgentRegistry
+
+    admin_only = secure.model_copy(
+        update={"identity_dir": tmp_path / "none", "identity_file": secure.identities_folder / "admin.ops.json"}
+    )
+    async with AgentRegistry(settings=admin_only) as registry:
+        stored = await registry.register_agent(
+            {"agent_id": "agent.cmo.john", "user_name": "john", "role": "chief_marketing", "department": "marketing"},
+            replace=True,
+        )
+        assert stored.role == "chief_marketing" and (stored.signature or "").startswith("admin:")
+    async with AgentRegistry(settings=secure) as reader:
+        [found] = await reader.discover_agents(role="chief_marketing")
+        assert found.agent_id == "agent.cmo.john"
+
+
+async def test_the_policy_answers_forbidden_by_the_senders_verified_role(
+    secure: Settings, tmp_path: Path, raw: Redis
+) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        json.dumps(
+            {"default": "allow", "rules": [{"intents": ["assign_task"], "to_roles": ["cso"], "from_roles": ["cmo"]}]}
+        )
+    )
+
+    class Tasks(BaseAgent):
+        async def handle_assign_task(self, message: AgentMessage) -> str:
+            return "accepted"
+
+    settings = secure.model_copy(update={"policy_file": policy})
+    async with Tasks(create_agent_config("agent.cso.jane", "jane", "cso", "sales"), settings=settings):
+        async with MessageSender(sender_id="mallory", settings=secure) as intern:
+            refused = await intern.assign_task("agent.cso.jane", "T1", "do my work", wait_for_response=True)
+            one_way = await intern.assign_task("agent.cso.jane", "T2", "and this")
+        async with MessageSender(sender_id="dashboard.cmo", settings=secure) as cmo:
+            allowed = await cmo.assign_task("agent.cso.jane", "T3", "plan Q4", wait_for_response=True)
+        letters = await wait_for_dead_letters(raw, "agent.cso.jane", 1)
+    assert refused.error is not None and refused.error.code == "forbidden" and "intern" in refused.error.message
+    assert allowed.success and allowed.data == "accepted"
+    assert not one_way.duplicate and letters[0][b"reason"].startswith(b"forbidden: mallory")
+
+
+async def test_signature_mode_and_sealed_intents(secure: Settings, raw: Redis) -> None:
+    settings = secure.model_copy(update={"auth": "signature", "sealed_intents": ["request_knowledge"]})
+    async with Jane(create_agent_config("agent.cso.jane", "jane", "cso", "sales"), settings=settings):
+        async with MessageSender(sender_id="dashboard.cmo", settings=settings) as sender:
+            reply = await sender.request("agent.cso.jane", "request_knowledge", {"query": "sealed by intent"})
+            security = sender.broker.security
+    assert reply.data["answer"] == "sealed by intent"
+    assert (
+        security is not None
+        and security.signature_mode
+        and security.wants_seal(sender.build_message("agent.cso.jane", "request_knowledge"), None)
+    )
+
+
+async def test_a_dead_letter_redriven_by_an_admin_after_the_window_is_handled(
+    secure: Settings, raw: Redis, tmp_path: Path
+) -> None:
+    settings = secure.model_copy(update={"replay_window": 1, "max_deliveries": 1})
+    attempts: list[int] = []
+    second = asyncio.Event()
+
+    class Flaky(BaseAgent):
+        async def handle_share_insights(self, message: AgentMessage) -> None:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise RuntimeError("first time fails")
+            second.set()
+
+    config = create_agent_config("agent.cso.jane", "jane", "cso", "sales")
+    async with Flaky(config, settings=settings) as agent:
+        async with MessageSender(sender_id="dashboard.cmo", settings=settings) as sender:
+            await sender.send_message("agent.cso.jane", "share_insights", {"x": 1})
+        [letter] = await wait_for_dead_letters(raw, "agent.cso.jane", 1)
+        await server_time_passes(raw, 1.5)  # past the replay window: its own token is stale now
+        [dead] = await agent.broker.dead_letters("agent.cso.jane")
+        admin = settings.model_copy(
+            update={"identity_dir": tmp_path / "none", "identity_file": settings.identities_folder / "admin.ops.json"}
+        )
+        async with MessageBroker(settings=admin) as operator:
+            await operator.redrive_dead_letter("agent.cso.jane", dead.entry_id)
+        async with asyncio.timeout(10):
+            await second.wait()
+    assert b"handler failed" in letter[b"reason"] and len(attempts) == 2

@@ -879,13 +879,22 @@ class MessageBroker:
     async def redrive_dead_letter(self, agent_id: str, entry_id: str) -> PublishResult:
         """Move a dead letter back into its inbox and out of the dead letters, atomically (bypassing dedup).
 
+        With security on, a process holding an admin identity signs the message afresh;
+        otherwise the message keeps its own token, and its agent refuses it as a replay once
+        it is older than the replay window.
+
         Raises:
             DeadLetterNotFoundError: there is no such dead letter.
             AgentCommsError: it is not a valid message.
             InboxFullError: the inbox is full.
         """
+        security = self._security
         message, entry = await deadletters.redrive_dead_letter(
-            self.pipeliner, agent_id, entry_id, max_inbox_length=self.settings.max_inbox_length
+            self.pipeliner,
+            agent_id,
+            entry_id,
+            max_inbox_length=self.settings.max_inbox_length,
+            reauthorize=security.redrive_token if security is not None else None,
         )
         return PublishResult(message.message_id, agent_id, entry)
 

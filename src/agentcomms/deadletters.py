@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,11 +168,18 @@ def _is_entry_id(value: str) -> bool:
 
 
 async def redrive_dead_letter(
-    pipeliner: Pipeliner, agent_id: str, entry_id: str, *, max_inbox_length: int
+    pipeliner: Pipeliner,
+    agent_id: str,
+    entry_id: str,
+    *,
+    max_inbox_length: int,
+    reauthorize: Callable[[bytes], bytes | None] | None = None,
 ) -> tuple[AgentMessage, str]:
     """Move a dead letter back into the inbox of its priority, atomically; returns the message and its new entry id.
 
-    The dedup window is not consulted: the message was accepted once already.
+    The dedup window is not consulted: the message was accepted once already. With security
+    on, ``reauthorize`` gives the message a fresh token (an admin's), so that it is not
+    refused as a replay.
 
     Raises:
         DeadLetterNotFoundError: there is no such dead letter (or it was redriven or purged meanwhile).
@@ -189,7 +197,7 @@ async def redrive_dead_letter(
             keys.inbox(agent_id, message.payload.priority),
             keys.redrive_receipt(agent_id, entry_id),
         ],
-        [entry_id, max_inbox_length, _RECEIPT_TTL_MS],
+        [entry_id, max_inbox_length, _RECEIPT_TTL_MS, (reauthorize(letter.payload) if reauthorize else None) or b""],
         replay=True,  # a repeat finds the receipt and answers where the message went
     )
     if result is None:

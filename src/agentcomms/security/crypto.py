@@ -36,6 +36,7 @@ __all__ = [
     "REPLY",
     "PairKeys",
     "Token",
+    "make_redrive_token",
     "make_token",
     "open_sealed",
     "pair_keys",
@@ -84,9 +85,12 @@ class Token:
     """A parsed authentication token."""
 
     alg: str
-    """``h`` (HMAC-SHA256 with the pair's mac key) or ``e`` (Ed25519 by the sender)."""
+    """``h`` (HMAC-SHA256 with the pair's mac key), ``e`` (Ed25519 by the sender) or ``r`` (Ed25519 by an
+    admin who redrove the message from the dead letters)."""
     ts: int
     tag: bytes
+    signer: str = ""
+    """For ``r``: the fingerprint of the admin key that signed."""
 
 
 def make_token(context: bytes, ts: int, body: bytes, *, keys: PairKeys | None, signer: Identity | None) -> bytes:
@@ -105,9 +109,19 @@ def parse_token(raw: bytes) -> Token:
         ValueError: it is not a v1 token.
     """
     version, alg, ts, tag = raw.split(b".", 3)
-    if version != b"v1" or alg not in (b"h", b"e"):
+    if version != b"v1" or alg not in (b"h", b"e", b"r"):
         raise ValueError("not a v1 token")
+    if alg == b"r":
+        signer, _, tag = tag.partition(b".")
+        return Token("r", int(ts), b64decode(tag), signer.decode())
     return Token(alg.decode(), int(ts), b64decode(tag))
+
+
+def make_redrive_token(admin: Identity, ts: int, body: bytes) -> bytes:
+    """An admin's token for a message it sends back from the dead letters: ``v1.r.<ts>.<fingerprint>.<sig>``."""
+    signature = admin.sign(tag_input(MSG, ts, body))
+    fingerprint = hashlib.sha256(admin.public.ed25519).hexdigest()[:16]  # as trust.key_fingerprint names it
+    return b"v1.r.%d.%s.%s" % (ts, fingerprint.encode(), b64encode(signature).encode())
 
 
 def verify_tag(token: Token, context: bytes, body: bytes, *, keys: PairKeys, sender: PublicIdentity) -> bool:

@@ -23,11 +23,14 @@ from agentcomms.security.crypto import (
     MSG,
     REPLY,
     PairKeys,
+    Token,
+    make_redrive_token,
     make_token,
     open_sealed,
     pair_keys,
     parse_token,
     seal,
+    tag_input,
     verify_tag,
 )
 from agentcomms.security.identity import Identity, load_identities
@@ -249,20 +252,11 @@ class Security:
 
         ``entry_id`` is the inbox entry's id: the Redis server's clock when it was stored.
         """
+        verified = await self._authenticate(message, body, token)
+        if isinstance(verified, Refusal):
+            return verified
+        record, keys, parsed = verified
         entry_ms = int(entry_id.partition("-")[0])
-        if token is None:
-            return self._refuse("unauthenticated", "no authentication token")
-        try:
-            parsed = parse_token(token)
-        except ValueError:
-            return self._refuse("unauthenticated", "malformed authentication token")
-        try:
-            record = await self.trust.get(message.sender_id)
-            keys = await self.pair(message.recipient_id, message.sender_id)
-        except (TrustError, IdentityError) as exc:
-            return self._refuse("unauthenticated", str(exc))
-        if not verify_tag(parsed, MSG, body, keys=keys, sender=record.identity):
-            return self._refuse("unauthenticated", f"the token does not match {message.sender_id!r}'s keys")
         if abs(entry_ms - parsed.ts) > self.window_ms:
             return self._refuse(
                 "replayed", f"stamped {abs(entry_ms - parsed.ts) / 1000:.0f}s away from its arrival (window "
@@ -286,6 +280,28 @@ class Security:
             message = message.model_copy(update={"payload": payload, "sealed": None})
         message._sender_roles = record.roles
         return message
+
+    async def _authenticate(
+        self, message: AgentMessage, body: bytes, token: bytes | None
+    ) -> tuple[TrustRecord, PairKeys, Token] | Refusal:
+        """The sender's record, the pair's keys and the token, if the token authenticates the body as the sender's."""
+        if token is None:
+            return self._refuse("unauthenticated", "no authentication token")
+        try:
+            parsed = parse_token(token)
+        except ValueError:
+            return self._refuse("unauthenticated", "malformed authentication token")
+        try:
+            record = await self.trust.get(message.sender_id)
+            keys = await self.pair(message.recipient_id, message.sender_id)
+        except (TrustError, IdentityError) as exc:
+            return self._refuse("unauthenticated", str(exc))
+        if parsed.alg == "r":  # sent back from the dead letters by an admin, who signed it afresh
+            if not self.trust.verify_by_anchor(parsed.signer, parsed.tag, tag_input(MSG, parsed.ts, body)):
+                return self._refuse("unauthenticated", "the redrive token is not an admin's")
+        elif not verify_tag(parsed, MSG, body, keys=keys, sender=record.identity):
+            return self._refuse("unauthenticated", f"the token does not match {message.sender_id!r}'s keys")
+        return record, keys, parsed
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -333,6 +349,11 @@ class Security:
                 return None
             response = response.model_copy(update={"data": data, "sealed": None})
         return response
+
+    def redrive_token(self, body: bytes) -> bytes | None:
+        """An admin's fresh token for a dead letter sent back (``None``: this process holds no admin identity)."""
+        admin = self.admin_identity()
+        return make_redrive_token(admin, self.server_ms(), body) if admin is not None else None
 
     def record_of(self, identity_id: str) -> TrustRecord | None:
         """The cached trust record of ``identity_id`` (no I/O)."""

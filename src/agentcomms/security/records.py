@@ -22,7 +22,7 @@ from agentcomms.exceptions import PermissionDeniedError, TrustError
 from agentcomms.schemas import AgentInfo
 from agentcomms.security.guard import Security
 from agentcomms.security.identity import b64decode, b64encode
-from agentcomms.security.trust import canonical_json
+from agentcomms.security.trust import canonical_json, key_fingerprint
 
 __all__ = ["RecordGuard"]
 
@@ -75,7 +75,7 @@ class RecordGuard:
         if identity is not None and record.has_role(info.role) and record.identity == identity.public:
             return f"self:{b64encode(identity.sign(data))}"
         if admin is not None:
-            return f"admin:{admin.public.fingerprint}:{b64encode(admin.sign(data))}"
+            return f"admin:{key_fingerprint(admin.public.ed25519)}:{b64encode(admin.sign(data))}"
         raise PermissionDeniedError(
             f"{info.agent_id!r} is enrolled with roles {', '.join(record.roles) or 'none'}, not {info.role!r}: "
             "an admin enrols roles (`agentcomms identity trust --role`)"

@@ -9,6 +9,7 @@ anyone else, or altered, is rejected whatever the Redis permissions. With Redis 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from agentcomms.exceptions import IdentityError, PermissionDeniedError, TrustErr
 from agentcomms.security.identity import Identity, PublicIdentity, b64decode, b64encode
 from agentcomms.transport import Pipeliner
 
-__all__ = ["TrustRecord", "TrustStore", "canonical_json"]
+__all__ = ["TrustRecord", "TrustStore", "canonical_json", "key_fingerprint"]
 
 _CONTEXT = b"agentcomms v1 trust\n"
 _CACHE_SECONDS = 30.0
@@ -97,8 +98,12 @@ class TrustRecord:
             raise TrustError(f"not a valid trust record: {exc}") from None
 
 
-def _fingerprint(key: bytes) -> str:
-    return PublicIdentity("anchor", key, key).fingerprint
+def key_fingerprint(ed25519: bytes) -> str:
+    """The name of an admin (anchor) key in records and tokens: the first 16 hex digits of SHA-256 of the key."""
+    return hashlib.sha256(ed25519).hexdigest()[:16]
+
+
+_fingerprint = key_fingerprint
 
 
 class TrustStore:

@@ -1,6 +1,7 @@
 -- redrive: move one dead letter back into an inbox, atomically; safe to repeat.
 -- KEYS[1] dead-letter stream, KEYS[2] inbox stream, KEYS[3] the redrive's receipt (a string key)
--- ARGV: dead-letter entry id, max inbox length, receipt TTL ms
+-- ARGV: dead-letter entry id, max inbox length, receipt TTL ms, a new authentication token ('' = keep the
+-- message's own: with security on, an admin signs the message afresh, or a late redrive is a replay)
 -- Returns {'ok', new entry id}, {'full', length}, {'empty'} (no message to send back), or false
 -- if the dead letter is gone (purged, or redriven longer ago than the receipt lives). The
 -- receipt holds the new entry id for a while, so a repeat of a redrive that ran answers 'ok'.
@@ -16,6 +17,7 @@ for i = 1, #f, 2 do
   if f[i] == 'payload' then body = f[i + 1] elseif f[i] == 'auth' then auth = f[i + 1] end
 end
 if body == '' then return {'empty'} end
+if ARGV[4] ~= nil and ARGV[4] ~= '' then auth = ARGV[4] end
 local len = redis.call('XLEN', KEYS[2])
 if len >= tonumber(ARGV[2]) then return {'full', len} end
 local id
