@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,10 +49,15 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import discovery  # noqa: E402 - a sibling module of this script
 
+from agentcomms.security import create_admin, enrol_team  # noqa: E402
+
 console = Console()
 Samples = dict[str, list[float]]
 SPAWNED: list[subprocess.Popen[str]] = []
 BODY = {"query": "What's our current sales pipeline and Q4 forecast?", "context": "dashboard"}
+SECURE_AGENT = "agent.bench.secure"
+"""The responder of the security-on round trip."""
+
 LATENCY_BLOCK = 100
 """Sequential requests per client before the next client's turn (see Suite.latencies)."""
 
@@ -60,12 +66,15 @@ LATENCY_BLOCK = 100
 
 
 @contextmanager
-def server(kind: str, url: str, name: str, count: int = 0) -> Iterator[subprocess.Popen[str]]:
+def server(
+    kind: str, url: str, name: str, count: int = 0, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [sys.executable, str(HERE / "servers.py"), kind, url, name, str(count)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, **env} if env else None,
     )
     assert process.stdout is not None
     SPAWNED.append(process)
@@ -220,15 +229,33 @@ class Suite:
         stats = self.sync.info("stats")
         return int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
 
+    async def secure_identities(self, folder: Path) -> dict[str, str]:
+        """An admin, the caller and the secure responder, enrolled; the environment of a secure process."""
+        admin = create_admin(folder, "bench.admin")
+        async with MessageBroker(settings=Settings(redis_url=self.url), client_name="bench") as broker:
+            await enrol_team(broker.pipeliner, folder, admin, [("bench.caller", ["bench"]), (SECURE_AGENT, ["bench"])])
+        return {
+            "AGENTCOMMS_SECURITY": "on",
+            "AGENTCOMMS_IDENTITY_DIR": str(folder),
+            "AGENTCOMMS_TRUST_ANCHORS": (folder / "trust_anchors").read_text().strip(),
+        }
+
     async def roundtrip(self) -> None:
         a = self.args
-        names = ["floor", "agentcomms", "faststream", "pubsub"]
+        names = ["floor", "agentcomms", "secure", "faststream", "pubsub"]
         keys_ = ["p50", "p99", "rps", "cpu_client", "cpu_server", "bytes"]
         samples: dict[str, Samples] = {n: {k: [] for k in keys_} for n in names}
         stream, agent_id, fs_stream, channel = "bench:floor", "agent.bench.rr", "bench:faststream", "bench:pubsub"
+        folder = Path(tempfile.mkdtemp(prefix="agentcomms-bench-ids-"))
+        secure_env = await self.secure_identities(folder)
+        secure_settings = Settings(
+            redis_url=self.url, security="on", identity_dir=folder,
+            trust_anchors=secure_env["AGENTCOMMS_TRUST_ANCHORS"].split(),
+        )  # fmt: skip
         with (
             server("floor-rr", self.url, stream) as floor_proc,
             server("ours-rr", self.url, agent_id) as ours_proc,
+            server("ours-rr", self.url, SECURE_AGENT, env=secure_env) as secure_proc,
             server("faststream-rr", self.url, fs_stream) as fs_proc,
             server("faststream-caller", self.url, fs_stream) as fs_caller,
             server("pubsub-rr", self.url, channel) as pubsub_proc,
@@ -243,11 +270,20 @@ class Suite:
                 fs_caller.stdin.flush()
                 return json.loads(fs_caller.stdout.readline())
 
-            async with MessageBroker(settings=Settings(redis_url=self.url), client_name="bench") as broker:
-                calls = {"floor": floor.request, "agentcomms": ours_request(broker, agent_id), "pubsub": pubsub.request}
+            async with (
+                MessageBroker(settings=Settings(redis_url=self.url), client_name="bench") as broker,
+                MessageBroker(settings=secure_settings, client_name="bench.caller") as secure,
+            ):
+                calls = {
+                    "floor": floor.request,
+                    "agentcomms": ours_request(broker, agent_id),
+                    "secure": ours_request(secure, SECURE_AGENT),
+                    "pubsub": pubsub.request,
+                }
                 pids = {
                     "floor": floor_proc.pid,
                     "agentcomms": ours_proc.pid,
+                    "secure": secure_proc.pid,
                     "faststream": fs_proc.pid,
                     "pubsub": pubsub_proc.pid,
                 }
@@ -276,6 +312,7 @@ class Suite:
                         self.progress.advance(task)
             await floor.close()
             await pubsub.close()
+        shutil.rmtree(folder, ignore_errors=True)
         self.results["roundtrip"] = samples
 
     async def latencies(
@@ -295,6 +332,7 @@ class Suite:
         seen: dict[str, list[float]] = {name: [] for name in local}
         spent: dict[str, list[float]] = {name: [0.0, 0.0] for name in local}  # client s, server s
         paired: list[float] = []  # per block: agentcomms p50 / floor p50, measured back to back
+        paired_secure: list[float] = []  # per block: security on p50 / security off p50
         for index, start in enumerate(range(0, a.sequential, LATENCY_BLOCK)):
             size = min(LATENCY_BLOCK, a.sequential - start)
             block: dict[str, list[float]] = {}
@@ -305,7 +343,11 @@ class Suite:
                 spent[name][0] += time.process_time() - cpu
                 spent[name][1] += cpu_seconds(pids[name]) - server_cpu
             paired.append(percentile(block["agentcomms"], 0.5) / percentile(block["floor"], 0.5))
+            if "secure" in block:
+                paired_secure.append(percentile(block["secure"], 0.5) / percentile(block["agentcomms"], 0.5))
         samples["agentcomms"].setdefault("paired", []).append(statistics.median(paired))
+        if paired_secure:
+            samples["secure"].setdefault("paired", []).append(statistics.median(paired_secure))
         for name in local:
             s = samples[name]
             s["p50"].append(percentile(seen[name], 0.5))
@@ -521,6 +563,20 @@ def report(results: dict[str, Any], meta: dict[str, str]) -> tuple[str, list[tup
             ("req/s with 100 in flight >= 1.25x the floor", rps >= 1.25, f"{rps:.2f}x"),
             (">= 5x FastStream's req/s", vs_fs >= 5, f"{vs_fs:.1f}x"),
         ]
+        if "secure" in rt and rt["secure"]["p50"]:
+            secure_p50 = med(rt["secure"]["p50"]) / med(rt["agentcomms"]["p50"])
+            secure_rps = med(rt["secure"]["rps"]) / med(rt["floor"]["rps"])
+            paired_secure = rt["secure"].get("paired", [])
+            lines += [
+                f"Security on (`secure`: every request and reply authenticated, HMAC-SHA256 with X25519-agreed keys): "
+                f"p50 secure/agentcomms **{secure_p50:.2f}x** (paired by block: {figure(paired_secure, ',.2f')}); "
+                f"req/s secure/floor **{secure_rps:.2f}x**.",
+                "",
+            ]
+            goals += [
+                ("security on: round-trip p50 <= 1.15x security off", secure_p50 <= 1.15, f"{secure_p50:.2f}x"),
+                ("security on: req/s >= 1.25x the floor", secure_rps >= 1.25, f"{secure_rps:.2f}x"),
+            ]
     ow = results.get("oneway")
     if ow:
         ratio = med(ow["agentcomms"]) / med(ow["floor"])

@@ -343,6 +343,16 @@ class MessageBroker:
             return message
         return await self._security.prepare(message, seal_it=seal)
 
+    def _ready_to_sign(self, message: AgentMessage, seal: bool | None) -> bool:
+        """Whether a message needs no preparation: keys with its recipient agreed already, nothing to seal."""
+        security = self._security
+        return (
+            security is not None
+            and security.pair_now(message.sender_id, message.recipient_id) is not None
+            and message.sender_id in security.identities
+            and not security.wants_seal(message, seal)
+        )
+
     def _send_command(self, batch: Sequence[_Outgoing], *, inbox_ttl: float | None = None) -> Command:
         """The SEND call for messages to the same inbox (same recipient and priority)."""
         settings = self.settings
@@ -488,7 +498,7 @@ class MessageBroker:
             IdentityError, TrustError: security is on and the sender or the recipient is not a known identity.
         """
         pipeliner = self.pipeliner
-        if self._security is not None or seal:
+        if (self._security is not None or seal) and not self._ready_to_sign(message, seal):
             message = await self._prepare(message, seal)
         message, body, token = self._outgoing(message)
         if pipeliner.write_paused:
@@ -603,7 +613,8 @@ class MessageBroker:
         correlation = request.message_id
         if correlation in self._waiting:
             raise AgentCommsError(f"a request with message_id {correlation} is already waiting for its reply")
-        if self._security is not None or seal:
+        security = self._security
+        if (security is not None or seal) and not self._ready_to_sign(request, seal):
             try:  # agreeing keys with a new recipient reads the trust store: it counts against the timeout
                 async with asyncio.timeout_at(deadline):
                     request = await self._prepare(request, seal)
@@ -612,6 +623,7 @@ class MessageBroker:
                 raise RequestTimeoutError(
                     agent_id=request.recipient_id, message_id=request.message_id, timeout=timeout
                 ) from None
+        if security is not None:
             self._expected[correlation] = (request.sender_id, request.recipient_id)
         request, body, token = self._outgoing(request)
         if self._reply_reader is None:

@@ -9,7 +9,7 @@ only combines them, as docs/protocol.md specifies (with test vectors):
   Either side computes it; nobody else can.
 * **Authentication** of a message or reply: a token ``v1.<alg>.<ts>.<tag>`` beside the
   body (the entry field ``a``), where ``ts`` is the sender's estimate of the Redis
-  server's clock in ms, and ``tag`` (base64url) is, over
+  server's clock in ms, and ``tag`` (lower-case hex) is, over
   ``context || ts || "\n" || body`` (``body`` the exact JSON bytes of the entry),
   ``HMAC-SHA256(mac key)`` for ``h`` or an Ed25519 signature by the sender for ``e``.
   The contexts are ``agentcomms v1 msg\n`` and ``agentcomms v1 reply\n``.
@@ -97,9 +97,9 @@ def make_token(context: bytes, ts: int, body: bytes, *, keys: PairKeys | None, s
     """The token for ``body``: HMAC with ``keys``, or an Ed25519 signature by ``signer``."""
     data = tag_input(context, ts, body)
     if keys is not None:
-        return b"v1.h.%d.%s" % (ts, b64encode(hmac.new(keys.mac, data, hashlib.sha256).digest()).encode())
+        return b"v1.h.%d.%s" % (ts, hmac.digest(keys.mac, data, "sha256").hex().encode())
     assert signer is not None
-    return b"v1.e.%d.%s" % (ts, b64encode(signer.sign(data)).encode())
+    return b"v1.e.%d.%s" % (ts, signer.sign(data).hex().encode())
 
 
 def parse_token(raw: bytes) -> Token:
@@ -113,22 +113,22 @@ def parse_token(raw: bytes) -> Token:
         raise ValueError("not a v1 token")
     if alg == b"r":
         signer, _, tag = tag.partition(b".")
-        return Token("r", int(ts), b64decode(tag), signer.decode())
-    return Token(alg.decode(), int(ts), b64decode(tag))
+        return Token("r", int(ts), bytes.fromhex(tag.decode()), signer.decode())
+    return Token(alg.decode(), int(ts), bytes.fromhex(tag.decode()))
 
 
 def make_redrive_token(admin: Identity, ts: int, body: bytes) -> bytes:
     """An admin's token for a message it sends back from the dead letters: ``v1.r.<ts>.<fingerprint>.<sig>``."""
     signature = admin.sign(tag_input(MSG, ts, body))
     fingerprint = hashlib.sha256(admin.public.ed25519).hexdigest()[:16]  # as trust.key_fingerprint names it
-    return b"v1.r.%d.%s.%s" % (ts, fingerprint.encode(), b64encode(signature).encode())
+    return b"v1.r.%d.%s.%s" % (ts, fingerprint.encode(), signature.hex().encode())
 
 
 def verify_tag(token: Token, context: bytes, body: bytes, *, keys: PairKeys, sender: PublicIdentity) -> bool:
     """Whether ``token`` authenticates ``body`` as the sender's (constant-time for HMAC)."""
     data = tag_input(context, token.ts, body)
     if token.alg == "h":
-        return hmac.compare_digest(hmac.new(keys.mac, data, hashlib.sha256).digest(), token.tag)
+        return hmac.compare_digest(hmac.digest(keys.mac, data, "sha256"), token.tag)
     try:
         sender.verifier.verify(token.tag, data)
     except InvalidSignature:

@@ -291,11 +291,14 @@ class Security:
             parsed = parse_token(token)
         except ValueError:
             return self._refuse("unauthenticated", "malformed authentication token")
-        try:
-            record = await self.trust.get(message.sender_id)
-            keys = await self.pair(message.recipient_id, message.sender_id)
-        except (TrustError, IdentityError) as exc:
-            return self._refuse("unauthenticated", str(exc))
+        record = self.trust.cached(message.sender_id)  # both known after the first message: no await
+        keys = self._pairs.get((message.recipient_id, message.sender_id))
+        if record is None or keys is None:
+            try:
+                record = await self.trust.get(message.sender_id)
+                keys = await self.pair(message.recipient_id, message.sender_id)
+            except (TrustError, IdentityError) as exc:
+                return self._refuse("unauthenticated", str(exc))
         if parsed.alg == "r":  # sent back from the dead letters by an admin, who signed it afresh
             if not self.trust.verify_by_anchor(parsed.signer, parsed.tag, tag_input(MSG, parsed.ts, body)):
                 return self._refuse("unauthenticated", "the redrive token is not an admin's")
