@@ -21,7 +21,7 @@ import hiredis
 from agentcomms.exceptions import RedisPermissionError
 from agentcomms.transport.errors import ProtocolError, ReplyError, classify, code_of, is_transient
 from agentcomms.transport.spec import ConnectionSpec
-from agentcomms.transport.tls import describe_tls_error
+from agentcomms.transport.tls import CERTFILE, KEYFILE, describe_tls_error
 
 __all__ = ["EncodableT", "Link", "LinkLost", "NotReady", "gather_replies", "open_link", "pack"]
 
@@ -161,6 +161,17 @@ def _why(spec: ConnectionSpec, link: Link, exc: BaseException, connected: bool) 
         return describe_tls_error(cause)
     if spec.ssl_context is not None and not connected and isinstance(exc, TimeoutError):
         return f"no TLS handshake within {spec.connect_timeout:g}s (is this the server's TLS port?)"
+    if (
+        spec.ssl_context is not None
+        and connected
+        and isinstance(cause, ConnectionResetError | BrokenPipeError | EOFError | LinkLost)
+    ):
+        # Under TLS 1.3 the server judges the client's certificate after the client's side of the
+        # handshake is done; its alert may be lost when our first write meets the reset that follows.
+        return (
+            f"the server closed the TLS connection right after the handshake ({cause}): it requires a client "
+            f"certificate ({CERTFILE} and {KEYFILE}) or refused this one"
+        )
     return str(exc) or type(exc).__name__
 
 

@@ -132,14 +132,14 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
         exc: what the handshake (or the first read after it, for TLS 1.3 client certificates) raised.
     """
     if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or _reason(exc)
+        why = (exc.verify_message or _reason(exc)).rstrip(".")
         hint = _VERIFY_HINTS.get(exc.verify_code, "")
         return f"TLS handshake failed: certificate verification of the server failed: {why}{hint}"
     reason = exc.reason or ""
     if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
         return f"TLS handshake failed: the server requires a client certificate (set {CERTFILE} and {KEYFILE})"
     if reason in _CLIENT_CERT_REFUSED:
-        return f"TLS handshake failed: the server refused this client's certificate ({CERTFILE}): {_reason(exc)}"
+        return f"TLS handshake failed: the server refused this client certificate ({CERTFILE}): {_reason(exc)}"
     if reason in _NOT_TLS:
         return f"TLS handshake failed: the server did not answer in TLS ({_reason(exc)}); is this its TLS port?"
     return f"TLS error: {_reason(exc)}"
