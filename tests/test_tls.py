@@ -349,3 +349,10 @@ async def test_cli_over_tls_from_the_environment(cli: Cli, mtls_server: TlsRedis
     assert unreadable.code == 2
     [line] = unreadable.err.strip().splitlines()
     assert "/nonexistent.key" in line and "REDIS_SSL_KEYFILE" in line
+
+
+def test_empty_certificate_variables_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_SSL_CA_CERTS", "REDIS_SSL_CERTFILE", "REDIS_SSL_KEYFILE"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert (settings.redis_ssl_ca_certs, settings.redis_ssl_certfile, settings.redis_ssl_keyfile) == (None, None, None)
