@@ -263,15 +263,15 @@ def test_unusable_certificate_files_are_config_errors_naming_the_file(pki: Pki, 
     from cryptography.hazmat.primitives import serialization
 
     key_text = pki.client.key.read_text()
-    encrypted = tmp_path / "encrypted.key"
     loaded = serialization.load_pem_private_key(key_text.encode(), None)
-    encrypted.write_bytes(
-        loaded.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"secret"),
+    encrypted, traditional = tmp_path / "encrypted.key", tmp_path / "traditional.key"
+    for path, form in (
+        (encrypted, serialization.PrivateFormat.PKCS8),
+        (traditional, serialization.PrivateFormat.TraditionalOpenSSL),
+    ):
+        path.write_bytes(
+            loaded.private_bytes(serialization.Encoding.PEM, form, serialization.BestAvailableEncryption(b"secret"))
         )
-    )
     missing = tmp_path / "missing.pem"
     ca, cert, key = pki.ca, pki.client.cert, pki.client.key
     cases: list[tuple[Path, Path | None, Path | None, Path, str]] = [
@@ -281,6 +281,7 @@ def test_unusable_certificate_files_are_config_errors_naming_the_file(pki: Pki, 
         (ca, cert, missing, missing, "cannot read REDIS_SSL_KEYFILE"),
         (ca, cert, pki.server.key, pki.server.key, "REDIS_SSL_KEYFILE is not the key of the certificate"),
         (ca, cert, encrypted, encrypted, "the private key is encrypted"),
+        (ca, cert, traditional, traditional, "the private key is encrypted"),
         (ca, cert, None, cert, "REDIS_SSL_CERTFILE holds no private key: set REDIS_SSL_KEYFILE"),
         (ca, None, key, key, "REDIS_SSL_KEYFILE is set without REDIS_SSL_CERTFILE"),
         (ca, key, key, key, "REDIS_SSL_CERTFILE holds no PEM certificate"),

@@ -64,7 +64,7 @@ def client_context(
         raise ConfigError(f"{KEYFILE} is set without {CERTFILE}: give the client certificate too", path=str(key))
     cafile = None
     if ca is not None:
-        if b"-----BEGIN CERTIFICATE-----" not in _read(ca, CA_CERTS):
+        if b"CERTIFICATE-----" not in _read(ca, CA_CERTS):  # BEGIN CERTIFICATE, BEGIN TRUSTED CERTIFICATE
             raise ConfigError(f"{CA_CERTS} holds no PEM certificate", path=str(ca))
         cafile = str(ca)
     try:
@@ -86,7 +86,7 @@ def _load_client_certificate(context: ssl.SSLContext, cert: Path, key: Path | No
     if not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", key_text):
         missing = f"{KEYFILE} holds no PEM private key" if key else f"{CERTFILE} holds no private key: set {KEYFILE}"
         raise ConfigError(missing, path=key_path)
-    if b"ENCRYPTED" in key_text:  # "BEGIN ENCRYPTED PRIVATE KEY" or "Proc-Type: 4,ENCRYPTED"
+    if re.search(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: 4,ENCRYPTED", key_text):  # PKCS#8, or OpenSSL's
         raise ConfigError(f"{key_variable}: the private key is encrypted; use an unencrypted key file", path=key_path)
     try:
         context.load_cert_chain(str(cert), str(key) if key else None, password=_refuse_password)
