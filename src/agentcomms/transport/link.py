@@ -154,13 +154,21 @@ async def gather_replies(futures: list[asyncio.Future[Any]]) -> list[Any]:
     return [future.result() for future in futures]
 
 
-def _why(spec: ConnectionSpec, link: Link, exc: BaseException, connected: bool) -> str:
-    """Why a connection attempt failed, in words; a TLS failure says it was TLS."""
+def _why(spec: ConnectionSpec, link: Link, exc: BaseException, *, connected: bool, timeout: float) -> str:
+    """Why a connection attempt failed, in words; a TLS failure says it was TLS.
+
+    Args:
+        spec: the server.
+        link: the attempt's link (``lost_cause``: what the transport reported).
+        exc: what the attempt raised.
+        connected: whether TCP (and TLS) were established.
+        timeout: the attempt's time limit.
+    """
     cause = link.lost_cause if isinstance(exc, LinkLost) and link.lost_cause is not None else exc
     if isinstance(cause, ssl.SSLError):
         return describe_tls_error(cause)
     if spec.ssl_context is not None and not connected and isinstance(exc, TimeoutError):
-        return f"no TLS handshake within {spec.connect_timeout:g}s (is this the server's TLS port?)"
+        return f"no TLS handshake within {timeout:g}s (is this the server's TLS port?)"
     if (
         spec.ssl_context is not None
         and connected
@@ -169,8 +177,8 @@ def _why(spec: ConnectionSpec, link: Link, exc: BaseException, connected: bool) 
         # Under TLS 1.3 the server judges the client's certificate after the client's side of the
         # handshake is done; its alert may be lost when our first write meets the reset that follows.
         return (
-            f"the server closed the TLS connection right after the handshake ({cause}): it requires a client "
-            f"certificate ({CERTFILE} and {KEYFILE}) or refused this one"
+            f"the server closed the TLS connection right after the handshake ({cause}): most likely it requires "
+            f"a client certificate ({CERTFILE} and {KEYFILE}) or refused this one"
         )
     return str(exc) or type(exc).__name__
 
@@ -215,7 +223,9 @@ async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = 
             replies = await gather_replies(link.request(*commands))
     except (OSError, TimeoutError) as exc:
         link.abort()
-        raise LinkLost(f"cannot connect to Redis at {spec.address}: {_why(spec, link, exc, connected)}") from None
+        raise LinkLost(
+            f"cannot connect to Redis at {spec.address}: {_why(spec, link, exc, connected=connected, timeout=timeout)}"
+        ) from None
     for command, reply in zip(commands, replies, strict=True):
         if isinstance(reply, ReplyError):
             link.abort()
