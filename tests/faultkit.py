@@ -49,10 +49,14 @@ class RedisServer:
     def client(self, timeout: float = 5.0) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
 
+    def listen_args(self) -> list[str]:
+        """Where it listens (tlskit.TlsRedisServer: a TLS port instead)."""
+        return ["--port", str(self.port)]
+
     def start(self, *, wait: bool = True, extra: Sequence[str] = ()) -> Self:
         """Start the server; with ``wait``, until it answers PING (its data loaded)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        args = [self.binary, *self.listen_args(), "--bind", "127.0.0.1", "--dir", str(self.directory)]
         args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"]
         args += ["--logfile", str(self.directory / "redis.log"), *extra]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

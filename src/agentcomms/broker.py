@@ -210,10 +210,16 @@ class MessageBroker:
 
         A Redis that is still loading its data is waited for, up to ``reconnect_timeout``.
 
+        A ``rediss://`` URL connects with TLS: the server's certificate is verified against
+        ``REDIS_SSL_CA_CERTS`` (default: the system's CAs) and must name the URL's host or IP
+        address; ``REDIS_SSL_CERTFILE`` / ``REDIS_SSL_KEYFILE`` are this client's certificate.
+        With ``AGENTCOMMS_REQUIRE_TLS`` a ``redis://`` URL is refused.
+
         Raises:
-            BrokerConnectionError: Redis does not answer.
+            BrokerConnectionError: Redis does not answer, or the TLS handshake failed (the message says why).
             RedisPermissionError: Redis refused the credentials.
-            ConfigError: the URL is not a Redis URL.
+            ConfigError: the URL is not a Redis URL, is not ``rediss://`` while TLS is required,
+                or a certificate or key file cannot be used.
         """
         if self._pipeliner is not None:
             return self
@@ -226,7 +232,16 @@ class MessageBroker:
         password = self.settings.redis_password.get_secret_value() if self.settings.redis_password else None
         assert self._url is not None
         try:
-            spec = ConnectionSpec.from_url(self._url, password=password, db=self.settings.redis_db)
+            settings, tls = self.settings, not self._uses_embedded  # the embedded server is on this machine
+            spec = ConnectionSpec.from_url(
+                self._url,
+                password=password,
+                db=settings.redis_db,
+                ssl_ca_certs=settings.redis_ssl_ca_certs if tls else None,
+                ssl_certfile=settings.redis_ssl_certfile if tls else None,
+                ssl_keyfile=settings.redis_ssl_keyfile if tls else None,
+                require_tls=settings.require_tls and tls,
+            )
             pipeliner = Pipeliner(spec, reconnect_timeout=self.settings.reconnect_timeout, name=self.client_id)
             await pipeliner.connect()
         except BaseException:

@@ -179,10 +179,10 @@ class Settings(BaseSettings):
             )
         return value.strip()
 
-    @field_validator("redis_password", mode="before")
+    @field_validator("redis_password", "redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile", mode="before")
     @classmethod
-    def _empty_password(cls, value: Any) -> Any:
-        return None if value == "" else value
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # REDIS_SSL_CA_CERTS= is unset, not the working directory
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -188,8 +188,9 @@ async def open_broker(
         origin: where ``redis_url`` comes from, for messages.
 
     Raises:
-        ConfigError: the URL cannot be parsed (a bad port, an unknown scheme).
-        BrokerConnectionError: Redis does not answer.
+        ConfigError: the URL cannot be parsed (a bad port, an unknown scheme), is refused
+            (``AGENTCOMMS_REQUIRE_TLS``), or a TLS certificate or key file cannot be used.
+        BrokerConnectionError: Redis does not answer, or the TLS handshake failed.
     """
     if redis_url:
         secrets.add_url(redis_url)
@@ -202,7 +203,9 @@ async def open_broker(
     try:
         try:
             await broker.connect()
-        except ConfigError as exc:  # the URL cannot be parsed: say where it came from
+        except ConfigError as exc:  # the URL cannot be parsed, or is refused: say where it came from
+            if exc.path is not None:  # a certificate or key file (REDIS_SSL_*), which the message names
+                raise
             raise ConfigError(f"{exc} ({where})") from None
         say_redis(broker.url, where)
         yield broker

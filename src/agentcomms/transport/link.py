@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -20,6 +21,7 @@ import hiredis
 from agentcomms.exceptions import RedisPermissionError
 from agentcomms.transport.errors import ProtocolError, ReplyError, classify, code_of, is_transient
 from agentcomms.transport.spec import ConnectionSpec
+from agentcomms.transport.tls import CERTFILE, KEYFILE, describe_tls_error
 
 __all__ = ["EncodableT", "Link", "LinkLost", "NotReady", "gather_replies", "open_link", "pack"]
 
@@ -64,6 +66,8 @@ class Link(asyncio.Protocol):
         self.closed = False
         self.client_id: int | None = None
         self.last_data = loop.time()
+        self.lost_cause: BaseException | None = None
+        """What ended the connection, as the transport reported it (a TLS alert, a reset ...)."""
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -87,6 +91,7 @@ class Link(asyncio.Protocol):
         """Fail what waits for a reply and tell the owner."""
         self.closed = True
         self._transport = None
+        self.lost_cause = exc
         error = LinkLost(f"connection to Redis lost: {exc}" if exc else "Redis closed the connection")
         futures, self._futures = self._futures, collections.deque()
         for future in futures:
@@ -149,26 +154,66 @@ async def gather_replies(futures: list[asyncio.Future[Any]]) -> list[Any]:
     return [future.result() for future in futures]
 
 
+def _why(spec: ConnectionSpec, link: Link, exc: BaseException, *, connected: bool, timeout: float) -> str:
+    """Why a connection attempt failed, in words; a TLS failure says it was TLS.
+
+    Args:
+        spec: the server.
+        link: the attempt's link (``lost_cause``: what the transport reported).
+        exc: what the attempt raised.
+        connected: whether TCP (and TLS) were established.
+        timeout: the attempt's time limit.
+    """
+    cause = link.lost_cause if isinstance(exc, LinkLost) and link.lost_cause is not None else exc
+    if isinstance(cause, ssl.SSLError):
+        return describe_tls_error(cause)
+    if spec.ssl_context is not None and not connected and isinstance(exc, TimeoutError):
+        return f"no TLS handshake within {timeout:g}s (is this the server's TLS port?)"
+    if (
+        spec.ssl_context is not None
+        and connected
+        and isinstance(cause, ConnectionResetError | BrokenPipeError | EOFError | LinkLost)
+    ):
+        # Under TLS 1.3 the server judges the client's certificate after the client's side of the
+        # handshake is done; its alert may be lost when our first write meets the reset that follows.
+        return (
+            f"the server closed the TLS connection right after the handshake ({cause}): most likely it requires "
+            f"a client certificate ({CERTFILE} and {KEYFILE}) or refused this one"
+        )
+    return str(exc) or type(exc).__name__
+
+
 async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = None) -> Link:
     """Connect, log in, select the database and name the connection; returns a link in request mode.
 
+    With TLS (``rediss://``) the certificate is checked against the URL's host name or IP
+    address; a TLS failure is described as one (:func:`describe_tls_error`), whether it
+    comes in the handshake or, for a client certificate the server refuses under TLS 1.3,
+    as an alert on the first read.
+
     Raises:
-        LinkLost: cannot connect (refused, unreachable, timed out, closed during the handshake).
+        LinkLost: cannot connect (refused, unreachable, timed out, TLS refused, closed during the handshake).
         RedisPermissionError: Redis refused the credentials.
         NotReady: Redis is loading its data (or otherwise not ready).
     """
     loop = asyncio.get_running_loop()
     link = Link(loop)
     timeout = timeout or spec.connect_timeout
+    connected = False
     try:
         async with asyncio.timeout(timeout):
             if spec.path is not None:
                 await loop.create_unix_connection(lambda: link, spec.path)
             else:
-                await loop.create_connection(lambda: link, spec.host or "localhost", spec.port, ssl=spec.ssl_context)
+                host = spec.host or "localhost"
+                server_hostname = host if spec.ssl_context is not None else None
+                await loop.create_connection(
+                    lambda: link, host, spec.port, ssl=spec.ssl_context, server_hostname=server_hostname
+                )
                 sock = link._transport.get_extra_info("socket") if link._transport else None
                 if sock is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            connected = True
             commands: list[Command] = []
             if spec.password is not None:
                 commands.append(("AUTH", spec.username, spec.password) if spec.username else ("AUTH", spec.password))
@@ -178,7 +223,9 @@ async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = 
             replies = await gather_replies(link.request(*commands))
     except (OSError, TimeoutError) as exc:
         link.abort()
-        raise LinkLost(f"cannot connect to Redis at {spec.address}: {exc or type(exc).__name__}") from None
+        raise LinkLost(
+            f"cannot connect to Redis at {spec.address}: {_why(spec, link, exc, connected=connected, timeout=timeout)}"
+        ) from None
     for command, reply in zip(commands, replies, strict=True):
         if isinstance(reply, ReplyError):
             link.abort()
