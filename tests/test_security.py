@@ -14,10 +14,12 @@ from redis.asyncio import Redis
 from agentcomms import (
     AgentMessage,
     BaseAgent,
+    Identity,
     IdentityError,
     MessageBroker,
     MessageSender,
     Settings,
+    TrustStore,
     create_agent_config,
     keys,
 )
@@ -180,3 +182,39 @@ async def test_a_dead_letter_redriven_by_an_admin_after_the_window_is_handled(
         async with asyncio.timeout(10):
             await second.wait()
     assert b"handler failed" in letter[b"reason"] and len(attempts) == 2
+
+
+async def test_peers_are_read_again_after_the_refresh_time_revoked_and_rekeyed_ones_too(
+    secure: Settings, raw: Redis, tmp_path: Path
+) -> None:
+    # AGENTCOMMS_TRUST_REFRESH=0: every record is stale at once, as after 30 s in production
+    fresh = secure.model_copy(update={"trust_refresh": 0.0})
+    folder = secure.identities_folder
+    admin = Identity.load(folder / "admin.ops.json")
+    async with (
+        Jane(create_agent_config("agent.cso.jane", "jane", "cso", "sales"), settings=fresh),
+        MessageBroker(settings=fresh) as ops,
+    ):
+        store = TrustStore(ops.pipeliner, [admin.public.ed25519])
+        async with MessageSender(sender_id="dashboard.cmo", settings=fresh) as sender:
+            # the reply comes after the caller's record of jane went stale: still accepted
+            replies = [await sender.request("agent.cso.jane", "request_knowledge", {"query": i}) for i in range(5)]
+            assert [r.data["answer"] for r in replies if r.data] == [0, 1, 2, 3, 4]
+            assert sender.broker.stats.replies_refused == 0
+
+            # new keys for dashboard.cmo, enrolled by the admin: jane reads them and answers
+            rekeyed = Identity.generate("dashboard.cmo")
+            rekeyed.save(tmp_path / "rekeyed" / "dashboard.cmo.json")
+            await store.enroll(admin, rekeyed.public, roles=["cmo"])
+        moved = fresh.model_copy(update={"identity_dir": tmp_path / "rekeyed"})
+        async with MessageSender(sender_id="dashboard.cmo", settings=moved) as sender:
+            reply = await sender.request("agent.cso.jane", "request_knowledge", {"query": "new keys"})
+            assert reply.data == {"answer": "new keys", "from_roles": ["cmo"]}
+
+            # revoked: its next message is refused unhandled
+            assert await store.revoke(admin, "dashboard.cmo")
+            await sender.broker.publish_message(
+                AgentMessage(sender_id="dashboard.cmo", recipient_id="agent.cso.jane", intent="request_knowledge")
+            )
+            letters = await wait_for_dead_letters(raw, "agent.cso.jane", 1)
+            assert letters[0][b"reason"] == b"unauthenticated: identity 'dashboard.cmo' is not in the trust store"

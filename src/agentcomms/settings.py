@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     ``signature`` (Ed25519, verifiable by anyone, slower)."""
     replay_window: float = Field(120.0, gt=0, validation_alias=_env("REPLAY_WINDOW"))
     """A message stamped (by the Redis server's clock) further than this from its arrival is refused."""
+    trust_refresh: float = Field(30.0, ge=0, le=3600, validation_alias=_env("TRUST_REFRESH"))
+    """Seconds a peer's verified trust record is used before it is read again: a revocation or new
+    keys are seen within this (0: read it for every message, for tests)."""
     policy_file: Path | None = Field(None, validation_alias=_env("POLICY"))
     """JSON file of rules: which roles may send which intents to which roles (docs/security.md)."""
     sealed_intents: Annotated[list[str], NoDecode] = Field(

@@ -635,7 +635,7 @@ class Subscription:
         if self._security is not None:
             sender = raw.get("sender_id")
             # only to a sender verified before (its keys agreed), at its own reply stream
-            if not isinstance(sender, str) or self._security.pair_now(self.agent_id, sender) is None:
+            if not isinstance(sender, str) or self._security.known(self.agent_id, sender) is None:
                 return
             if not reply_to.startswith("ac:{reply." + sender + "."):
                 return

@@ -97,9 +97,11 @@ class Security:
                 "AGENTCOMMS_SECURITY=on needs the admins' public keys: set AGENTCOMMS_TRUST_ANCHORS "
                 f"(or write them to {settings.identities_folder / 'trust_anchors'})"
             )
-        self.trust = TrustStore(pipeliner, anchors)
+        self.trust = TrustStore(pipeliner, anchors, refresh=settings.trust_refresh)
         self._pipeliner = pipeliner
-        self._pairs: dict[tuple[str, str], PairKeys] = {}
+        # (own id, peer id) -> the keys agreed, the peer's record they were agreed with, and until when that
+        # record counts as fresh for new messages (then it is read again: a revoked or re-keyed peer is seen)
+        self._pairs: dict[tuple[str, str], tuple[PairKeys, TrustRecord, float]] = {}
         self._seen: dict[str, tuple[str, float]] = {}  # "<message id>/<token ts>" -> (entry id, forget at)
         self._offset_ms = 0.0
         self._clock_at = 0.0
@@ -145,24 +147,40 @@ class Security:
                 )
 
     def pair_now(self, own_id: str, peer_id: str) -> PairKeys | None:
-        """The keys ``own_id`` shares with ``peer_id`` if already agreed (no I/O)."""
-        return self._pairs.get((own_id, peer_id))
+        """The keys ``own_id`` shares with ``peer_id`` if agreed with a fresh record of the peer (no I/O)."""
+        found = self._pairs.get((own_id, peer_id))
+        return found[0] if found is not None and found[2] > time.monotonic() else None
 
-    async def pair(self, own_id: str, peer_id: str) -> PairKeys:
-        """The keys ``own_id`` shares with ``peer_id`` (the peer's record is read and verified once).
+    def known(self, own_id: str, peer_id: str) -> tuple[PairKeys, TrustRecord] | None:
+        """The keys and the peer's record of the last agreement, however old (no I/O).
+
+        For the answer to a message verified (or sent) with them: a reply is not refused because
+        the record's cache time ran out between the request and its reply.
+        """
+        found = self._pairs.get((own_id, peer_id))
+        return (found[0], found[1]) if found is not None else None
+
+    async def pair(self, own_id: str, peer_id: str) -> tuple[PairKeys, TrustRecord]:
+        """The keys ``own_id`` shares with ``peer_id`` and the peer's verified record.
+
+        The record is read again once ``AGENTCOMMS_TRUST_REFRESH`` (30 s) has passed, so a revoked peer is
+        refused and a re-keyed one gets new keys.
 
         Raises:
             IdentityError: this process does not hold ``own_id``.
             TrustError: ``peer_id`` is not a trusted identity.
         """
         found = self._pairs.get((own_id, peer_id))
-        if found is None:
-            record = await self.trust.get(peer_id)
-            found = pair_keys(self.identity(own_id), record.identity)
-            if len(self._pairs) > 100_000:
-                self._pairs.clear()
-            self._pairs[(own_id, peer_id)] = found
-        return found
+        if found is not None and found[2] > time.monotonic():
+            return found[0], found[1]
+        record = await self.trust.get(peer_id)
+        keys = found[0] if found is not None and found[1].identity == record.identity else None
+        if keys is None:
+            keys = pair_keys(self.identity(own_id), record.identity)
+        if len(self._pairs) > 100_000:
+            self._pairs.clear()
+        self._pairs[(own_id, peer_id)] = (keys, record, time.monotonic() + self.trust.refresh)
+        return keys, record
 
     # -- the server's clock ----------------------------------------------------------------------
 
@@ -204,7 +222,7 @@ class Security:
             IdentityError: this process does not hold the sender's identity.
             TrustError: the recipient is not a trusted identity.
         """
-        keys = await self.pair(message.sender_id, message.recipient_id)
+        keys, _ = await self.pair(message.sender_id, message.recipient_id)
         if not self.wants_seal(message, seal_it):
             return message
         payload = message.payload
@@ -219,7 +237,7 @@ class Security:
 
     def token(self, message: AgentMessage, body: bytes) -> bytes:
         """The authentication token of an encoded message (after :meth:`prepare`)."""
-        keys = None if self.signature_mode else self._pairs[(message.sender_id, message.recipient_id)]
+        keys = None if self.signature_mode else self._pairs[(message.sender_id, message.recipient_id)][0]
         signer = self.identities[message.sender_id] if self.signature_mode else None
         return make_token(MSG, self.server_ms(), body, keys=keys, signer=signer)
 
@@ -291,12 +309,12 @@ class Security:
             parsed = parse_token(token)
         except ValueError:
             return self._refuse("unauthenticated", "malformed authentication token")
-        record = self.trust.cached(message.sender_id)  # both known after the first message: no await
-        keys = self._pairs.get((message.recipient_id, message.sender_id))
-        if record is None or keys is None:
+        found = self._pairs.get((message.recipient_id, message.sender_id))
+        if found is not None and found[2] > time.monotonic():  # known and fresh after the first message: no await
+            keys, record = found[0], found[1]
+        else:
             try:
-                record = await self.trust.get(message.sender_id)
-                keys = await self.pair(message.recipient_id, message.sender_id)
+                keys, record = await self.pair(message.recipient_id, message.sender_id)
             except (TrustError, IdentityError) as exc:
                 return self._refuse("unauthenticated", str(exc))
         if parsed.alg == "r":  # sent back from the dead letters by an admin, who signed it afresh
@@ -312,7 +330,7 @@ class Security:
         """``response`` with its data sealed for the caller, when the request was sealed."""
         if not sealed or response.data is None:
             return response
-        keys = self._pairs[(own_id, peer_id)]
+        keys = self._pairs[(own_id, peer_id)][0]
         plaintext = json.dumps(response.data, separators=(",", ":")).encode()
         return response.model_copy(
             update={"data": None, "sealed": seal(keys, plaintext, (response.correlation_id or "").encode())}
@@ -320,7 +338,7 @@ class Security:
 
     def reply_token(self, body: bytes, *, own_id: str, peer_id: str) -> bytes:
         """The token of a reply from ``own_id`` to ``peer_id`` (who just sent us a verified request)."""
-        keys = None if self.signature_mode else self._pairs[(own_id, peer_id)]
+        keys = None if self.signature_mode else self._pairs[(own_id, peer_id)][0]
         signer = self.identities[own_id] if self.signature_mode else None
         return make_token(REPLY, self.server_ms(), body, keys=keys, signer=signer)
 
@@ -331,11 +349,11 @@ class Security:
         if response.responder_id != expected or token is None:
             self.refused["reply"] += 1
             return None
-        keys = self._pairs.get((own_id, expected))
-        record = self.trust.cached(expected)
-        if keys is None or record is None:
+        known = self.known(own_id, expected)  # agreed when the request was sent: however old now
+        if known is None:
             self.refused["reply"] += 1
             return None
+        keys, record = known
         try:
             parsed = parse_token(token)
         except ValueError:

@@ -9,6 +9,7 @@ anyone else, or altered, is rejected whatever the Redis permissions. With Redis 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -24,11 +25,11 @@ from agentcomms.exceptions import IdentityError, PermissionDeniedError, TrustErr
 from agentcomms.security.identity import Identity, PublicIdentity, b64decode, b64encode
 from agentcomms.transport import Pipeliner
 
-__all__ = ["TrustRecord", "TrustStore", "canonical_json", "key_fingerprint"]
+__all__ = ["CACHE_SECONDS", "TrustRecord", "TrustStore", "canonical_json", "key_fingerprint"]
 
 _CONTEXT = b"agentcomms v1 trust\n"
-_CACHE_SECONDS = 30.0
-"""How long a verified record is used without reading it again (so a revocation is seen within that)."""
+CACHE_SECONDS = 30.0
+"""How long a verified record is used without reading it again by default (``AGENTCOMMS_TRUST_REFRESH``)."""
 
 
 def canonical_json(value: Any) -> bytes:
@@ -114,8 +115,10 @@ class TrustStore:
         anchors: the admins' Ed25519 public keys (raw or base64url).
     """
 
-    def __init__(self, pipeliner: Pipeliner, anchors: Sequence[bytes | str]) -> None:
+    def __init__(self, pipeliner: Pipeliner, anchors: Sequence[bytes | str], *, refresh: float = CACHE_SECONDS) -> None:
         self._pipeliner = pipeliner
+        self.refresh = refresh
+        """Seconds a verified record is used before it is read again."""
         self._anchors: dict[str, Ed25519PublicKey] = {}
         for anchor in anchors:
             raw = b64decode(anchor) if isinstance(anchor, str) else anchor
@@ -123,6 +126,7 @@ class TrustStore:
                 raise IdentityError("a trust anchor is a base64url Ed25519 public key (32 bytes)")
             self._anchors[_fingerprint(raw)] = Ed25519PublicKey.from_public_bytes(raw)
         self._cache: dict[str, tuple[float, TrustRecord]] = {}
+        self._reading: dict[str, asyncio.Future[TrustRecord]] = {}
 
     @property
     def has_anchors(self) -> bool:
@@ -159,14 +163,14 @@ class TrustStore:
         return True
 
     def cached(self, identity_id: str) -> TrustRecord | None:
-        """The verified record of ``identity_id`` if read within the last 30 s."""
+        """The verified record of ``identity_id`` if read within the last :attr:`refresh` seconds."""
         found = self._cache.get(identity_id)
         if found is None or found[0] < time.monotonic():
             return None
         return found[1]
 
     async def get(self, identity_id: str) -> TrustRecord:
-        """The verified record of ``identity_id`` (read again at most every 30 s).
+        """The verified record of ``identity_id`` (read again at most every :attr:`refresh` seconds).
 
         Raises:
             TrustError: not enrolled, or its record is not signed by an anchor.
@@ -174,6 +178,14 @@ class TrustStore:
         found = self.cached(identity_id)
         if found is not None:
             return found
+        reading = self._reading.get(identity_id)
+        if reading is None:  # one read for all the messages that find the record stale at once
+            reading = asyncio.ensure_future(self._read(identity_id))
+            self._reading[identity_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(identity_id, None))
+        return await asyncio.shield(reading)
+
+    async def _read(self, identity_id: str) -> TrustRecord:
         raw = await self._pipeliner.call("HGET", keys.TRUST_IDENTITIES, identity_id, replay=True)
         if raw is None:
             self._cache.pop(identity_id, None)
@@ -184,7 +196,7 @@ class TrustStore:
         self.verify(record)
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[identity_id] = (time.monotonic() + _CACHE_SECONDS, record)
+        self._cache[identity_id] = (time.monotonic() + self.refresh, record)
         return record
 
     async def records(self) -> list[tuple[TrustRecord | None, str]]:
