@@ -435,3 +435,30 @@ async def test_a_handler_running_longer_than_claim_idle_is_not_taken_over(
         release.set()
         reply = await asyncio.wait_for(asking, 30)
     assert runs == ["one"] and reply.data == "one"  # kept alive: the second instance never took it over
+
+
+async def test_a_worker_cancelled_while_idle_does_not_break_the_subscription(
+    broker: MessageBroker, agent_id: str
+) -> None:
+    # an event loop shutting down cancels every task: idle workers included, before stop() runs
+    handled: list[int] = []
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def handler(msg: AgentMessage) -> None:
+        handled.append(msg.payload.data["n"])
+        (first if len(handled) == 1 else second).set()
+
+    subscription = await broker.subscribe_to_agent(agent_id, handler)
+    await broker.publish_message(message(agent_id, n=1))
+    async with asyncio.timeout(20):
+        await first.wait()
+        while len(subscription._idle) < len(subscription._workers):  # the worker is back waiting
+            await asyncio.sleep(0)
+    for worker in list(subscription._workers):
+        worker.cancel()
+    await asyncio.gather(*subscription._workers, return_exceptions=True)
+    await broker.publish_message(message(agent_id, n=2))
+    async with asyncio.timeout(20):
+        await second.wait()
+    await subscription.stop()
+    assert handled == [1, 2]
