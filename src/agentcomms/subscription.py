@@ -219,7 +219,8 @@ class Subscription:
         self._reader.close()
         idle, self._idle = self._idle, []
         for wake in idle:  # idle workers end; busy ones end once the queue is empty
-            wake.set_result(None)
+            if not wake.done():  # cancelled with its worker (the event loop is shutting down)
+                wake.set_result(None)
         if self._workers:
             _, unfinished = await asyncio.wait(set(self._workers), timeout=timeout)
             for task in unfinished:
@@ -357,6 +358,8 @@ class Subscription:
     def _wake_worker(self) -> None:
         if self._waking:
             return  # one already woken, not yet running, will take the next message
+        while self._idle and self._idle[-1].done():  # cancelled with its worker
+            self._idle.pop()
         if self._idle:
             self._idle.pop().set_result(None)
         elif len(self._workers) < self._concurrency:
