@@ -360,13 +360,7 @@ class MessageBroker:
 
     def _ready_to_sign(self, message: AgentMessage, seal: bool | None) -> bool:
         """Whether a message needs no preparation: keys with its recipient agreed already, nothing to seal."""
-        security = self._security
-        return (
-            security is not None
-            and security.pair_now(message.sender_id, message.recipient_id) is not None
-            and message.sender_id in security.identities
-            and not security.wants_seal(message, seal)
-        )
+        return self._security is not None and self._security.ready(message, seal)
 
     def _send_command(self, batch: Sequence[_Outgoing], *, inbox_ttl: float | None = None) -> Command:
         """The SEND call for messages to the same inbox (same recipient and priority)."""

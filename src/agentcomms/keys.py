@@ -70,6 +70,14 @@ def is_reply_stream(key: str) -> bool:
     return _REPLY_STREAM.fullmatch(key) is not None
 
 
+def is_reply_stream_of(key: str, sender_id: str) -> bool:
+    """Whether reply stream ``key`` belongs to ``sender_id``: its client id is ``<sender id>.<suffix>``.
+
+    With security on, a request's reply may only go to a stream of its (verified) sender.
+    """
+    return key.startswith(f"{REPLY_PREFIX}{sender_id}.")
+
+
 # -- registry: every key shares the {registry} hash tag, so each registry script touches one slot --
 
 REGISTRY = f"{PREFIX}:{{registry}}"

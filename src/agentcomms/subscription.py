@@ -444,7 +444,9 @@ class Subscription:
                 return
             sealed = message.sealed is not None
             if self._security is not None:
-                verdict = await self._security.check(message, body, token, entry_id, self._role)
+                verdict = self._security.check_now(message, body, token, entry_id, self._role)
+                if verdict is None:  # a new or stale sender, another kind of token, or a wrong one
+                    verdict = await self._security.check(message, body, token, entry_id, self._role)
                 if isinstance(verdict, Refusal):
                     acknowledging = await self._refused(stream, entry_id, message, verdict, deliveries)
                     return
@@ -640,7 +642,7 @@ class Subscription:
             # only to a sender verified before (its keys agreed), at its own reply stream
             if not isinstance(sender, str) or self._security.known(self.agent_id, sender) is None:
                 return
-            if not reply_to.startswith("ac:{reply." + sender + "."):
+            if not keys.is_reply_stream_of(reply_to, sender):
                 return
             token = self._security.reply_token(reply, own_id=self.agent_id, peer_id=sender)
         self._reply(reply_to, reply, token)

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentcomms.exceptions import IdentityError, SecurityError, TrustError
+from agentcomms.keys import is_reply_stream_of
 from agentcomms.schemas import AgentMessage, AgentResponse, MessagePayload
 from agentcomms.security.crypto import (
     MSG,
     REPLY,
     PairKeys,
-    Token,
+    mac_token_time,
     make_redrive_token,
     make_token,
     open_sealed,
@@ -213,7 +214,12 @@ class Security:
         """Whether ``message`` is to be sealed: asked for, or its intent is one of ``AGENTCOMMS_SEALED_INTENTS``."""
         if seal_it is not None:
             return seal_it
-        return str(message.intent).casefold() in self.sealed_intents
+        return bool(self.sealed_intents) and str(message.intent).casefold() in self.sealed_intents
+
+    def ready(self, message: AgentMessage, seal_it: bool | None) -> bool:
+        """Whether ``message`` can be signed as it is (no I/O): keys agreed and fresh, nothing to seal."""
+        found = self._pairs.get((message.sender_id, message.recipient_id))  # only made for identities held here
+        return found is not None and found[2] > time.monotonic() and not self.wants_seal(message, seal_it)
 
     async def prepare(self, message: AgentMessage, *, seal_it: bool | None = None) -> AgentMessage:
         """Agree keys with the recipient (once) and seal the payload if asked; the message to encode.
@@ -263,6 +269,21 @@ class Security:
         self._seen[key] = (entry_id, now + 2 * self.window_ms / 1000)
         return True
 
+    def check_now(
+        self, message: AgentMessage, body: bytes, token: bytes | None, entry_id: str, recipient_role: str
+    ) -> AgentMessage | Refusal | None:
+        """:meth:`check` without I/O in the common case (a known sender, an HMAC token).
+
+        ``None``: not that case, await :meth:`check`.
+        """
+        found = self._pairs.get((message.recipient_id, message.sender_id))
+        if found is None or token is None or found[2] <= time.monotonic():
+            return None
+        ts = mac_token_time(token, MSG, body, found[0])
+        if ts is None:  # another kind of token, or a wrong one: check() says which
+            return None
+        return self._admit(message, entry_id, ts, found[0], found[1], recipient_role)
+
     async def check(
         self, message: AgentMessage, body: bytes, token: bytes | None, entry_id: str, recipient_role: str
     ) -> AgentMessage | Refusal:
@@ -273,16 +294,22 @@ class Security:
         verified = await self._authenticate(message, body, token)
         if isinstance(verified, Refusal):
             return verified
-        record, keys, parsed = verified
+        record, keys, ts = verified
+        return self._admit(message, entry_id, ts, keys, record, recipient_role)
+
+    def _admit(
+        self, message: AgentMessage, entry_id: str, ts: int, keys: PairKeys, record: TrustRecord, recipient_role: str
+    ) -> AgentMessage | Refusal:
+        """After authentication: the replay window and memory, the reply stream, the policy, unsealing."""
         entry_ms = int(entry_id.partition("-")[0])
-        if abs(entry_ms - parsed.ts) > self.window_ms:
+        if abs(entry_ms - ts) > self.window_ms:
             return self._refuse(
-                "replayed", f"stamped {abs(entry_ms - parsed.ts) / 1000:.0f}s away from its arrival (window "
+                "replayed", f"stamped {abs(entry_ms - ts) / 1000:.0f}s away from its arrival (window "
                 f"{self.window_ms / 1000:g}s)"
             )  # fmt: skip
-        if not self._remember(message.message_id, parsed.ts, entry_id):
+        if not self._remember(message.message_id, ts, entry_id):
             return self._refuse("replayed", f"message id {message.message_id} was handled already")
-        if message.reply_to is not None and not _owns(message.reply_to, message.sender_id):
+        if message.reply_to is not None and not is_reply_stream_of(message.reply_to, message.sender_id):
             return self._refuse("unauthenticated", "reply_to is not the sender's own reply stream")
         if self.policy is not None and not self.policy.allows(record.roles, str(message.intent), recipient_role):
             return self._refuse(
@@ -301,28 +328,24 @@ class Security:
 
     async def _authenticate(
         self, message: AgentMessage, body: bytes, token: bytes | None
-    ) -> tuple[TrustRecord, PairKeys, Token] | Refusal:
-        """The sender's record, the pair's keys and the token, if the token authenticates the body as the sender's."""
+    ) -> tuple[TrustRecord, PairKeys, int] | Refusal:
+        """The sender's record, the pair's keys and the token's time, if the token authenticates the body."""
         if token is None:
             return self._refuse("unauthenticated", "no authentication token")
         try:
             parsed = parse_token(token)
         except ValueError:
             return self._refuse("unauthenticated", "malformed authentication token")
-        found = self._pairs.get((message.recipient_id, message.sender_id))
-        if found is not None and found[2] > time.monotonic():  # known and fresh after the first message: no await
-            keys, record = found[0], found[1]
-        else:
-            try:
-                keys, record = await self.pair(message.recipient_id, message.sender_id)
-            except (TrustError, IdentityError) as exc:
-                return self._refuse("unauthenticated", str(exc))
+        try:
+            keys, record = await self.pair(message.recipient_id, message.sender_id)
+        except (TrustError, IdentityError) as exc:
+            return self._refuse("unauthenticated", str(exc))
         if parsed.alg == "r":  # sent back from the dead letters by an admin, who signed it afresh
             if not self.trust.verify_by_anchor(parsed.signer, parsed.tag, tag_input(MSG, parsed.ts, body)):
                 return self._refuse("unauthenticated", "the redrive token is not an admin's")
         elif not verify_tag(parsed, MSG, body, keys=keys, sender=record.identity):
             return self._refuse("unauthenticated", f"the token does not match {message.sender_id!r}'s keys")
-        return record, keys, parsed
+        return record, keys, parsed.ts
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -346,22 +369,20 @@ class Security:
         self, response: AgentResponse, body: bytes, token: bytes | None, *, own_id: str, expected: str
     ) -> AgentResponse | None:
         """The verified reply (unsealed), or ``None``: from someone else than asked, forged, or unauthenticated."""
-        if response.responder_id != expected or token is None:
+        known = self._pairs.get((own_id, expected))  # agreed when the request was sent: however old now
+        if response.responder_id != expected or token is None or known is None:
             self.refused["reply"] += 1
             return None
-        known = self.known(own_id, expected)  # agreed when the request was sent: however old now
-        if known is None:
-            self.refused["reply"] += 1
-            return None
-        keys, record = known
-        try:
-            parsed = parse_token(token)
-        except ValueError:
-            self.refused["reply"] += 1
-            return None
-        if not verify_tag(parsed, REPLY, body, keys=keys, sender=record.identity):
-            self.refused["reply"] += 1
-            return None
+        keys, record = known[0], known[1]
+        if mac_token_time(token, REPLY, body, keys) is None:  # not the common case: check it in full
+            try:
+                parsed = parse_token(token)
+            except ValueError:
+                self.refused["reply"] += 1
+                return None
+            if not verify_tag(parsed, REPLY, body, keys=keys, sender=record.identity):
+                self.refused["reply"] += 1
+                return None
         if response.sealed is not None:
             try:
                 data = json.loads(open_sealed(keys, response.sealed, (response.correlation_id or "").encode()))
@@ -379,8 +400,3 @@ class Security:
     def record_of(self, identity_id: str) -> TrustRecord | None:
         """The cached trust record of ``identity_id`` (no I/O)."""
         return self.trust.cached(identity_id)
-
-
-def _owns(reply_to: str, sender_id: str) -> bool:
-    """Whether a reply stream ``ac:{reply.<client id>}:replies`` belongs to ``sender_id`` (its client id's prefix)."""
-    return reply_to.startswith("ac:{reply." + sender_id + ".")
