@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from agentcomms import (
     AgentMessage,
+    AgentRegistry,
     BaseAgent,
     Identity,
     IdentityError,
@@ -96,7 +97,6 @@ async def test_sealed_payloads_reach_the_handler_and_are_not_in_the_aof(
 
 
 async def test_an_admin_may_register_any_agent_and_readers_believe_it(secure: Settings, tmp_path: Path) -> None:
-    from agentcomms import AgentRegistry
 
     admin_only = secure.model_copy(
         update={"identity_dir": tmp_path / "none", "identity_file": secure.identities_folder / "admin.ops.json"}
@@ -218,3 +218,16 @@ async def test_peers_are_read_again_after_the_refresh_time_revoked_and_rekeyed_o
             )
             letters = await wait_for_dead_letters(raw, "agent.cso.jane", 1)
             assert letters[0][b"reason"] == b"unauthenticated: identity 'dashboard.cmo' is not in the trust store"
+
+
+async def test_a_revoked_agent_is_no_longer_discovered(secure: Settings) -> None:
+    fresh = secure.model_copy(update={"trust_refresh": 0.0})  # as after AGENTCOMMS_TRUST_REFRESH (30 s)
+    admin = Identity.load(secure.identities_folder / "admin.ops.json")
+    async with (
+        Jane(create_agent_config("agent.cso.jane", "jane", "cso", "sales"), settings=fresh),
+        AgentRegistry(settings=fresh) as reader,
+    ):
+        assert [a.agent_id for a in await reader.discover_agents(role="cso")] == ["agent.cso.jane"]
+        store = TrustStore(reader.broker.pipeliner, [admin.public.ed25519])
+        assert await store.revoke(admin, "agent.cso.jane")
+        assert await reader.discover_agents(role="cso") == []

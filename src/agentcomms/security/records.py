@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -36,11 +37,11 @@ def _signed_bytes(fields: dict[str, Any]) -> bytes:
 
 
 class RecordGuard:
-    """Signs the records this process registers and checks the ones it reads (results cached by content)."""
+    """Signs the records this process registers and checks the ones it reads (verdicts cached by content)."""
 
     def __init__(self, security: Security) -> None:
         self._security = security
-        self._verdicts: dict[str, bool] = {}
+        self._verdicts: dict[str, tuple[bool, float]] = {}  # digest of the record -> verdict, until when
         self.unverified = 0
         """Records skipped so far because they were not signed by their agent (or an admin) for their role."""
 
@@ -84,12 +85,14 @@ class RecordGuard:
     async def believe(self, agent_id: str, raw: bytes) -> bool:
         """Whether the stored record ``raw`` of ``agent_id`` is signed for its role (logged once when not)."""
         digest = hashlib.sha256(agent_id.encode() + b"\0" + raw).hexdigest()
-        verdict = self._verdicts.get(digest)
-        if verdict is None:
+        found = self._verdicts.get(digest)
+        if found is not None and found[1] > time.monotonic():
+            verdict = found[0]
+        else:  # checked again as often as the trust store is read: a revoked agent's record is not believed
             verdict = await self._check(agent_id, raw)
             if len(self._verdicts) > 100_000:
                 self._verdicts.clear()
-            self._verdicts[digest] = verdict
+            self._verdicts[digest] = (verdict, time.monotonic() + self._security.trust.refresh)
         if not verdict:
             self.unverified += 1
         return verdict
