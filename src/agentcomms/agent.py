@@ -267,19 +267,24 @@ class BaseAgent:
         priority: Priority | str = Priority.NORMAL,
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
+        seal: bool | None = None,
     ) -> PublishResult:
         """Send a one-way message: an :class:`AgentMessage`, or a recipient id with intent and data.
+
+        With security on, ``seal=True`` encrypts the payload to the recipient (``None``: when
+        its intent is one of ``AGENTCOMMS_SEALED_INTENTS``).
 
         Raises:
             AgentNotFoundError: the recipient was never registered (see :meth:`MessageSender.send_message`).
         """
         if isinstance(message_or_recipient, AgentMessage):
-            return await self.sender.publish_message(message_or_recipient)
+            return await self.sender.publish_message(message_or_recipient, seal=seal)
         if intent is None:
             raise MessageValidationError("send_message(recipient_id, ...) needs an intent")
         return await self.sender.send_message(
-            message_or_recipient, intent, data, priority=priority, context=context, conversation_id=conversation_id
-        )
+            message_or_recipient, intent, data, priority=priority, context=context, conversation_id=conversation_id,
+            seal=seal,
+        )  # fmt: skip
 
     async def request(
         self,
@@ -291,15 +296,16 @@ class BaseAgent:
         priority: Priority | str = Priority.NORMAL,
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
+        seal: bool | None = None,
     ) -> AgentResponse:
-        """Send a request and wait for its reply.
+        """Send a request and wait for its reply (``seal``: see :meth:`send_message`).
 
         Raises:
             RequestTimeoutError: no reply within ``timeout`` (default ``MESSAGE_TIMEOUT``).
         """
         return await self.sender.request(
             recipient_id, intent, data, timeout=timeout, priority=priority, context=context,
-            conversation_id=conversation_id,
+            conversation_id=conversation_id, seal=seal,
         )  # fmt: skip
 
     async def request_role(
@@ -311,6 +317,7 @@ class BaseAgent:
         department: str | None = None,
         timeout: float | None = None,
         context: Mapping[str, Any] | None = None,
+        seal: bool | None = None,
     ) -> AgentResponse:
         """Ask an online agent with ``role`` (never this one) and wait for its reply.
 
@@ -319,7 +326,7 @@ class BaseAgent:
             RequestTimeoutError: no reply in time.
         """
         return await self.sender.request_role(
-            role, intent, data, department=department, timeout=timeout, context=context
+            role, intent, data, department=department, timeout=timeout, context=context, seal=seal
         )
 
     async def discover_agents(self, **filters: Any) -> list[AgentInfo]:

@@ -27,15 +27,27 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from agentcomms import keys
+from agentcomms.broker import MessageBroker
+from agentcomms.deadletters import count_dead_letters, list_dead_letters
 from agentcomms.embedded import EmbeddedRedis
 from agentcomms.examples.config import create_startup_config, save_startup_config
 from agentcomms.examples.dashboard import DashboardInterface
 from agentcomms.exceptions import AgentCommsError
-from agentcomms.schemas import MessageIntent
+from agentcomms.schemas import AgentMessage, MessageIntent
+from agentcomms.security import create_admin, enrol_team
 from agentcomms.sender import MessageSender
 from agentcomms.settings import Settings
 
 __all__ = ["run_demo"]
+
+_PEOPLE = [("dashboard.cmo", ["cmo"]), ("exec.ceo", ["ceo"]), ("dashboard.intern", ["intern"])]
+"""The people's tools the demo process speaks as (the twins are enrolled with their configured roles)."""
+
+_POLICY = {
+    "default": "allow",
+    "rules": [{"intents": ["assign_task"], "to_roles": ["cto"], "from_roles": ["ceo", "cmo", "cso", "cto"]}],
+}
 
 
 @dataclass
@@ -66,12 +78,46 @@ async def _redis(settings: Settings, folder: Path) -> AsyncIterator[str]:
         await asyncio.to_thread(server.stop)
 
 
+async def _enrol(url: str, folder: Path, team: list[tuple[str, list[str]]]) -> Path:
+    """Make an admin and an identity for each twin and each person's tool, enrolled with their roles.
+
+    Each process gets a folder of its own, ``identities/<id>``, holding its identity and the
+    admin's public key (``trust_anchors``); the demo process's is ``identities/people``.
+    Returns the policy file.
+    """
+    base = folder / "identities"
+    admin = create_admin(base / "admin", "admin.demo")
+    async with MessageBroker(settings=Settings(redis_url=url), client_name="demo.admin") as broker:
+        await enrol_team(broker.pipeliner, base / "new", admin, [*team, *_PEOPLE])
+    anchors = (base / "admin" / "trust_anchors").read_text()
+    people = {identity_id for identity_id, _ in _PEOPLE}
+    for identity_id, _ in [*team, *_PEOPLE]:
+        own = base / ("people" if identity_id in people else identity_id)
+        own.mkdir(mode=0o700, exist_ok=True)
+        (base / "new" / f"{identity_id}.json").rename(own / f"{identity_id}.json")
+        (own / "trust_anchors").write_text(anchors)
+    policy = folder / "policy.json"
+    policy.write_text(json.dumps(_POLICY, indent=2))
+    return policy
+
+
+def _secure_env(folder: Path, identity_folder: str, policy: Path) -> dict[str, str]:
+    """The environment of a process that speaks as the identities in ``identities/<identity_folder>``."""
+    return {
+        "AGENTCOMMS_SECURITY": "on",
+        "AGENTCOMMS_IDENTITY_DIR": str(folder / "identities" / identity_folder),
+        "AGENTCOMMS_POLICY": str(policy),
+    }
+
+
 @contextlib.asynccontextmanager
-async def _team(url: str, config: Path, agent_ids: list[str]) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+async def _team(
+    url: str, config: Path, agent_ids: list[str], policy: Path
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
     log = config.parent / "agents.log"  # what the agents print on stderr: shown only if one fails to start
     with log.open("ab") as sink:
-        processes = await _start_team(config, agent_ids, env, sink.fileno())
+        processes = await _start_team(config, agent_ids, env, sink.fileno(), policy)
     try:
         async with asyncio.timeout(60):
             for process, agent_id in zip(processes, agent_ids, strict=True):
@@ -97,7 +143,7 @@ async def _team(url: str, config: Path, agent_ids: list[str]) -> AsyncIterator[l
 
 
 async def _start_team(
-    config: Path, agent_ids: list[str], env: dict[str, str], stderr: int
+    config: Path, agent_ids: list[str], env: dict[str, str], stderr: int, policy: Path
 ) -> list[asyncio.subprocess.Process]:
     return [
         await asyncio.create_subprocess_exec(
@@ -113,7 +159,7 @@ async def _start_team(
             "agentcomms.examples:TwinAgent",
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
-            env=env,
+            env={**env, **_secure_env(config.parent, agent_id, policy)},
         )  # fmt: skip
         for agent_id in agent_ids
     ]
@@ -130,11 +176,17 @@ async def _timed(outcome: Outcome, scenario: Callable[[Outcome], Awaitable[None]
     return outcome
 
 
-async def _play(url: str, settings: Settings) -> list[Outcome]:
-    demo_settings = settings.model_copy(update={"redis_url": url})
+async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> list[Outcome]:
+    demo_settings = settings.model_copy(
+        update={
+            "redis_url": url, "security": "on", "identity_dir": folder / "identities" / "people",
+            "identity_file": None, "trust_anchors": [], "policy_file": policy,
+        }
+    )  # fmt: skip
     async with (
         DashboardInterface(dashboard_id="dashboard.cmo", settings=demo_settings, timeout=15) as dashboard,
         MessageSender(sender_id="exec.ceo", settings=demo_settings) as executive,
+        MessageSender(sender_id="dashboard.intern", settings=demo_settings) as intern,
     ):
 
         async def sales_data(outcome: Outcome) -> None:
@@ -197,12 +249,48 @@ async def _play(url: str, settings: Settings) -> list[Outcome]:
                 outcome.ok &= len(found) == expected
                 outcome.rows.append((label, ", ".join(found) or "(none)"))
 
+        async def security(outcome: Outcome) -> None:
+            secret = "board only: shortlist for the Q1 acquisition"
+            sealed = await executive.request("agent.cso.jane", "request_knowledge", {"query": secret}, seal=True)
+            aof = [p.read_bytes() for p in (folder / "redis").rglob("*.aof*") if p.is_file()]
+            stored = any((sealed.correlation_id or "-").encode() in a for a in aof)  # the request is in the AOF
+            in_aof = "yes" if any(secret.encode() in a for a in aof) else "no (it is there, sealed)"
+            if not stored:
+                in_aof = "not checked (an external Redis)"
+            outcome.rows.append(
+                ("sealed request, CEO to CSO's twin", f"answered: {sealed.success}; plaintext in the AOF: {in_aof}")
+            )
+
+            # someone with access to Redis, but not the CEO's keys, writes a message in the CEO's name
+            forged = AgentMessage(sender_id="exec.ceo", recipient_id="agent.cso.jane", intent="assign_task")
+            inbox = keys.inbox("agent.cso.jane")
+            before = await count_dead_letters(executive.broker.pipeliner, "agent.cso.jane")
+            await executive.broker.pipeliner.call("XADD", inbox, "*", "m", forged.model_dump_json(), replay=False)
+            async with asyncio.timeout(10):
+                while await count_dead_letters(executive.broker.pipeliner, "agent.cso.jane") == before:
+                    await asyncio.sleep(0.05)
+            letter = (await list_dead_letters(executive.broker.pipeliner, "agent.cso.jane"))[-1]
+            outcome.rows.append(("forged message in the CEO's name", f"not handled, dead-lettered: {letter.reason}"))
+
+            refused = await intern.request("agent.cto.raj", "assign_task", {"task_id": "T-1", "title": "rewrite auth"})
+            accepted = await executive.request("agent.cto.raj", "assign_task", {"task_id": "T-2", "title": "hire SRE"})
+            error = refused.error
+            outcome.rows += [
+                ("intern's tool assigns the CTO's twin a task", f"{error.code}: {error.message}" if error else "done"),
+                ("CEO assigns the CTO's twin a task", "accepted" if accepted.success else str(accepted.error)),
+            ]
+            outcome.ok = (
+                sealed.success and in_aof != "yes" and letter.reason.startswith("unauthenticated")
+                and error is not None and error.code == "forbidden" and accepted.success
+            )  # fmt: skip
+
         return [
             await _timed(Outcome("CMO dashboard asks the CSO's agent for sales data"), sales_data),
             await _timed(Outcome("CMO's agent collaborates with the CSO's agent"), collaboration),
             await _timed(Outcome("Executive broadcasts to the marketing department"), broadcast),
             await _timed(Outcome("Executive asks for the marketing department's status"), department_status),
             await _timed(Outcome("Discovery by role, department, capability, intent"), discovery),
+            await _timed(Outcome("Security: sealed payloads, forged senders and the policy"), security),
         ]
 
 
@@ -231,12 +319,17 @@ async def run_demo(settings: Settings, console: Console) -> bool:
         async with _redis(settings, folder) as url:
             console.print(f"[bold]agentcomms demo[/] — Redis at {url}")
             started = time.perf_counter()
-            async with _team(url, config_path, [c.agent_id for c in configs]):
+            policy = await _enrol(url, folder, [(c.agent_id, [c.role]) for c in configs])
+            console.print(
+                f"security on: {len(configs) + len(_PEOPLE)} identities enrolled by admin.demo, each process holding "
+                "only its own; every message and reply authenticated; only executives assign tasks to the CTO"
+            )
+            async with _team(url, config_path, [c.agent_id for c in configs], policy):
                 console.print(
                     f"{len(configs)} digital twins online, each in its own process "
                     f"({time.perf_counter() - started:.1f}s): " + ", ".join(f"{c.agent_id} ({c.role})" for c in configs)
                 )
-                outcomes = await _play(url, settings)
+                outcomes = await _play(url, settings, folder, policy)
         _report(console, outcomes)
         return all(o.ok for o in outcomes)
     finally:

@@ -197,6 +197,7 @@ class MessageSender:
         context: Mapping[str, Any] | None = ...,
         conversation_id: str | None = ...,
         allow_unregistered: bool = ...,
+        seal: bool | None = ...,
     ) -> AgentResponse: ...
 
     @overload
@@ -212,6 +213,7 @@ class MessageSender:
         context: Mapping[str, Any] | None = ...,
         conversation_id: str | None = ...,
         allow_unregistered: bool = ...,
+        seal: bool | None = ...,
     ) -> PublishResult: ...
 
     async def send_message(
@@ -226,8 +228,12 @@ class MessageSender:
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
         allow_unregistered: bool = False,
+        seal: bool | None = None,
     ) -> AgentResponse | PublishResult:
         """Send a message; with ``wait_for_response=True``, wait for the reply and return it.
+
+        With security on, ``seal=True`` encrypts the payload to the recipient (``None``: when
+        its intent is one of ``AGENTCOMMS_SEALED_INTENTS``).
 
         Raises:
             AgentNotFoundError: the registry has never seen ``recipient_id`` (and not ``allow_unregistered``).
@@ -238,10 +244,12 @@ class MessageSender:
             recipient_id, intent, data, priority=priority, context=context, conversation_id=conversation_id
         )
         if wait_for_response:
-            return await self.request_message(message, timeout=timeout)
-        return await self.publish_message(message, allow_unregistered=allow_unregistered)
+            return await self.request_message(message, timeout=timeout, seal=seal)
+        return await self.publish_message(message, allow_unregistered=allow_unregistered, seal=seal)
 
-    async def publish_message(self, message: AgentMessage, *, allow_unregistered: bool = False) -> PublishResult:
+    async def publish_message(
+        self, message: AgentMessage, *, allow_unregistered: bool = False, seal: bool | None = None
+    ) -> PublishResult:
         """Send a built message one way (see :meth:`send_message`).
 
         Raises:
@@ -251,14 +259,16 @@ class MessageSender:
             ttl = None
             if not self._knows(message.recipient_id):
                 ttl = await self._inbox_ttl(message.recipient_id, allow_unregistered=allow_unregistered)
-            result = await self.broker.publish_message(message, inbox_ttl=ttl)
+            result = await self.broker.publish_message(message, inbox_ttl=ttl, seal=seal)
         except AgentCommsError:
             self.stats.failed_sends += 1
             raise
         self.stats.messages_sent += 1
         return result
 
-    async def request_message(self, message: AgentMessage, *, timeout: float | None = None) -> AgentResponse:
+    async def request_message(
+        self, message: AgentMessage, *, timeout: float | None = None, seal: bool | None = None
+    ) -> AgentResponse:
         """Send a built message as a request and wait for its reply.
 
         Raises:
@@ -276,7 +286,7 @@ class MessageSender:
                     message.message_id,
                 )  # fmt: skip
             remaining = timeout - (time.perf_counter() - started)
-            response = await self.broker.request(message, timeout=max(remaining, 0.001))
+            response = await self.broker.request(message, timeout=max(remaining, 0.001), seal=seal)
         except RequestTimeoutError:
             self.stats.timeouts += 1
             raise
@@ -299,12 +309,13 @@ class MessageSender:
         priority: Priority | str = Priority.NORMAL,
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
+        seal: bool | None = None,
     ) -> AgentResponse:
-        """Send a request to ``recipient_id`` and wait for its reply."""
+        """Send a request to ``recipient_id`` and wait for its reply (``seal``: see :meth:`send_message`)."""
         message = self.build_message(
             recipient_id, intent, data, priority=priority, context=context, conversation_id=conversation_id
         )
-        return await self.request_message(message, timeout=timeout)
+        return await self.request_message(message, timeout=timeout, seal=seal)
 
     async def request_role(
         self,
@@ -316,6 +327,7 @@ class MessageSender:
         timeout: float | None = None,
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
+        seal: bool | None = None,
     ) -> AgentResponse:
         """Ask an online agent with ``role`` (picked at random among them, never this sender itself).
 
@@ -330,8 +342,9 @@ class MessageSender:
         self._remember([target.agent_id])
         remaining = max(timeout - (time.perf_counter() - started), 0.001)
         return await self.request(
-            target.agent_id, intent, data, timeout=remaining, context=context, conversation_id=conversation_id
-        )
+            target.agent_id, intent, data, timeout=remaining, context=context, conversation_id=conversation_id,
+            seal=seal,
+        )  # fmt: skip
 
     # -- the seed's helpers ----------------------------------------------------------------
 
