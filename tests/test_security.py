@@ -231,3 +231,24 @@ async def test_a_revoked_agent_is_no_longer_discovered(secure: Settings) -> None
         store = TrustStore(reader.broker.pipeliner, [admin.public.ed25519])
         assert await store.revoke(admin, "agent.cso.jane")
         assert await reader.discover_agents(role="cso") == []
+
+
+async def test_a_redis_off_this_machine_without_security_warns_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agentcomms.broker as broker_module
+    from agentcomms.transport import ConnectionSpec
+
+    monkeypatch.setattr(broker_module, "_warned_insecure", False)
+    plain = Settings(redis_url=redis_url)
+    async with MessageBroker(settings=plain) as first, MessageBroker(settings=plain) as second:
+        # the address decides (nothing is sent to it): a loopback one or a socket is this machine
+        for url in ("redis://127.0.0.1:1", "redis://[::1]:1", "redis://localhost:1", "unix:///tmp/r.sock"):
+            assert await first._secure(ConnectionSpec.from_url(url), first.pipeliner) is None
+        assert "SECURITY" not in caplog.text
+        for broker in (first, second):
+            await broker._secure(ConnectionSpec.from_url("redis://:hunter2@redis.example.com:6379/0"), broker.pipeliner)
+    warnings = [r for r in caplog.records if r.getMessage().startswith("SECURITY:")]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert "redis.example.com:6379" in warnings[0].getMessage() and "hunter2" not in caplog.text
+    assert "AGENTCOMMS_SECURITY" in warnings[0].getMessage()
