@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TextIO, TypeVar, cast
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import typer
 from pydantic import TypeAdapter, ValidationError
@@ -25,10 +26,15 @@ from agentcomms.exceptions import (
     BrokerConnectionError,
     ConfigError,
     DeadLetterNotFoundError,
+    IdentityError,
     MessageValidationError,
     NoAgentAvailableError,
+    PermissionDeniedError,
+    RedisPermissionError,
     RegistrationError,
     RequestTimeoutError,
+    SecurityError,
+    TrustError,
 )
 from agentcomms.schemas import AgentId
 from agentcomms.settings import Settings, redact_url
@@ -58,10 +64,29 @@ _EXIT_CODES: list[tuple[type[AgentCommsError], int]] = [
     (NoAgentAvailableError, 3),
     (AgentNotFoundError, 3),
     (DeadLetterNotFoundError, 3),
+    (TrustError, 3),  # not in the trust store (or its record is not signed by a trust anchor)
     (ConfigError, 2),
     (MessageValidationError, 2),
     (RegistrationError, 2),
+    (IdentityError, 2),
+    (PermissionDeniedError, 2),  # e.g. enrolling without an admin identity
+    (RedisPermissionError, 2),  # NOPERM, WRONGPASS: the Redis user may not do this (agentcomms acl)
+    (SecurityError, 2),
 ]
+
+
+def exit_code(error: AgentCommsError) -> int:
+    """The exit code of an error's kind (1 if it has none)."""
+    return next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), 1)
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Around work that is not a coroutine: an AgentCommsError becomes a one-line message and its exit code."""
+    try:
+        yield
+    except AgentCommsError as exc:
+        raise fail(exc, exit_code(exc)) from exc
 
 
 def esc(value: object) -> str:
@@ -198,7 +223,8 @@ async def open_broker(
         where = "REDIS_URL"
     else:
         where = f"embedded, data in {tilde(settings.data_dir)}"
-    broker = MessageBroker(redis_url, settings=settings, client_name=client_name)
+    url = with_username(redis_url or settings.redis_url, settings.redis_username)
+    broker = MessageBroker(url, settings=settings, client_name=client_name)
     try:
         try:
             await broker.connect()
@@ -208,6 +234,27 @@ async def open_broker(
         yield broker
     finally:
         await broker.close()
+
+
+def with_username(url: str | None, username: str | None) -> str | None:
+    """``url`` with ``username`` (``REDIS_USERNAME``) as its user, if it names none.
+
+    The broker takes the user from the URL only; the password may stay in ``REDIS_PASSWORD``.
+    """
+    if not url or not username:
+        return url
+    try:
+        parts = urlsplit(url)
+        if parts.username or "username=" in parts.query:
+            return url
+        if parts.scheme.lower() == "unix":
+            return f"{url}{'&' if parts.query else '?'}username={quote(username, safe='')}"
+        userinfo, at, host = parts.netloc.rpartition("@")
+        password = userinfo.partition(":")[2] if at else ""
+        user = quote(username, safe="") + (f":{password}" if password else "")
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    except ValueError:
+        return url  # the broker says what is wrong with it
 
 
 # -- running a command ---------------------------------------------------------------------
@@ -222,8 +269,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except AgentCommsError as exc:
-        code = next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), 1)
-        raise fail(exc, code) from exc
+        raise fail(exc, exit_code(exc)) from exc
     except (typer.Exit, typer.Abort, typer.BadParameter):  # already handled: how typer ends a command
         raise
     except Exception as exc:

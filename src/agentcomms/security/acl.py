@@ -278,10 +278,12 @@ class AclUser:
 
 
 def render_acl_file(users: Iterable[AclUser]) -> str:
-    """An ACL file for ``users`` (Redis 7 ``aclfile``); it leaves the ``default`` user as the server has it."""
-    lines = ["# agentcomms ACL users (agentcomms acl generate); passwords appear only as SHA-256"]
-    lines += [user.acl_line() for user in users]
-    return "\n".join(lines) + "\n"
+    """An ACL file for ``users`` (Redis 7 ``aclfile``: one ``user`` line each, no comments allowed).
+
+    A file without a ``default`` line leaves Redis's ``default`` user as it starts (no password,
+    every command): turn it off (``ACL SETUSER default off``) or give it a password.
+    """
+    return "".join(user.acl_line() + "\n" for user in users)
 
 
 def _quote(argument: str) -> str:

@@ -37,13 +37,15 @@ class ConnectionSpec:
         url: str,
         *,
         password: str | None = None,
+        username: str | None = None,
         db: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 5.0,
     ) -> ConnectionSpec:
         """Parse ``redis://[user[:password]@]host[:port][/db]``, ``rediss://...`` or ``unix:///path[?db=N]``.
 
-        ``password`` and ``db`` (``REDIS_PASSWORD``, ``REDIS_DB``) apply when the URL has none.
+        ``password``, ``username`` and ``db`` (``REDIS_PASSWORD``, ``REDIS_USERNAME``, ``REDIS_DB``) apply
+        when the URL has none.
 
         Raises:
             ConfigError: the URL is not a Redis URL.
@@ -53,7 +55,7 @@ class ConnectionSpec:
             query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
             scheme = parts.scheme.lower()
             url_password = unquote(parts.password) if parts.password else query.get("password")
-            username = unquote(parts.username) if parts.username else query.get("username")
+            username = (unquote(parts.username) if parts.username else query.get("username")) or username
             if scheme == "unix":
                 if not parts.path:
                     raise ValueError("a unix:// URL needs a socket path, e.g. unix:///tmp/redis.sock")
