@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from agentcomms.security.acl import AclUser, Kind, acl_users, render_acl_file
 from agentcomms.transport.scripts import REGISTRY_SET_STATUS
 from conftest import wait_for_dead_letters
 from faultkit import RedisServer
+from test_cli import Cli
 
 ADMIN = "admin.ops"
 JANE, JOHN = "agent.cso.jane", "agent.cmo.john"
@@ -222,6 +224,36 @@ async def test_with_acls_dead_letters_go_to_the_agent_and_the_admin_redrives_the
         assert await admin.count_dead_letters(JANE) == 0
 
 
+async def test_the_cli_logs_in_as_its_own_acl_user(team: Team, agents: tuple[Jane, Jane], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = Cli(home)
+
+    def env(identity_id: str) -> dict[str, str]:
+        return {
+            "REDIS_USERNAME": identity_id,  # the URL names no user
+            "REDIS_PASSWORD": team.users[identity_id].password,
+            "AGENTCOMMS_SECURITY": "on",
+            "AGENTCOMMS_IDENTITY": str(team.folder / f"{identity_id}.json"),
+            "AGENTCOMMS_IDENTITY_DIR": str(tmp_path / "none"),
+            "AGENTCOMMS_TRUST_ANCHORS": team.anchor,
+        }
+
+    url = f"redis://127.0.0.1:{team.server.port}"
+    asked = await cli("ask", "--to", JANE, "from the cli", "--json", redis_url=url, env=env(SCRIPT))
+    assert asked.code == 0, asked.err
+    assert json.loads(asked.out)["data"] == {"answer": "from the cli", "asker_roles": ["reporting"]}
+    listed = await cli("identity", "list", "--json", redis_url=url, env=env(SCRIPT))  # the trust store: readable
+    assert listed.code == 0 and SCRIPT in {r["id"] for r in json.loads(listed.out)["identities"]}
+    refused = await cli("dlq", "list", redis_url=url, env=env(SCRIPT))  # every agent's dead letters: the admin's
+    assert refused.code == 2 and "NOPERM" in refused.err
+    allowed = await cli("dlq", "list", redis_url=url, env=env(ADMIN))
+    assert allowed.code == 0, allowed.err
+    for result in (asked, listed, refused, allowed):
+        assert team.users[SCRIPT].password not in result.out + result.err
+        assert team.users[ADMIN].password not in result.out + result.err
+
+
 # -- forbidden operations: each refused with NOPERM ------------------------------------------------
 
 Attempt = Callable[[], Any]
@@ -342,6 +374,8 @@ async def test_forbidden_operations_are_refused_with_noperm(team: Team, agents: 
                     ("ACL LIST", (JANE, SCRIPT, DASHBOARD), ("ACL", "LIST")),
                     ("ACL SETUSER (escalate)", (JANE, SCRIPT), ("ACL", "SETUSER", JANE, "+@all", "~*")),
                     ("SCRIPT FLUSH", (JANE, SCRIPT, ADMIN), ("SCRIPT", "FLUSH")),
+                    ("SCRIPT KILL", (JANE, SCRIPT), ("SCRIPT", "KILL")),
+                    ("EVAL", (SCRIPT, DASHBOARD), ("EVAL", "return 1", "0")),
                     ("FUNCTION LOAD", (JANE, ADMIN), ("FUNCTION", "LOAD", LIBRARY)),
                     ("CLIENT KILL", (JANE, SCRIPT, ADMIN), ("CLIENT", "KILL", "ID", "1")),
                     ("CLIENT LIST", (JANE, SCRIPT), ("CLIENT", "LIST")),

@@ -218,13 +218,11 @@ _ADMIN_RULES = [
     "+acl|users",
     "+acl|log",  # why a command was refused
     "+acl|dryrun",
-    "-script|flush",
-    "-script|kill",
+    "-script|flush",  # SCRIPT KILL and FUNCTION KILL stay: they end a runaway script (BUSY)
     "-function|flush",
     "-function|delete",
     "-function|load",
     "-function|restore",
-    "-function|kill",
 ]
 
 
