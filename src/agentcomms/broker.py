@@ -236,6 +236,7 @@ class MessageBroker:
             spec = ConnectionSpec.from_url(
                 self._url,
                 password=password,
+                username=settings.redis_username if tls else None,
                 db=settings.redis_db,
                 ssl_ca_certs=settings.redis_ssl_ca_certs if tls else None,
                 ssl_certfile=settings.redis_ssl_certfile if tls else None,

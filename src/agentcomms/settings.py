@@ -86,6 +86,8 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     redis_password: SecretStr | None = None
+    redis_username: str | None = None
+    """The Redis ACL user to log in as (``AUTH user password``) when the URL names none (``agentcomms acl``)."""
     redis_db: Annotated[int, Field(ge=0, le=15)] = 0
     heartbeat_interval: Annotated[float, Field(gt=0)] = 30.0
     message_timeout: Annotated[float, Field(gt=0)] = 60.0
@@ -182,7 +184,14 @@ class Settings(BaseSettings):
             )
         return value.strip()
 
-    @field_validator("redis_password", "redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile", mode="before")
+    @field_validator(
+        "redis_password",
+        "redis_username",
+        "redis_ssl_ca_certs",
+        "redis_ssl_certfile",
+        "redis_ssl_keyfile",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value  # REDIS_SSL_CA_CERTS= is unset, not the working directory

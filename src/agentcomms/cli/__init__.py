@@ -5,8 +5,9 @@ broker and the runner that maps errors to exit codes; ``_secrets`` keeps the Red
 password out of everything the CLI writes.
 
 Exit codes: 0 success; 1 the agent answered with an error, or another failure;
-2 bad input or config; 3 no such agent / none online for the role / no such dead letter;
-4 timeout; 5 Redis unreachable.
+2 bad input or config, an unusable identity, no permission (not an admin; Redis NOPERM or
+WRONGPASS); 3 no such agent / none online for the role / no such dead letter / not in the
+trust store; 4 timeout; 5 Redis unreachable.
 
 Errors are one line on stderr; so is ``redis: URL (where it comes from)`` for commands
 that connect, so stdout holds only the result (``--json`` output stays parseable).
@@ -21,10 +22,12 @@ from typing import Annotated
 import typer
 
 from agentcomms.cli._common import LogLevel, configure_logging
+from agentcomms.cli.acl import acl_app
 from agentcomms.cli.agents import agents
 from agentcomms.cli.ask import ask
 from agentcomms.cli.demo import demo
 from agentcomms.cli.dlq import dlq_app
+from agentcomms.cli.identity import identity_app
 from agentcomms.cli.redis import redis_app
 from agentcomms.cli.run import run_agent
 from agentcomms.cli.schema import schema
@@ -62,6 +65,8 @@ app.command()(ask)
 app.command()(tail)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(redis_app, name="redis")
+app.add_typer(identity_app, name="identity")
+app.add_typer(acl_app, name="acl")
 app.command()(schema)
 
 

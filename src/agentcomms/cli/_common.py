@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TextIO, TypeVar, cast
@@ -25,10 +25,15 @@ from agentcomms.exceptions import (
     BrokerConnectionError,
     ConfigError,
     DeadLetterNotFoundError,
+    IdentityError,
     MessageValidationError,
     NoAgentAvailableError,
+    PermissionDeniedError,
+    RedisPermissionError,
     RegistrationError,
     RequestTimeoutError,
+    SecurityError,
+    TrustError,
 )
 from agentcomms.schemas import AgentId
 from agentcomms.settings import Settings, redact_url
@@ -58,10 +63,29 @@ _EXIT_CODES: list[tuple[type[AgentCommsError], int]] = [
     (NoAgentAvailableError, 3),
     (AgentNotFoundError, 3),
     (DeadLetterNotFoundError, 3),
+    (TrustError, 3),  # not in the trust store (or its record is not signed by a trust anchor)
     (ConfigError, 2),
     (MessageValidationError, 2),
     (RegistrationError, 2),
+    (IdentityError, 2),
+    (PermissionDeniedError, 2),  # e.g. enrolling without an admin identity
+    (RedisPermissionError, 2),  # NOPERM, WRONGPASS: the Redis user may not do this (agentcomms acl)
+    (SecurityError, 2),
 ]
+
+
+def exit_code(error: AgentCommsError) -> int:
+    """The exit code of an error's kind (1 if it has none)."""
+    return next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), 1)
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Around work that is not a coroutine: an AgentCommsError becomes a one-line message and its exit code."""
+    try:
+        yield
+    except AgentCommsError as exc:
+        raise fail(exc, exit_code(exc)) from exc
 
 
 def esc(value: object) -> str:
@@ -199,7 +223,7 @@ async def open_broker(
         where = "REDIS_URL"
     else:
         where = f"embedded, data in {tilde(settings.data_dir)}"
-    broker = MessageBroker(redis_url, settings=settings, client_name=client_name)
+    broker = MessageBroker(redis_url or settings.redis_url, settings=settings, client_name=client_name)
     try:
         try:
             await broker.connect()
@@ -225,8 +249,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except AgentCommsError as exc:
-        code = next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), 1)
-        raise fail(exc, code) from exc
+        raise fail(exc, exit_code(exc)) from exc
     except (typer.Exit, typer.Abort, typer.BadParameter):  # already handled: how typer ends a command
         raise
     except Exception as exc:

@@ -18,10 +18,12 @@ from agentcomms.cli._common import (
     esc,
     load_settings,
     open_broker,
+    reported,
     run,
     write_out,
 )
 from agentcomms.schemas import AgentResponse
+from agentcomms.security import Identity
 from agentcomms.sender import MessageSender
 
 _JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
@@ -77,8 +79,17 @@ def ask(
     payload = {"query": question, **(read_data(data) if data else {})}
     settings = load_settings()
 
+    # with security on, the CLI asks as its identity (AGENTCOMMS_IDENTITY); its reply stream is named after it,
+    # which is what its Redis ACL user may read (agentcomms acl)
+    with reported():
+        own = Identity.load(settings.identity_file).id if settings.security == "on" and settings.identity_file else None
+    sender_id = own or "cli"
+
     async def send() -> AgentResponse:
-        async with open_broker(settings) as broker, MessageSender(sender_id="cli", broker=broker) as sender:
+        async with (
+            open_broker(settings, client_name=sender_id) as broker,
+            MessageSender(sender_id=sender_id, broker=broker) as sender,
+        ):
             if role is not None:
                 return await sender.request_role(role, intent, payload, timeout=timeout)
             assert to is not None

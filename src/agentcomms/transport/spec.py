@@ -44,6 +44,7 @@ class ConnectionSpec:
         url: str,
         *,
         password: str | None = None,
+        username: str | None = None,
         db: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         ssl_ca_certs: str | Path | None = None,
@@ -54,7 +55,8 @@ class ConnectionSpec:
     ) -> ConnectionSpec:
         """Parse ``redis://[user[:password]@]host[:port][/db]``, ``rediss://...`` or ``unix:///path[?db=N]``.
 
-        ``password`` and ``db`` (``REDIS_PASSWORD``, ``REDIS_DB``) apply when the URL has none.
+        ``password``, ``username`` and ``db`` (``REDIS_PASSWORD``, ``REDIS_USERNAME``, ``REDIS_DB``)
+        apply when the URL has none.
         For ``rediss://`` the server's certificate is always verified, against ``ssl_ca_certs``
         (default: the system's CAs), and its name or IP address checked; no URL option turns
         either off. ``ssl_certfile`` / ``ssl_keyfile`` are presented to servers that ask for a
@@ -63,6 +65,7 @@ class ConnectionSpec:
         Args:
             url: the Redis URL.
             password: ``REDIS_PASSWORD``, used when the URL has none.
+            username: ``REDIS_USERNAME`` (the Redis ACL user), used when the URL has none.
             db: ``REDIS_DB``, used when the URL has none.
             ssl_context: a ready TLS context for ``rediss://`` (not with the ``ssl_*`` files).
             ssl_ca_certs: ``REDIS_SSL_CA_CERTS``: PEM file of the CAs that sign the server's certificate.
@@ -84,7 +87,7 @@ class ConnectionSpec:
             scheme = parts.scheme.lower()
             _check_tls(url, scheme, query, require_tls=require_tls, configured=ssl_context is not None or any(files))
             url_password = unquote(parts.password) if parts.password else query.get("password")
-            username = unquote(parts.username) if parts.username else query.get("username")
+            username = (unquote(parts.username) if parts.username else query.get("username")) or username
             if scheme == "unix":
                 if not parts.path:
                     raise ValueError("a unix:// URL needs a socket path, e.g. unix:///tmp/redis.sock")
