@@ -252,3 +252,20 @@ async def test_a_redis_off_this_machine_without_security_warns_once(
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
     assert "redis.example.com:6379" in warnings[0].getMessage() and "hunter2" not in caplog.text
     assert "AGENTCOMMS_SECURITY" in warnings[0].getMessage()
+
+
+async def test_the_replay_memory_forgets_what_the_window_refuses_anyway(secure: Settings) -> None:
+    async with MessageBroker(settings=secure) as broker:
+        security = broker.security
+        assert security is not None
+        t0 = 1_795_660_000_000
+        assert security._remember("m-1", t0, "1795660000000-0")
+        assert security._remember("m-1", t0, "1795660000000-0")  # the same entry again: a redelivery
+        assert not security._remember("m-1", t0, "1795660000500-0")  # another entry: a replay
+        assert security._remember("m-1", t0 + 1, "1795660000500-1")  # another send of it (a new token)
+        for n in range(1000):
+            assert security._remember(f"m-{n + 2}", t0 + n, f"{t0 + n}-0")
+        assert security._seen_count == 1002
+        # a message stamped over twice the window (120 s) and a bucket (10 s) later: all before is forgotten
+        assert security._remember("m-late", t0 + 260_000, f"{t0 + 260_000}-0")
+        assert security._seen_count == 1

@@ -44,8 +44,11 @@ __all__ = ["Refusal", "Security", "load_anchors"]
 
 logger = logging.getLogger(__name__)
 
-_SEEN_LIMIT = 1_000_000
-"""Message ids remembered at the most (per process) for replay refusal within the window."""
+_SEEN_LIMIT = 2_000_000
+"""Messages remembered at the most (per process) for replay refusal (about 100 bytes each)."""
+
+_BUCKET_MS = 10_000
+"""The replay memory is kept in buckets of this many ms of token time, dropped whole once outside the window."""
 
 _CLOCK_EVERY = 60.0
 """Seconds between measurements of the Redis server's clock (for the timestamps of tokens)."""
@@ -103,7 +106,11 @@ class Security:
         # (own id, peer id) -> the keys agreed, the peer's record they were agreed with, and until when that
         # record counts as fresh for new messages (then it is read again: a revoked or re-keyed peer is seen)
         self._pairs: dict[tuple[str, str], tuple[PairKeys, TrustRecord, float]] = {}
-        self._seen: dict[str, tuple[str, float]] = {}  # "<message id>/<token ts>" -> (entry id, forget at)
+        # replay memory: token time // _BUCKET_MS -> {hash(message id, token time): hash(entry id)}; ints only,
+        # so the garbage collector does not track them, and whole buckets go once out of the window
+        self._seen: dict[int, dict[int, int]] = {}
+        self._seen_count = 0
+        self._newest_bucket = 0
         self._offset_ms = 0.0
         self._clock_at = 0.0
         self.refused: Counter[str] = Counter()
@@ -257,17 +264,30 @@ class Security:
         """Record a message (its id and token time) in its entry; ``False`` if it came before in another entry.
 
         The same entry again is a redelivery (a handler failed, an instance died), not a replay.
+        Only messages within the window of their arrival get here, so a bucket of token times
+        more than twice the window older than the newest can be forgotten.
         """
-        now = time.monotonic()
-        key = f"{message_id}/{ts}"
-        seen = self._seen.get(key)
-        if seen is not None and seen[1] > now and seen[0] != entry_id:
-            return False
-        if len(self._seen) >= _SEEN_LIMIT:
-            for old in list(self._seen)[: _SEEN_LIMIT // 10]:  # the oldest tenth (insertion order)
-                del self._seen[old]
-        self._seen[key] = (entry_id, now + 2 * self.window_ms / 1000)
+        bucket = ts // _BUCKET_MS
+        seen = self._seen.get(bucket)
+        if seen is None:
+            seen = self._seen[bucket] = {}
+            if bucket > self._newest_bucket:
+                self._newest_bucket = bucket
+                self._forget(bucket - int(2 * self.window_ms) // _BUCKET_MS - 1)
+        key, entry = hash((message_id, ts)), hash(entry_id)
+        found = seen.get(key)
+        if found is not None:
+            return found == entry
+        seen[key] = entry
+        self._seen_count += 1
+        if self._seen_count > _SEEN_LIMIT:  # a rate above ~4,000 messages/s for 4 minutes: forget early
+            self._forget(min(self._seen) + 1)
         return True
+
+    def _forget(self, before: int) -> None:
+        """Drop the buckets older than ``before``."""
+        for bucket in [b for b in self._seen if b < before]:
+            self._seen_count -= len(self._seen.pop(bucket))
 
     def check_now(
         self, message: AgentMessage, body: bytes, token: bytes | None, entry_id: str, recipient_role: str
