@@ -22,11 +22,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from binascii import unhexlify
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agentcomms.security.identity import Identity, PublicIdentity, b64decode, b64encode
@@ -59,17 +61,17 @@ class PairKeys:
 
     mac: bytes
     sealer: ChaCha20Poly1305
-    keyed: hmac.HMAC = field(init=False, repr=False, compare=False)
-    """HMAC-SHA256 with ``mac`` set up once: each tag copies it (no key schedule or digest look-up per message)."""
+    keyed: HMAC = field(init=False, repr=False, compare=False)
+    """HMAC-SHA256 with ``mac`` set up once: each tag copies it (no key schedule per message)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keyed", hmac.new(self.mac, digestmod=hashlib.sha256))
+        object.__setattr__(self, "keyed", HMAC(self.mac, hashes.SHA256()))
 
     def hextag(self, data: bytes) -> bytes:
         """``HMAC-SHA256(mac, data)`` in lower-case hex."""
         h = self.keyed.copy()
         h.update(data)
-        return h.hexdigest().encode()
+        return h.finalize().hex().encode()
 
 
 def _derive(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
@@ -138,9 +140,13 @@ def mac_token_time(token: bytes, context: bytes, body: bytes, keys: PairKeys) ->
     if token[:5] != b"v1.h.":
         return None
     ts, _, tag = token[5:].partition(b".")
-    if not ts.isdigit() or ts[:1] == b"0":  # as make_token writes it: the bytes signed are the bytes sent
+    if not ts.isdigit() or ts[:1] == b"0" or len(tag) != 64:  # as make_token writes it: bytes signed = bytes sent
         return None
-    if not hmac.compare_digest(keys.hextag(b"%s%s\n%s" % (context, ts, body)), tag):
+    h = keys.keyed.copy()
+    h.update(b"%s%s\n%s" % (context, ts, body))
+    try:
+        h.verify(unhexlify(tag))  # constant-time
+    except (InvalidSignature, ValueError):  # binascii.Error is a ValueError
         return None
     return int(ts)
 

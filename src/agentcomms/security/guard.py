@@ -226,7 +226,9 @@ class Security:
     def ready(self, message: AgentMessage, seal_it: bool | None) -> bool:
         """Whether ``message`` can be signed as it is (no I/O): keys agreed and fresh, nothing to seal."""
         found = self._pairs.get((message.sender_id, message.recipient_id))  # only made for identities held here
-        return found is not None and found[2] > time.monotonic() and not self.wants_seal(message, seal_it)
+        if found is None or found[2] <= time.monotonic() or seal_it:
+            return False
+        return seal_it is not None or not self.sealed_intents or not self.wants_seal(message, None)
 
     async def prepare(self, message: AgentMessage, *, seal_it: bool | None = None) -> AgentMessage:
         """Agree keys with the recipient (once) and seal the payload if asked; the message to encode.
@@ -250,9 +252,11 @@ class Security:
 
     def token(self, message: AgentMessage, body: bytes) -> bytes:
         """The authentication token of an encoded message (after :meth:`prepare`)."""
-        keys = None if self.signature_mode else self._pairs[(message.sender_id, message.recipient_id)][0]
-        signer = self.identities[message.sender_id] if self.signature_mode else None
-        return make_token(MSG, self.server_ms(), body, keys=keys, signer=signer)
+        ts = self.server_ms()
+        if self.signature_mode:
+            return make_token(MSG, ts, body, keys=None, signer=self.identities[message.sender_id])
+        keys = self._pairs[(message.sender_id, message.recipient_id)][0]
+        return b"v1.h.%d.%s" % (ts, keys.hextag(b"%s%d\n%s" % (MSG, ts, body)))  # make_token(), inline
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -381,9 +385,11 @@ class Security:
 
     def reply_token(self, body: bytes, *, own_id: str, peer_id: str) -> bytes:
         """The token of a reply from ``own_id`` to ``peer_id`` (who just sent us a verified request)."""
-        keys = None if self.signature_mode else self._pairs[(own_id, peer_id)][0]
-        signer = self.identities[own_id] if self.signature_mode else None
-        return make_token(REPLY, self.server_ms(), body, keys=keys, signer=signer)
+        ts = self.server_ms()
+        if self.signature_mode:
+            return make_token(REPLY, ts, body, keys=None, signer=self.identities[own_id])
+        keys = self._pairs[(own_id, peer_id)][0]
+        return b"v1.h.%d.%s" % (ts, keys.hextag(b"%s%d\n%s" % (REPLY, ts, body)))  # make_token(), inline
 
     def open_reply(
         self, response: AgentResponse, body: bytes, token: bytes | None, *, own_id: str, expected: str
