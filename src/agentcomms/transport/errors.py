@@ -43,10 +43,13 @@ def code_of(error: BaseException | str) -> str:
     """The error code of a Redis error reply: its first word (``ERR``, ``WRONGTYPE``, ``OOM`` ...).
 
     Errors raised inside a Lua script come back as ``ERR Error running script ... -OOM ...`` on
-    Redis 6.2 and as the inner code on Redis 7; both give the inner code here.
+    Redis 6.2 and as the inner code on Redis 7; both give the inner code here. A command inside a
+    script that the ACL user may not run is ``NOPERM``, however the Redis version words it.
     """
     text = str(error)
     code = text.split(" ", 1)[0].upper()
+    if code == "ERR" and ("The user executing the script can't" in text or "ACL failure in script" in text):
+        return "NOPERM"  # a command inside a script refused by the caller's ACL user (Redis 7.0; 7.2 and later)
     if code == "ERR" and "Error running script" in text:
         # Redis 6.2: "ERR Error running script (call to f_...): @user_script:12: WRONGTYPE Operation ..."
         # (or ": -OOM command not allowed ..."): the inner code is the last upper-case word after ": "

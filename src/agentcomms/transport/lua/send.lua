@@ -6,6 +6,8 @@
 --       then n authentication tokens ('' = none; stored as the entry's field 'a' beside its body 'm')
 -- Returns per message its entry id, or 'dup', or 'full <length>'; then one more element:
 -- how many hostile entries (ids more than a day ahead) were moved to the dead letters (0 almost always).
+-- With Redis ACLs (Redis 7), a NOPERM error before anything is written when the caller's user may not
+-- set the TTL (inbox TTL > 0) or repair an inbox blocked by a hostile entry id (only an admin may).
 -- No consumer group is made here: a stream keeps every entry, and a consumer creates its group at 0.
 -- The dedup set is read and written once per call (ZMSCORE, ZADD), not once per message. Its member
 -- '~' (never a message id) holds when its TTL was last set and its expired ids were last dropped:
@@ -55,6 +57,17 @@ local function clear_future_ids(inbox, dead)
     end
   end
 end
+local function allowed(...)
+  -- whether the caller's ACL user may run this command (Redis 7); Redis 6.2 cannot say: try it
+  if redis.acl_check_cmd == nil then return true end
+  return redis.acl_check_cmd(...)
+end
+local function may_repair(inbox)
+  -- what clear_future_ids runs; a sender's ACL user usually may not (the recipient's agent or an admin may)
+  return allowed('XRANGE', inbox, '-', '+') and allowed('XDEL', inbox, '0-1') and allowed('XSETID', inbox, '0-1')
+     and allowed('XADD', KEYS[3], '*', 'm', '') and allowed('XINFO', 'GROUPS', inbox)
+     and allowed('XGROUP', 'SETID', inbox, 'agents', '0')
+end
 local checked = false
 local function xadd(inbox, body, token)
   if token ~= nil and token ~= '' then return redis.pcall('XADD', inbox, '*', 'm', body, 'a', token) end
@@ -64,6 +77,10 @@ local function add(inbox, body, token)
   local id = xadd(inbox, body, token)
   if type(id) == 'table' and id.err then
     if string.find(id.err, 'exhausted', 1, true) then
+      if not may_repair(inbox) then
+        return redis.error_reply('NOPERM ' .. inbox .. ' is blocked by an entry with the last possible id ' ..
+                                 '(a hostile client); this user may not repair it: a send by an admin does')
+      end
       clear_future_ids(inbox, KEYS[3])
       checked = true
     end
@@ -74,7 +91,7 @@ local function add(inbox, body, token)
     -- once per call: an id more than a day ahead of the server's clock means the stream's last id
     -- was set by a hostile entry (just below the last possible one, say): clear it, add again
     checked = true
-    if tonumber(string.match(id, '^(%d+)')) > now_ms() + 86400000 then
+    if tonumber(string.match(id, '^(%d+)')) > now_ms() + 86400000 and may_repair(inbox) then
       redis.call('XDEL', inbox, id)
       clear_future_ids(inbox, KEYS[3])
       id = xadd(inbox, body, token)
@@ -87,6 +104,10 @@ end
 local max, window, channel, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local first = 6
+if ttl > 0 and not allowed('PEXPIRE', KEYS[1], '1') then  -- refused before anything is written
+  return redis.error_reply('NOPERM this user may not send to an unregistered id (the send sets a TTL on ' ..
+                           KEYS[1] .. '): the agent registers first, or an admin sends')
+end
 local len = redis.call('XLEN', KEYS[1])
 local known, now = {}, nil
 if window > 0 then
