@@ -38,6 +38,8 @@ from agentcomms.exceptions import (
     InboxFullError,
     MessageTooLargeError,
     MessageValidationError,
+    PermissionDeniedError,
+    RedisPermissionError,
     RequestTimeoutError,
     SecurityError,
 )
@@ -713,12 +715,10 @@ class MessageBroker:
             except (LinkLost, NotReady, AgentCommsError) as exc:  # lost, LOADING, WRONGTYPE if overwritten ...
                 if self._closing:
                     return
-                logger.log(
-                    logging.WARNING if attempt == 0 else logging.DEBUG,
-                    "reply reader of %s cannot read (%s); retrying",
-                    self.client_id,
-                    exc,
-                )
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                if isinstance(exc, RedisPermissionError) and attempt % 60 == 0:  # a wrong ACL user: say it loudly
+                    level = logging.ERROR
+                logger.log(level, "reply reader of %s cannot read (%s); retrying", self.client_id, exc)
                 await self._pause(backoff(attempt))
                 attempt += 1
                 continue
@@ -830,17 +830,22 @@ class MessageBroker:
         started = time.perf_counter()
         version = None
         try:
-            info = await asyncio.wait_for(self.pipeliner.call("INFO", "server", replay=True), 5.0)
-            for line in bytes(info).decode(errors="replace").splitlines():
-                if line.startswith("redis_version:"):
-                    version = line.partition(":")[2].strip()
+            await asyncio.wait_for(self.pipeliner.call("PING", replay=True), 5.0)
+            latency = time.perf_counter() - started
+            try:  # the version, when this ACL user may read INFO (an agent's or a sender's may not)
+                info = await asyncio.wait_for(self.pipeliner.call("INFO", "server", replay=True), 5.0)
+                for line in bytes(info).decode(errors="replace").splitlines():
+                    if line.startswith("redis_version:"):
+                        version = line.partition(":")[2].strip()
+            except RedisPermissionError:
+                pass
             status, error = "healthy", None
         except (AgentCommsError, TimeoutError) as exc:
             status, error = "unhealthy", str(exc) or "no answer within 5s"
         return {
             "status": status,
             "error": error,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": round((latency if error is None else time.perf_counter() - started) * 1000, 3),
             "redis_version": version,
             "client_id": self.client_id,
             "subscriptions": sorted(s.agent_id for s in self._subscriptions),
@@ -854,6 +859,9 @@ class MessageBroker:
         lost connection it resubscribes and yields ``{"event": "resubscribed"}``. On the
         channel itself a message holds one JSON event per line (a batch publishes once);
         a line that is not a JSON object is skipped.
+
+        Raises:
+            RedisPermissionError: this Redis ACL user may not subscribe to the feed.
         """
         attempt = 0
         first = True
@@ -871,6 +879,8 @@ class MessageBroker:
                             continue
                         if isinstance(event, dict):
                             yield event
+            except RedisPermissionError:
+                raise  # this ACL user may not read the feed: retrying will not change that
             except (LinkLost, NotReady, AgentCommsError) as exc:
                 logger.warning("event feed lost Redis (%s); resubscribing", exc)
                 await asyncio.sleep(backoff(attempt))
@@ -901,16 +911,21 @@ class MessageBroker:
     async def redrive_dead_letter(self, agent_id: str, entry_id: str) -> PublishResult:
         """Move a dead letter back into its inbox and out of the dead letters, atomically (bypassing dedup).
 
-        With security on, a process holding an admin identity signs the message afresh;
-        otherwise the message keeps its own token, and its agent refuses it as a replay once
-        it is older than the replay window.
+        With security on, only a process holding an admin identity may: it signs the message
+        afresh (with its own token, an agent would refuse it as a replay).
 
         Raises:
             DeadLetterNotFoundError: there is no such dead letter.
             AgentCommsError: it is not a valid message.
             InboxFullError: the inbox is full.
+            PermissionDeniedError: security is on and this process holds no admin identity.
         """
         security = self._security
+        if security is not None and security.admin_identity() is None:
+            raise PermissionDeniedError(
+                "with security on, dead letters are sent back by an admin, who signs them afresh "
+                "(AGENTCOMMS_IDENTITY: an identity whose key is a trust anchor)"
+            )
         message, entry = await deadletters.redrive_dead_letter(
             self.pipeliner,
             agent_id,

@@ -35,7 +35,7 @@ from pydantic_core import PydanticSerializationError
 
 from agentcomms import keys
 from agentcomms.deadletters import move_to_dead_letters
-from agentcomms.exceptions import AgentCommsError, BrokerConnectionError, RedisCommandError
+from agentcomms.exceptions import AgentCommsError, BrokerConnectionError, RedisCommandError, RedisPermissionError
 from agentcomms.schemas import AgentMessage, AgentResponse, describe_errors
 from agentcomms.security.guard import Refusal, Security
 from agentcomms.settings import Settings
@@ -295,6 +295,8 @@ class Subscription:
                 if self._stopped:
                     return
                 level = logging.WARNING if attempt == 0 else logging.DEBUG
+                if isinstance(exc, RedisPermissionError) and attempt % 60 == 0:  # a wrong ACL user: say it loudly
+                    level = logging.ERROR
                 logger.log(level, "%s: cannot read (%s); retrying", self.agent_id, exc)
                 prepared = False
                 await self._pause(backoff(attempt))

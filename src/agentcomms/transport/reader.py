@@ -119,10 +119,10 @@ async def subscribe(spec: ConnectionSpec, channel: str, *, name: str) -> AsyncIt
         link.write(pack([("SUBSCRIBE", channel)]))
         while True:
             item = await queue.get()
+            if isinstance(item, ReplyError):  # before BaseException, which it is too: NOPERM is no lost link
+                raise classify(item, "SUBSCRIBE")
             if isinstance(item, BaseException):
                 raise LinkLost(str(item))
-            if isinstance(item, ReplyError):
-                raise classify(item, "SUBSCRIBE")
             kind = item[0]
             if kind == b"subscribe":
                 yield b""
