@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentcomms import Settings
+from agentcomms import AgentMessage, Settings
 from agentcomms.examples import TwinAgent, create_agent_config
 
 README = Path(__file__).parent.parent / "README.md"
@@ -46,7 +46,7 @@ async def twins(settings: Settings) -> AsyncIterator[None]:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(BLOCKS) == 3
+    assert len(BLOCKS) == 4
 
 
 async def test_add_communication_to_your_agent(twins: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,3 +73,26 @@ async def test_sender(twins: None) -> None:
     assert namespace["reply"].success and namespace["knowledge"].success
     assert [a.agent_id for a in namespace["team"]] == ["agent.sarah"]
     assert sorted(namespace["results"]) == ["agent.alex", "agent.sarah"]
+
+
+async def test_security(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentcomms import MessageBroker
+    from agentcomms.security import create_admin, enrol_team
+
+    folder = tmp_path / "identities"  # what `agentcomms identity create` and `trust` make
+    admin = create_admin(folder, "admin.ops")
+    async with MessageBroker(settings=Settings(redis_url=redis_url)) as broker:
+        await enrol_team(broker.pipeliner, folder, admin, [("agent.cso.jane", ["cso"]), ("dashboard.cmo", ["cmo"])])
+    monkeypatch.setenv("AGENTCOMMS_SECURITY", "on")
+    monkeypatch.setenv("AGENTCOMMS_IDENTITY_DIR", str(folder))
+    seen: list[AgentMessage] = []
+
+    class Jane(TwinAgent):
+        async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any]:
+            seen.append(message)
+            return await super().handle_request_knowledge(message)
+
+    async with Jane(create_agent_config("agent.cso.jane", "jane", "cso", "sales")):
+        namespace = await run_block(BLOCKS[3], {})
+    assert namespace["reply"].success and "pipeline" in namespace["reply"].data
+    assert seen[0].sender_roles == ("cmo",) and seen[0].payload.data == {"query": "board pack"}

@@ -87,8 +87,11 @@ class PublicIdentity:
 
     @property
     def fingerprint(self) -> str:
-        """A short, stable name of the keys: the first 16 hex digits of SHA-256 over both."""
-        return hashlib.sha256(self.ed25519 + self.x25519).hexdigest()[:16]
+        """A short name of the keys: the first 16 hex digits of SHA-256 of the Ed25519 key.
+
+        The same as trust records' ``enrolled_by`` and redrive tokens name an admin key by.
+        """
+        return hashlib.sha256(self.ed25519).hexdigest()[:16]
 
     def as_json(self) -> dict[str, str]:
         """``{"id", "ed25519", "x25519"}`` with base64url keys."""
