@@ -117,6 +117,16 @@ async def test_identity_trust_needs_an_admin(cli: Cli, redis_url: str, tmp_path:
         assert len(result.err.strip().splitlines()[-1]) > 0 and "Traceback" not in result.err
 
 
+async def test_ask_with_security_on_asks_as_the_identity_it_holds(cli: Cli, redis_url: str, tmp_path: Path) -> None:
+    ids = tmp_path / "ids"
+    env = {"AGENTCOMMS_IDENTITY_DIR": str(ids), "AGENTCOMMS_SECURITY": "on"}
+    assert (await cli("identity", "create", ADMIN, "--admin", redis_url=None, env=env)).code == 0
+    assert (await cli("identity", "create", JANE, redis_url=None, env=env)).code == 0
+    nobody = await cli("ask", "pipeline?", "--to", JANE, redis_url=redis_url, env=env)  # two identities: which?
+    assert nobody.code == 2 and "set AGENTCOMMS_IDENTITY to the identity file to ask as" in nobody.err, nobody.err
+    assert "Traceback" not in nobody.err
+
+
 async def test_identity_create_force_replaces_the_admin_anchor(cli: Cli, tmp_path: Path) -> None:
     ids = tmp_path / "ids"
     env = {"AGENTCOMMS_IDENTITY_DIR": str(ids)}

@@ -56,7 +56,7 @@ class RequestTimeoutError(AgentCommsError, TimeoutError):
         self.agent_id = agent_id
         self.message_id = message_id
         self.timeout = timeout
-        super().__init__(f"no reply from {agent_id!r} to message {message_id} within {timeout:g}s")
+        super().__init__(f"no reply from {agent_id!r} to message {message_id} within {timeout:.3g}s")
 
 
 class BrokerConnectionError(AgentCommsError, ConnectionError):

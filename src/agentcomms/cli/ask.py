@@ -22,9 +22,11 @@ from agentcomms.cli._common import (
     run,
     write_out,
 )
+from agentcomms.exceptions import IdentityError
 from agentcomms.schemas import AgentResponse
-from agentcomms.security import Identity
+from agentcomms.security import Identity, load_identities
 from agentcomms.sender import MessageSender
+from agentcomms.settings import Settings
 
 _JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
@@ -82,8 +84,7 @@ def ask(
     # with security on, the CLI asks as its identity (AGENTCOMMS_IDENTITY); its reply stream is named after it,
     # which is what its Redis ACL user may read (agentcomms acl)
     with reported():
-        own = Identity.load(settings.identity_file).id if settings.security == "on" and settings.identity_file else None
-    sender_id = own or "cli"
+        sender_id = _asker(settings)
 
     async def send() -> AgentResponse:
         async with (
@@ -108,3 +109,22 @@ def ask(
         errors.print(f"[bold red]{responder} answered with an error:[/] {esc(detail)}", soft_wrap=True)
     if not reply.success:
         raise typer.Exit(1)
+
+
+def _asker(settings: Settings) -> str:
+    """Who the CLI asks as: ``cli``, or with security on the identity it holds.
+
+    Raises:
+        IdentityError: security is on and no single identity is configured.
+    """
+    if settings.security != "on":
+        return "cli"
+    if settings.identity_file is not None:
+        return Identity.load(settings.identity_file).id
+    held = load_identities(settings.identities_folder)
+    if len(held) == 1:
+        return next(iter(held))
+    raise IdentityError(
+        f"AGENTCOMMS_SECURITY is on: set AGENTCOMMS_IDENTITY to the identity file to ask as "
+        f"({len(held)} identities in {settings.identities_folder}; `agentcomms identity create ID` makes one)"
+    )
