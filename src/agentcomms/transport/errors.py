@@ -50,7 +50,8 @@ def code_of(error: BaseException | str) -> str:
     code = text.split(" ", 1)[0].upper()
     if code == "ERR" and ("The user executing the script can't" in text or "ACL failure in script" in text):
         return "NOPERM"  # a command inside a script refused by the caller's ACL user (Redis 7.0; 7.2 and later)
-    if code == "ERR" and "Error running script" in text:
+    if (code == "ERR" and "Error running script" in text) or code.startswith("@USER_SCRIPT"):
+        # ("@user_script: 74: -OOM ...": an error a script got from redis.pcall and returned, on Redis 6.2)
         # Redis 6.2: "ERR Error running script (call to f_...): @user_script:12: WRONGTYPE Operation ..."
         # (or ": -OOM command not allowed ..."): the inner code is the last upper-case word after ": "
         inner: list[str] = [c for c in _INNER_CODE.findall(text) if c != "ERR"]
