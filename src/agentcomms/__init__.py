@@ -47,6 +47,7 @@ from agentcomms.schemas import (
     MessageIntent,
     MessagePayload,
     Priority,
+    VerifiedMessage,
     export_json_schemas,
 )
 from agentcomms.security import Identity, Policy, PublicIdentity, TrustRecord, TrustStore
@@ -112,6 +113,7 @@ __all__ = [
     "TrustError",
     "TrustRecord",
     "TrustStore",
+    "VerifiedMessage",
     "__version__",
     "acquire_embedded",
     "create_agent_config",

@@ -174,17 +174,33 @@ class AgentMessage(BaseModel):
     sealed: Annotated[str, StringConstraints(max_length=2_000_000)] | None = None
     """The payload's ``data`` and ``context`` encrypted for the recipient (both are then empty): docs/security.md."""
 
-    _sender_roles: tuple[str, ...] | None = PrivateAttr(default=None)
-
     @property
     def sender_roles(self) -> tuple[str, ...] | None:
-        """The roles of the verified sender, from the trust store (``None`` when security is off)."""
-        return self._sender_roles
+        """The roles of the verified sender, from the trust store (``None`` when security is off).
+
+        A handler gets a :class:`VerifiedMessage` when security is on; this base has none.
+        """
+        return None
 
     @field_validator("timestamp")
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class VerifiedMessage(AgentMessage):
+    """An :class:`AgentMessage` whose sender was authenticated (security on); ``sender_roles`` is set.
+
+    A subclass, so that messages without security carry no private attribute (pydantic
+    initialises those on every instance, about 1 µs a message).
+    """
+
+    _sender_roles: tuple[str, ...] | None = PrivateAttr(default=None)
+
+    @property
+    def sender_roles(self) -> tuple[str, ...] | None:
+        """The roles of the verified sender, from the trust store."""
+        return self._sender_roles
 
 
 class ErrorDetail(BaseModel):

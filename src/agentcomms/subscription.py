@@ -36,7 +36,7 @@ from pydantic_core import PydanticSerializationError
 from agentcomms import keys
 from agentcomms.deadletters import move_to_dead_letters
 from agentcomms.exceptions import AgentCommsError, BrokerConnectionError, RedisCommandError, RedisPermissionError
-from agentcomms.schemas import AgentMessage, AgentResponse, describe_errors
+from agentcomms.schemas import AgentMessage, AgentResponse, VerifiedMessage, describe_errors
 from agentcomms.security.guard import Refusal, Security
 from agentcomms.settings import Settings
 from agentcomms.transport import (
@@ -62,6 +62,7 @@ _Work = tuple[str, str, Sequence[bytes] | None, int]
 """A queued message: stream, entry id, its raw ``[field, value, ...]``, deliveries so far."""
 
 _validate_message = AgentMessage.__pydantic_validator__.validate_json
+_validate_verified = VerifiedMessage.__pydantic_validator__.validate_json  # security on: sender_roles is set
 _dump_response = AgentResponse.__pydantic_serializer__.to_json
 
 _PENDING_PAGE = 100
@@ -412,7 +413,7 @@ class Subscription:
         if len(body) > self._max_bytes:
             return f"too large: {len(body)} bytes, limit {self._max_bytes}"
         try:
-            message: AgentMessage = _validate_message(body)
+            message: AgentMessage = (_validate_message if self._security is None else _validate_verified)(body)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
             if errors and errors[0]["type"] == "json_invalid":

@@ -19,7 +19,7 @@ from typing import Any
 
 from agentcomms.exceptions import IdentityError, SecurityError, TrustError
 from agentcomms.keys import is_reply_stream_of
-from agentcomms.schemas import AgentMessage, AgentResponse, MessagePayload
+from agentcomms.schemas import AgentMessage, AgentResponse, MessagePayload, VerifiedMessage
 from agentcomms.security.crypto import (
     MSG,
     REPLY,
@@ -347,6 +347,8 @@ class Security:
             except (ValueError, KeyError, TypeError):
                 return self._refuse("unauthenticated", "the sealed payload cannot be opened")
             message = message.model_copy(update={"payload": payload, "sealed": None})
+        if not isinstance(message, VerifiedMessage):  # the subscription parses as one; others may not
+            message = VerifiedMessage.model_construct(message.model_fields_set, **dict(message))
         message._sender_roles = record.roles
         return message
 

@@ -3,7 +3,7 @@
 -- KEYS[3] the agent's dead-letter stream (used only to clear a hostile entry id, see below)
 -- ARGV: max length, dedup window ms (0 = no dedup), event channel ('' = none), n,
 --       inbox TTL ms (0 = none: the recipient is registered), then n message ids, then n bodies,
---       then n authentication tokens ('' = none; stored as the entry's field 'a' beside its body 'm')
+--       then (optional, all or none) n authentication tokens ('' = none; stored as the entry's field 'a' beside 'm')
 -- Returns per message its entry id, or 'dup', or 'full <length>'; then one more element:
 -- how many hostile entries (ids more than a day ahead) were moved to the dead letters (0 almost always).
 -- With Redis ACLs (Redis 7), a NOPERM error before anything is written when the caller's user may not
