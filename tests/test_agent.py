@@ -186,10 +186,10 @@ async def test_addressing_by_role(settings: Settings) -> None:
             assert reply.responder_id == "agent.echo2"  # never itself
 
 
-async def test_search_knowledge_is_not_configured_yet(settings: Settings) -> None:
-    agent = Echo(config(), settings=settings)
-    with pytest.raises(KnowledgeNotConfiguredError, match="not configured"):
-        await agent.search_knowledge("content strategy")
+async def test_search_knowledge_without_a_knowledge_service_says_how_to_start_one(settings: Settings) -> None:
+    async with Echo(config(), settings=settings) as agent:
+        with pytest.raises(KnowledgeNotConfiguredError, match="agentcomms knowledge serve"):
+            await agent.search_knowledge("content strategy")
 
 
 def test_bad_config_is_a_config_error() -> None:

@@ -23,7 +23,10 @@ from agentcomms.exceptions import (
     HandlerError,
     IdentityError,
     InboxFullError,
+    KnowledgeError,
     KnowledgeNotConfiguredError,
+    KnowledgeQueryError,
+    KnowledgeStoreBusyError,
     MessageTooLargeError,
     MessageValidationError,
     NoAgentAvailableError,
@@ -37,6 +40,16 @@ from agentcomms.exceptions import (
     SecurityError,
     TrustError,
 )
+from agentcomms.knowledge import (
+    AgentMemoryInterface,
+    Embedder,
+    IngestReport,
+    KnowledgePermissions,
+    KnowledgeResult,
+    KnowledgeSource,
+    MiniLMEmbedder,
+)
+from agentcomms.knowledge.service import KnowledgeService
 from agentcomms.registry import AgentRegistry, Presence, RegistryStats
 from agentcomms.schemas import (
     AgentInfo,
@@ -84,7 +97,18 @@ __all__ = [
     "Identity",
     "IdentityError",
     "InboxFullError",
+    "AgentMemoryInterface",
+    "Embedder",
+    "IngestReport",
+    "KnowledgeError",
     "KnowledgeNotConfiguredError",
+    "KnowledgePermissions",
+    "KnowledgeQueryError",
+    "KnowledgeResult",
+    "KnowledgeService",
+    "KnowledgeSource",
+    "KnowledgeStoreBusyError",
+    "MiniLMEmbedder",
     "MessageBroker",
     "MessageIntent",
     "MessagePayload",

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import ValidationError
 
@@ -25,9 +25,11 @@ from agentcomms.exceptions import (
     AgentCommsError,
     ConfigError,
     HandlerError,
-    KnowledgeNotConfiguredError,
+    KnowledgeError,
+    KnowledgeQueryError,
     MessageValidationError,
 )
+from agentcomms.knowledge.interface import AgentMemoryInterface, KnowledgeResult
 from agentcomms.registry import AgentRegistry, Presence
 from agentcomms.schemas import AgentInfo, AgentMessage, AgentResponse, MessageIntent, Priority, describe_errors
 from agentcomms.sender import MessageSender
@@ -98,6 +100,8 @@ class BaseAgent:
         self._subscription: Subscription | None = None
         self._presence: Presence | None = None
         self._stopping: asyncio.Future[None] | None = None
+        self._memory: AgentMemoryInterface | None = None
+        self._owns_memory = True
 
     # -- what the agent offers: override these ---------------------------------------------
 
@@ -217,6 +221,8 @@ class BaseAgent:
             if self._subscription is not None:
                 await self._subscription.stop(self.settings.shutdown_timeout if timeout is None else timeout)
                 self._subscription = None
+            if self._memory is not None and self._owns_memory:
+                await self._memory.close()
             if self._owns_broker:
                 await self.broker.close()
         finally:
@@ -243,6 +249,8 @@ class BaseAgent:
         handler = self.handler_for(intent)
         if handler is None and intent == MessageIntent.AGENT_STATUS:
             handler = self.agent_status
+        if handler is None and intent == MessageIntent.REQUEST_KNOWLEDGE and message.reply_to is not None:
+            handler = self.answer_from_knowledge
         if handler is None:
             logger.warning("%s has no handler for intent %r (from %s)", self.agent_id, intent, message.sender_id)
             return AgentResponse.fail("unsupported_intent", f"{self.agent_id} does not handle {intent!r}")
@@ -339,12 +347,67 @@ class BaseAgent:
         """Send one message to every agent matching ``filters`` except this one (see MessageSender)."""
         return await self.sender.broadcast_message(intent, data, **filters)
 
-    async def search_knowledge(self, query: str, **options: Any) -> list[dict[str, Any]]:
+    # -- knowledge ---------------------------------------------------------------------------
+
+    @property
+    def memory(self) -> AgentMemoryInterface:
+        """This agent's knowledge memory, used as this agent with this agent's role.
+
+        By default it asks the knowledge service (or uses the Qdrant server of ``VECTOR_STORE_URL`` directly).
+        """
+        if self._memory is None:
+            mode: Literal["owner", "client"] = "owner" if self.settings.vector_store_url else "client"
+            self._memory = AgentMemoryInterface(self.settings, broker=self.broker, mode=mode, sender_id=self.agent_id)
+        return self._memory
+
+    async def search_knowledge(self, query: str, **options: Any) -> list[KnowledgeResult]:
         """Search the knowledge this agent's role may read.
 
+        ``filters``, ``limit``, ``on_behalf_of``: see :meth:`AgentMemoryInterface.search_knowledge`.
+
         Raises:
-            KnowledgeNotConfiguredError: no knowledge memory is configured yet.
+            KnowledgeNotConfiguredError: no knowledge service answers (``agentcomms knowledge serve``),
+                or the knowledge extra is not installed.
+            KnowledgeQueryError: an empty query, an unknown filter.
         """
-        raise KnowledgeNotConfiguredError(
-            f"{self.agent_id}: knowledge search is not configured (no knowledge memory is set up for agentcomms yet)"
-        )
+        memory = await self.memory.initialize()
+        return await memory.search_knowledge(self.agent_id, self.config.role, query, **options)
+
+    async def share_insight(self, insight: str, domains: list[str], *, title: str | None = None) -> str:
+        """Store an insight in the knowledge memory under ``domains`` (ones this agent's role may read)."""
+        memory = await self.memory.initialize()
+        return await memory.share_insight(self.agent_id, self.config.role, insight, domains, title=title)
+
+    async def _asker_roles(self, message: AgentMessage) -> list[str]:
+        """The roles of whoever sent ``message``: verified (security on), else named in it, else registered."""
+        if message.sender_roles is not None:
+            return list(message.sender_roles)
+        claimed = message.payload.data.get("role")
+        if isinstance(claimed, str) and claimed.strip():
+            return [claimed]
+        try:
+            return [(await self.registry.get_agent(message.sender_id)).role]
+        except AgentCommsError:
+            return []
+
+    async def answer_from_knowledge(self, message: AgentMessage) -> dict[str, Any] | AgentResponse:
+        """The default answer to REQUEST_KNOWLEDGE (when the agent has no ``handle_request_knowledge``).
+
+        Searches ``data["query"]`` in what both this agent's role and the asker's roles may
+        read, so an agent never passes on what the asker could not see itself.
+        """
+        data = message.payload.data
+        query = data.get("query")
+        if not isinstance(query, str) or not query.strip():
+            return AgentResponse.fail("invalid_query", "REQUEST_KNOWLEDGE needs data['query']")
+        asker = await self._asker_roles(message)
+        if not asker:
+            return {"query": query, "results": [], "note": "the asker's role is unknown: nothing may be shared"}
+        limit = data.get("limit", 5)
+        try:
+            results = await self.search_knowledge(query, limit=limit, on_behalf_of=asker)
+        except KnowledgeQueryError as exc:
+            return AgentResponse.fail("invalid_query", str(exc))
+        except KnowledgeError as exc:
+            return AgentResponse.fail("knowledge_unavailable", str(exc))
+        return {"query": query, "answered_by": self.agent_id, "results": [r.model_dump(mode="json") for r in results]}

@@ -160,8 +160,32 @@ class HandlerError(AgentCommsError):
         super().__init__(f"{code}: {message}" if message else code)
 
 
-class KnowledgeNotConfiguredError(AgentCommsError, RuntimeError):
-    """Raised by ``search_knowledge`` while no knowledge memory is configured."""
+class KnowledgeError(AgentCommsError):
+    """Raised when the knowledge memory cannot do what was asked (the message says why)."""
+
+
+class KnowledgeNotConfiguredError(KnowledgeError, RuntimeError):
+    """Raised when knowledge search cannot run here.
+
+    The ``knowledge`` extra is missing, the model files are damaged, or no knowledge service answers.
+    """
+
+
+class KnowledgeStoreBusyError(KnowledgeError):
+    """Raised when another process owns the embedded knowledge store (ask the knowledge service instead)."""
+
+    def __init__(self, path: str, owner: str = "") -> None:
+        self.path = path
+        self.owner = owner
+        who = f" (process {owner})" if owner else ""
+        super().__init__(
+            f"the knowledge store {path} is open in another process{who}: only one process may own it; "
+            "others ask the knowledge service (agentcomms knowledge serve)"
+        )
+
+
+class KnowledgeQueryError(KnowledgeError, ValueError):
+    """Raised for a search that cannot be run as asked: an empty query, an unknown filter, a bad limit."""
 
 
 class SecurityError(AgentCommsError):

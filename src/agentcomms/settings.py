@@ -123,6 +123,22 @@ class Settings(BaseSettings):
     handle_signals: bool = Field(True, validation_alias=_env("HANDLE_SIGNALS"))
     """Let agents handle SIGTERM (leave the registry, finish in-hand work, exit) when the program does not."""
 
+    # -- knowledge memory (docs/knowledge.md) --
+    knowledge_dir: Path | None = Field(None, validation_alias=_env("KNOWLEDGE_DIR"))
+    """The embedded knowledge store's folder (default: ``<data_dir>/knowledge``)."""
+    knowledge_permissions: Path | None = Field(None, validation_alias=_env("KNOWLEDGE_PERMISSIONS"))
+    """JSON file: which knowledge domains each role may read, added to (or replacing) the defaults."""
+    knowledge_service_id: str = Field("knowledge", validation_alias=_env("KNOWLEDGE_SERVICE_ID"))
+    """Agent id of the knowledge service, which owns the embedded store and answers everyone else."""
+    knowledge_cache_ttl: float = Field(300.0, ge=0, validation_alias=_env("KNOWLEDGE_CACHE_TTL"))
+    """Seconds a search's results are cached in Redis (0: no cache); a change to a domain invalidates at once."""
+    knowledge_timeout: float = Field(10.0, gt=0, validation_alias=_env("KNOWLEDGE_TIMEOUT"))
+    """How long a search through the knowledge service may take."""
+    vector_store_collection: str = Field("agentcomms_knowledge", validation_alias=_env("VECTOR_STORE_COLLECTION"))
+    """The collection on the Qdrant server of ``VECTOR_STORE_URL``."""
+    vector_store_api_key: SecretStr | None = None
+    """The Qdrant server's API key, if it needs one (``VECTOR_STORE_API_KEY``)."""
+
     # -- security (docs/security.md) --
     security: Literal["off", "on"] = Field("off", validation_alias=_env("SECURITY"))
     """``on``: every message and reply is authenticated, refused otherwise; senders need an identity."""
@@ -163,6 +179,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def knowledge_folder(self) -> Path:
+        """The embedded knowledge store's folder: ``knowledge_dir``, else ``<data_dir>/knowledge``."""
+        return self.knowledge_dir or self.data_dir / "knowledge"
+
+    @property
     def identities_folder(self) -> Path:
         """Where identity files live: ``identity_dir``, else ``<data_dir>/identities``."""
         return self.identity_dir or self.data_dir / "identities"
@@ -190,6 +211,9 @@ class Settings(BaseSettings):
         "redis_ssl_ca_certs",
         "redis_ssl_certfile",
         "redis_ssl_keyfile",
+        "vector_store_api_key",
+        "knowledge_dir",
+        "knowledge_permissions",
         mode="before",
     )
     @classmethod

@@ -1,0 +1,168 @@
+"""The knowledge service: an agent that owns the knowledge store and answers everyone else.
+
+The embedded store opens from one process only, so one service holds it and the other
+processes ask over the bus: REQUEST_KNOWLEDGE (search), SHARE_INSIGHTS (store an
+insight), ``knowledge_ingest`` and ``knowledge_stats``. Whose role a search runs as:
+
+- security on: the verified sender's roles from the trust store (a claimed ``role`` must
+  be one of them); an ingest needs an admin identity;
+- security off: the ``role`` the request names, else the sender's registered role.
+  Without security anyone may claim any role: see docs/security.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agentcomms.agent import BaseAgent
+from agentcomms.exceptions import (
+    AgentNotFoundError,
+    HandlerError,
+    KnowledgeError,
+    KnowledgeQueryError,
+    PermissionDeniedError,
+)
+from agentcomms.knowledge.interface import AgentMemoryInterface
+from agentcomms.schemas import AgentMessage
+from agentcomms.settings import Settings
+
+__all__ = ["KnowledgeService"]
+
+logger = logging.getLogger(__name__)
+
+
+class KnowledgeService(BaseAgent):
+    """The agent that owns the knowledge store (``agentcomms knowledge serve``).
+
+    Args:
+        settings: where Redis and the store are (default: the environment).
+        memory: an owner-mode :class:`AgentMemoryInterface` to serve (default: one that
+            opens the configured store; it raises KnowledgeStoreBusyError if another
+            process holds it).
+        kwargs: passed to :class:`BaseAgent` (``broker``, ``concurrency`` ...).
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, memory: AgentMemoryInterface | None = None, **kwargs: Any
+    ) -> None:
+        settings = settings or Settings()
+        config = {
+            "agent_id": settings.knowledge_service_id,
+            "user_name": "knowledge",
+            "role": "knowledge_service",
+            "department": "platform",
+            "capabilities": ["knowledge_search", "knowledge_ingest", "insights"],
+        }
+        super().__init__(config, settings=settings, **kwargs)
+        self._memory = memory
+        self._owns_memory = memory is None
+
+    async def initialize(self) -> KnowledgeService:
+        """Open the store (owner mode), then go online.
+
+        Raises:
+            KnowledgeStoreBusyError: another process owns the embedded store.
+            KnowledgeNotConfiguredError: the knowledge extra is missing or the store cannot be used.
+        """
+        if self._memory is None:
+            self._memory = AgentMemoryInterface(self.settings, broker=self.broker, mode="owner")
+        await self.broker.connect()
+        await self._memory.initialize()
+        try:
+            await super().initialize()
+        except BaseException:
+            if self._owns_memory:
+                await self._memory.close()
+            raise
+        return self
+
+    def _owner(self) -> AgentMemoryInterface:
+        memory = self._memory
+        if memory is None or memory.mode != "owner":
+            raise HandlerError("unavailable", "the knowledge store is not open")
+        return memory
+
+    async def _role_of(self, message: AgentMessage) -> str | None:
+        """Whose role a request runs as (see the module's docstring)."""
+        claimed = message.payload.data.get("role")
+        claimed = claimed if isinstance(claimed, str) and claimed.strip() else None
+        verified = message.sender_roles
+        if verified is not None:
+            if claimed is not None:
+                if claimed.strip().casefold() not in {r.strip().casefold() for r in verified}:
+                    raise HandlerError("forbidden", f"{message.sender_id} does not hold role {claimed!r}")
+                return claimed
+            if len(verified) == 1:
+                return verified[0]
+            raise HandlerError("forbidden", f"{message.sender_id} holds several roles: name one as 'role'")
+        if claimed is not None:
+            return claimed
+        try:
+            return (await self.registry.get_agent(message.sender_id)).role
+        except AgentNotFoundError:
+            return None
+
+    def _is_admin(self, message: AgentMessage) -> bool:
+        security = self.broker.security
+        if security is None:
+            return True
+        known = security.known(self.agent_id, message.sender_id)
+        return known is not None and known[1].admin
+
+    async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any]:
+        """Search as the sender's role: ``{"results": [...], "role": ...}``."""
+        data = message.payload.data
+        role = await self._role_of(message)
+        on_behalf = data.get("on_behalf_of") or []
+        if not isinstance(on_behalf, list) or not all(isinstance(r, str) for r in on_behalf):
+            raise HandlerError("invalid_query", "'on_behalf_of' must be a list of roles")
+        try:
+            results = await self._owner().search_knowledge(
+                message.sender_id,
+                role,
+                data.get("query", ""),
+                filters=data.get("filters") or None,
+                limit=data.get("limit", 5),
+                on_behalf_of=on_behalf,
+            )
+        except KnowledgeQueryError as exc:
+            raise HandlerError("invalid_query", str(exc)) from None
+        return {"role": role, "results": [r.model_dump(mode="json") for r in results]}
+
+    async def handle_share_insights(self, message: AgentMessage) -> dict[str, Any]:
+        """Store the insight in ``data["insight"]`` under ``data["domains"]``: ``{"insight_id": ...}``."""
+        data = message.payload.data
+        role = await self._role_of(message)
+        domains = data.get("domains")
+        if isinstance(domains, str):
+            domains = [domains]
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise HandlerError("invalid_query", "'domains' must be a list of domain names")
+        try:
+            insight_id = await self._owner().share_insight(
+                message.sender_id, role, data.get("insight", ""), domains, title=data.get("title")
+            )
+        except KnowledgeQueryError as exc:
+            raise HandlerError("invalid_query", str(exc)) from None
+        except PermissionDeniedError as exc:
+            raise HandlerError("forbidden", str(exc)) from None
+        return {"insight_id": insight_id}
+
+    async def handle_knowledge_ingest(self, message: AgentMessage) -> dict[str, Any]:
+        """Ingest ``data["path"]`` (a folder this service can read): the report. With security on, admins only."""
+        if not self._is_admin(message):
+            raise HandlerError("forbidden", "only an admin identity may ingest into the knowledge store")
+        data = message.payload.data
+        path, domain = data.get("path"), data.get("domain")
+        if not isinstance(path, str) or not path:
+            raise HandlerError("invalid_query", "'path' must name a file or folder")
+        try:
+            report = await self._owner().ingest(path, domain=domain if isinstance(domain, str) else None)
+        except KnowledgeError as exc:
+            raise HandlerError("ingest_failed", str(exc)) from None
+        return report.model_dump(mode="json")
+
+    async def handle_knowledge_stats(self, message: AgentMessage) -> dict[str, Any]:
+        """What the store holds."""
+        return await self._owner().stats()
