@@ -6,8 +6,9 @@ password out of everything the CLI writes.
 
 Exit codes: 0 success; 1 the agent answered with an error, or another failure;
 2 bad input or config, an unusable identity, no permission (not an admin; Redis NOPERM or
-WRONGPASS); 3 no such agent / none online for the role / no such dead letter / not in the
-trust store; 4 timeout; 5 Redis unreachable.
+WRONGPASS), knowledge search not available (no service, the knowledge extra missing);
+3 no such agent / none online for the role / no such dead letter / not in the trust store;
+4 timeout; 5 Redis unreachable.
 
 Errors are one line on stderr; so is ``redis: URL (where it comes from)`` for commands
 that connect, so stdout holds only the result (``--json`` output stays parseable).
@@ -28,6 +29,7 @@ from agentcomms.cli.ask import ask
 from agentcomms.cli.demo import demo
 from agentcomms.cli.dlq import dlq_app
 from agentcomms.cli.identity import identity_app
+from agentcomms.cli.knowledge import knowledge_app
 from agentcomms.cli.redis import redis_app
 from agentcomms.cli.run import run_agent
 from agentcomms.cli.schema import schema
@@ -67,6 +69,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(redis_app, name="redis")
 app.add_typer(identity_app, name="identity")
 app.add_typer(acl_app, name="acl")
+app.add_typer(knowledge_app, name="knowledge")
 app.command()(schema)
 
 

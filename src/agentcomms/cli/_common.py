@@ -26,6 +26,9 @@ from agentcomms.exceptions import (
     ConfigError,
     DeadLetterNotFoundError,
     IdentityError,
+    KnowledgeNotConfiguredError,
+    KnowledgeQueryError,
+    KnowledgeStoreBusyError,
     MessageValidationError,
     NoAgentAvailableError,
     PermissionDeniedError,
@@ -71,6 +74,9 @@ _EXIT_CODES: list[tuple[type[AgentCommsError], int]] = [
     (PermissionDeniedError, 2),  # e.g. enrolling without an admin identity
     (RedisPermissionError, 2),  # NOPERM, WRONGPASS: the Redis user may not do this (agentcomms acl)
     (SecurityError, 2),
+    (KnowledgeQueryError, 2),  # an empty query, an unknown filter
+    (KnowledgeNotConfiguredError, 2),  # no knowledge service answers, the knowledge extra is missing
+    (KnowledgeStoreBusyError, 2),
 ]
 
 

@@ -69,7 +69,10 @@ def chunk_document(document: SourceDocument, *, max_words: int = 150, overlap: i
         else:
             grouped.append((block.heading, block.page, [block.text]))
     chunks: list[Chunk] = []
+    title = document.title
     for heading, page, texts in grouped:
+        if heading == title or heading.startswith(title + " > "):  # the title is said once, not again as a heading
+            heading = heading[len(title) :].removeprefix(" > ")
         for piece in _pieces("\n".join(texts), max_words, overlap):
             chunks.append(Chunk(piece, heading, len(chunks), page))
     return chunks

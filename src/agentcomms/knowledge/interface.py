@@ -441,12 +441,13 @@ class AgentMemoryInterface:
         domain: str | None = None,
         progress: Progress | None = None,
         agent_id: str = "knowledge.ingest",
+        max_file_bytes: int = 20_000_000,
     ) -> IngestReport:
         """Ingest a folder (domains from its sub-folders, or ``domain`` for all) or one file, incrementally.
 
         Unchanged documents (same sha256) cost nothing; changed ones are re-chunked and
         re-embedded; documents under ``path`` that are gone are removed; bad files are
-        skipped with a reason in the report.
+        skipped with a reason in the report (so is a file over ``max_file_bytes``).
 
         Raises:
             KnowledgeError: ``path`` does not exist.
@@ -459,7 +460,7 @@ class AgentMemoryInterface:
             raise KnowledgeError(f"nothing to ingest at {root}: no such file or folder")
         scope = "file:" if root.is_dir() else None
         found = await asyncio.to_thread(
-            lambda: list(scan_folder(root, domain=domain, max_file_bytes=20_000_000))
+            lambda: list(scan_folder(root, domain=domain, max_file_bytes=max_file_bytes))
         )  # fmt: skip
         return await self.ingest_documents(found, scope=scope, progress=progress)
 

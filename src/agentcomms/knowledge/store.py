@@ -284,7 +284,7 @@ class EdgeStore(KnowledgeStore):
     def facet(self, field: str) -> dict[str, int]:  # noqa: D102
         with self._mutex:
             response = self._shard.facet(self._qe.FacetRequest(key=field, limit=_FACET_LIMIT, exact=True))
-        return {str(h.value): int(h.count) for h in response.hits}
+        return {str(h.value): int(h.count) for h in response.hits if h.count}  # deleted values stay, counted 0
 
     def count(self) -> int:  # noqa: D102
         with self._mutex:
@@ -408,7 +408,7 @@ class ServerStore(KnowledgeStore):
 
     def facet(self, field: str) -> dict[str, int]:  # noqa: D102
         response = self._client.facet(self.collection, key=field, limit=_FACET_LIMIT, exact=True)
-        return {str(h.value): int(h.count) for h in response.hits}
+        return {str(h.value): int(h.count) for h in response.hits if h.count}
 
     def count(self) -> int:  # noqa: D102
         return int(self._client.count(self.collection, exact=True).count)

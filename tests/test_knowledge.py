@@ -1,0 +1,372 @@
+"""Knowledge memory against real parts: the shipped corpus, the real embedder, qdrant-edge, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import agentcomms
+from agentcomms import (
+    AgentMemoryInterface,
+    BaseAgent,
+    KnowledgeError,
+    KnowledgePermissions,
+    KnowledgeQueryError,
+    KnowledgeService,
+    KnowledgeStoreBusyError,
+    MessageBroker,
+    PermissionDeniedError,
+    Settings,
+    create_agent_config,
+)
+from agentcomms.embedded import EmbeddedRedis
+from agentcomms.knowledge import DEFAULT_PERMISSIONS, ServerStore
+from agentcomms.knowledge.store import EdgeStore, Query
+from agentcomms.security import b64encode, create_admin, enrol_team
+from conftest import report
+
+CORPUS = Path(agentcomms.__file__).parent / "examples" / "knowledge"
+FACTS: list[dict[str, str]] = json.loads((CORPUS / "facts.json").read_text())
+DOMAINS = sorted({f["domain"] for f in FACTS})
+ROLES = [*sorted(DEFAULT_PERMISSIONS), "intern"]  # the seed's table, and a role with no grant
+SECRET = next(f for f in FACTS if f["domain"] == "executive")  # the acquisition codename
+
+
+@pytest.fixture(scope="session")
+def corpus_store(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A knowledge store with the whole shipped corpus ingested once (copied by tests that change it)."""
+    folder = tmp_path_factory.mktemp("knowledge")
+
+    async def ingest() -> None:
+        settings = Settings(redis_url=redis_server.url, knowledge_dir=folder)
+        async with AgentMemoryInterface(settings, mode="owner") as memory:
+            ingested = await memory.ingest(CORPUS / "corpus")
+            assert len(ingested.added) == 77 and not ingested.skipped, ingested
+
+    asyncio.run(ingest())
+    return folder
+
+
+@pytest.fixture
+def store_dir(corpus_store: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "knowledge"
+    shutil.copytree(corpus_store, copy, ignore=shutil.ignore_patterns("owner.lock"))
+    return copy
+
+
+@pytest.fixture
+def kb_settings(settings: Settings, store_dir: Path) -> Settings:
+    return settings.model_copy(update={"knowledge_dir": store_dir})
+
+
+@pytest.fixture
+async def memory(kb_settings: Settings) -> AsyncIterator[AgentMemoryInterface]:
+    async with AgentMemoryInterface(kb_settings, mode="owner") as owner:
+        yield owner
+
+
+def texts(results: list[agentcomms.KnowledgeResult]) -> str:
+    return "\n".join(r.text for r in results).casefold()
+
+
+# -- permissions --------------------------------------------------------------------------------
+
+
+async def test_every_role_finds_each_domains_fact_exactly_when_granted(memory: AgentMemoryInterface) -> None:
+    """The permission matrix: every role x every domain, by each domain's distinctive fact."""
+    granted_found = refused_clean = 0
+    for role in ROLES:
+        granted = DEFAULT_PERMISSIONS.get(role, frozenset())
+        for fact in FACTS:
+            results = await memory.search_knowledge("agent.test", role, fact["question"], limit=5)
+            assert all(r.domain in granted for r in results), (role, fact["domain"], [r.domain for r in results])
+            if fact["domain"] in granted:
+                assert fact["phrase"].casefold() in texts(results), (role, fact)
+                granted_found += 1
+            else:
+                wide = await memory.search_knowledge("agent.test", role, fact["question"], limit=50)
+                assert fact["phrase"].casefold() not in texts(wide), (role, fact)
+                refused_clean += 1
+    assert granted_found == sum(f["domain"] in DEFAULT_PERMISSIONS.get(r, ()) for r in ROLES for f in FACTS)
+    report(
+        f"knowledge permissions: {len(ROLES)} roles x {len(FACTS)} domains: the distinctive fact found in "
+        f"{granted_found}/{granted_found} granted pairs, absent in {refused_clean}/{refused_clean} others"
+    )
+
+
+async def test_a_role_without_a_grant_gets_nothing_and_never_an_unfiltered_query(
+    memory: AgentMemoryInterface,
+) -> None:
+    assert await memory.search_knowledge("agent.x", "intern", "acquisition codename") == []
+    assert await memory.search_knowledge("agent.x", None, "acquisition codename") == []
+    # a filter can narrow the grant, never widen it
+    narrowed = await memory.search_knowledge("agent.x", "cmo", "pricing", filters={"domains": ["sales"]})
+    assert narrowed and {r.domain for r in narrowed} == {"sales"}
+    assert await memory.search_knowledge("agent.x", "seo_agent", "codename", filters={"domains": ["executive"]}) == []
+    store = memory.store
+    assert store is not None
+    with pytest.raises(KnowledgeError, match="an empty grant reads nothing"):
+        store.search(Query([0.0] * 384), [], {}, 5)  # the store refuses it too: no domain is never "all"
+
+
+async def test_bad_queries_are_typed_errors(memory: AgentMemoryInterface) -> None:
+    with pytest.raises(KnowledgeQueryError, match="empty"):
+        await memory.search_knowledge("agent.x", "cmo", "   ")
+    with pytest.raises(KnowledgeQueryError, match="unknown knowledge filter"):
+        await memory.search_knowledge("agent.x", "cmo", "q", filters={"owner": "me"})
+    with pytest.raises(KnowledgeQueryError, match="limit"):
+        await memory.search_knowledge("agent.x", "cmo", "q", limit=0)
+    with pytest.raises(KnowledgeQueryError, match="limit 2000"):
+        await memory.search_knowledge("agent.x", "cmo", "x" * 2001)
+
+
+def test_permissions_file_extends_or_replaces_the_seed_table(tmp_path: Path) -> None:
+    extended = tmp_path / "extend.json"
+    extended.write_text(json.dumps({"roles": {"CSO": ["Sales", "executive"], "content_agent": []}}))
+    permissions = KnowledgePermissions.from_file(extended)
+    assert permissions.domains("cso") == {"sales", "executive"}
+    assert permissions.domains("content_agent") == frozenset()  # an explicit empty grant
+    assert permissions.domains("cmo") == DEFAULT_PERMISSIONS["cmo"]
+    assert permissions.common(["cmo", "cso"]) == {"sales", "executive"}
+    replaced = tmp_path / "replace.json"
+    replaced.write_text(json.dumps({"replace": True, "roles": {"ceo": ["executive"]}}))
+    assert KnowledgePermissions.from_file(replaced).domains("cmo") == frozenset()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"roles": {"cso": "sales"}}')
+    with pytest.raises(agentcomms.ConfigError, match="broken.json"):
+        KnowledgePermissions.from_file(broken)
+
+
+# -- ingest -------------------------------------------------------------------------------------
+
+
+async def test_reingest_embeds_only_what_changed_and_removes_what_is_gone(settings: Settings, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    for domain in ("marketing", "sales"):
+        shutil.copytree(CORPUS / "corpus" / domain, docs / domain)
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as memory:
+        first = await memory.ingest(docs)
+        assert len(first.added) == 22 and first.chunks_embedded > 0
+        again = await memory.ingest(docs)
+        assert (again.unchanged, again.chunks_embedded, again.added, again.updated) == (22, 0, [], [])
+        changed = sorted((docs / "sales").glob("*.md"))[0]
+        changed.write_text("# Renamed plan\n\nThe Osprey initiative doubles the Kestrel quota in Ohio.\n")
+        gone = sorted((docs / "marketing").glob("*.md"))[0]
+        gone.unlink()
+        third = await memory.ingest(docs)
+        assert third.updated == [str(changed)] and third.removed == [f"file:marketing/{gone.name}"]
+        assert third.unchanged == 20 and third.chunks_embedded == 1
+        found = await memory.search_knowledge("agent.x", "cmo", "Osprey initiative quota")
+        assert found[0].source.location == str(changed) and found[0].source.title == "Renamed plan"
+        stored = memory.store
+        assert stored is not None
+        documents = stored.documents()
+        assert f"file:marketing/{gone.name}" not in documents
+        assert documents[f"file:sales/{changed.name}"].chunks == 1  # the old version's chunks are gone
+    report(f"knowledge re-ingest: 22 documents, second pass embedded {again.chunks_embedded} chunks")
+
+
+async def test_bad_files_are_skipped_with_a_reason(settings: Settings, tmp_path: Path) -> None:
+    docs = tmp_path / "docs" / "ops"
+    docs.mkdir(parents=True)
+    (docs / "good.md").write_text("# Good\n\nThe loading dock opens at six.\n")
+    (docs / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
+    (docs / "empty.md").write_text("  \n")
+    (docs / "huge.txt").write_text("word " * 300_000)
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a pdf")
+    (docs / "photo.png").write_bytes(b"\x89PNG\r\n")
+    (docs / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    (docs / "dangling.md").symlink_to(tmp_path / "nowhere.md")
+    (tmp_path / "docs" / "loose.md").write_text("no domain folder")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as memory:
+        result = await memory.ingest(tmp_path / "docs", max_file_bytes=1_000_000)
+    reasons = {Path(s["location"]).name: s["reason"] for s in result.skipped}
+    assert [Path(p).name for p in result.added] == ["good.md"]
+    assert reasons["binary.txt"].startswith("cannot extract text: binary content")
+    assert reasons["empty.md"] == "empty"
+    assert reasons["huge.txt"].startswith("too large: 1500000 bytes")
+    assert reasons["broken.pdf"].startswith("cannot extract text")
+    assert reasons["photo.png"] == "unsupported file type .png"
+    assert reasons["latin1.md"].startswith("cannot extract text: not UTF-8")
+    assert reasons["dangling.md"].startswith("unreadable")
+    assert reasons["loose.md"].startswith("no domain")
+
+
+async def test_ingest_of_a_missing_path_is_a_clear_error(memory: AgentMemoryInterface, tmp_path: Path) -> None:
+    with pytest.raises(KnowledgeError, match="no such file or folder"):
+        await memory.ingest(tmp_path / "nope")
+
+
+# -- results, cache, insights -------------------------------------------------------------------
+
+
+async def test_results_carry_text_source_domain_and_score(memory: AgentMemoryInterface) -> None:
+    results = await memory.search_knowledge("agent.x", "cmo", "who is buying the camera startup and for how much")
+    top = results[0]
+    assert top.domain == "executive" and "Larkspur" in top.text
+    assert top.source.source_id == "file:executive/project-nightjar-acquisition-memo.md"
+    assert top.source.title.startswith("Project Nightjar") and top.source.location.endswith(".md")
+    assert top.score > 0 and [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    assert len({r.source.source_id for r in results}) == len(results)  # one chunk per document
+
+
+async def test_a_repeated_search_is_served_from_the_cache_until_its_domain_changes(
+    memory: AgentMemoryInterface, tmp_path: Path
+) -> None:
+    first = await memory.search_knowledge("agent.x", "seo_agent", "how many monthly searches for the arm keyword")
+    assert (memory.embedded_queries, memory.cache_hits) == (1, 0)
+    second = await memory.search_knowledge("agent.x", "seo_agent", "how many  monthly searches for the arm keyword ")
+    assert (memory.embedded_queries, memory.cache_hits) == (1, 1) and second == first
+    extra = tmp_path / "seo"
+    extra.mkdir()
+    (extra / "new.md").write_text("# Arm keyword\n\nThe arm keyword now gets 9,999 monthly searches.\n")
+    await memory.ingest(extra, domain="seo")  # the seo domain changed: its cached searches are stale
+    third = await memory.search_knowledge("agent.x", "seo_agent", "how many monthly searches for the arm keyword")
+    assert memory.embedded_queries == 2 and third != first
+    await memory.search_knowledge("agent.x", "content_agent", "how many monthly searches for the arm keyword")
+    assert memory.embedded_queries == 3  # another role, another grant: another entry
+
+
+async def test_insights_are_shared_into_granted_domains_only(memory: AgentMemoryInterface) -> None:
+    insight = "Trade-show leads from Chicago convert twice as well when demoed on the Wren W3."
+    insight_id = await memory.share_insight("agent.cmo", "cmo", insight, ["marketing", "sales"], title="Lead quality")
+    assert insight_id.startswith("insight:")
+    seen = await memory.search_knowledge(
+        "agent.seo", "seo_agent", "which leads convert best", filters={"kind": "insight"}
+    )
+    assert seen and seen[0].kind == "insight" and seen[0].author == "agent.cmo" and seen[0].domain == "marketing"
+    by_author = await memory.search_knowledge("agent.x", "cmo", "leads", filters={"author": "agent.cmo"})
+    assert {r.domain for r in by_author} == {"marketing", "sales"}
+    with pytest.raises(PermissionDeniedError, match="may not share into \\['executive'\\]"):
+        await memory.share_insight("agent.seo", "seo_agent", "Rankings fell.", ["seo", "executive"])
+    with pytest.raises(KnowledgeQueryError):
+        await memory.share_insight("agent.seo", "seo_agent", "x", [])
+
+
+# -- one owner ----------------------------------------------------------------------------------
+
+
+async def test_the_embedded_store_has_one_owner(kb_settings: Settings, store_dir: Path) -> None:
+    async with AgentMemoryInterface(kb_settings, mode="owner"):
+        with pytest.raises(KnowledgeStoreBusyError, match="open in another process"):
+            EdgeStore(store_dir, embedder_name="all-MiniLM-L6-v2-int8", dimension=384)
+        other = subprocess.run(  # another process: refused, and the owner's data is untouched
+            [sys.executable, "-c", "from pathlib import Path; from agentcomms.knowledge.store import EdgeStore; "
+             f"EdgeStore(Path({str(store_dir)!r}), embedder_name='all-MiniLM-L6-v2-int8', dimension=384)"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert other.returncode != 0 and "KnowledgeStoreBusyError" in other.stderr
+        async with AgentMemoryInterface(kb_settings) as second:  # auto: the store is taken, so ask the service
+            assert second.mode == "client"
+            with pytest.raises(agentcomms.KnowledgeNotConfiguredError, match="agentcomms knowledge serve"):
+                await second.search_knowledge("agent.x", "cmo", "anything")
+
+
+async def test_a_store_made_by_another_embedder_is_refused(kb_settings: Settings, store_dir: Path) -> None:
+    with pytest.raises(agentcomms.KnowledgeNotConfiguredError, match="was built with all-MiniLM-L6-v2-int8"):
+        EdgeStore(store_dir, embedder_name="my-api-embedder", dimension=1536)
+
+
+# -- the knowledge service, over the bus -----------------------------------------------------------
+
+
+@pytest.fixture
+async def service(kb_settings: Settings) -> AsyncIterator[KnowledgeService]:
+    async with KnowledgeService(kb_settings) as running:
+        yield running
+
+
+async def test_other_processes_search_through_the_service(kb_settings: Settings, service: KnowledgeService) -> None:
+    async with AgentMemoryInterface(kb_settings) as client:
+        assert client.mode == "client"
+        cmo = await client.search_knowledge("agent.cmo", "cmo", SECRET["question"])
+        assert "project nightjar" in texts(cmo)
+        content = await client.search_knowledge("agent.content", "content_agent", SECRET["question"], limit=50)
+        assert "project nightjar" not in texts(content) and {r.domain for r in content} <= {"marketing", "content"}
+        stats = await client.stats()
+        assert stats["documents"] == 77 and stats["domains"]["executive"]["documents"] == 11
+        insight = await client.share_insight("agent.cmo", "cmo", "Chicago leads convert best.", ["marketing"])
+        assert insight.startswith("insight:")
+        with pytest.raises(PermissionDeniedError):
+            await client.share_insight("agent.seo", "seo_agent", "Hidden.", ["executive"])
+        with pytest.raises(KnowledgeQueryError, match="unknown knowledge filter"):
+            await client.search_knowledge("agent.cmo", "cmo", "q", filters={"nope": "x"})
+
+
+async def test_an_agent_answers_only_with_what_the_asker_may_see(
+    kb_settings: Settings, service: KnowledgeService
+) -> None:
+    """BaseAgent's default REQUEST_KNOWLEDGE answer searches the domains both roles may read."""
+    cmo_config = create_agent_config("agent.cmo.john", "john", "cmo", "executive")
+    content_config = create_agent_config("agent.content.sarah", "sarah", "content_agent", "marketing")
+    async with BaseAgent(cmo_config, settings=kb_settings) as cmo, BaseAgent(content_config, settings=kb_settings):
+        own = await cmo.search_knowledge(SECRET["question"])
+        assert "project nightjar" in texts(own)  # the CMO itself may read executive knowledge
+        async with MessageBroker(settings=kb_settings) as broker:
+            asker = agentcomms.MessageSender(sender_id="agent.content.sarah", broker=broker)
+            reply = await asker.request("agent.cmo.john", "request_knowledge", {"query": SECRET["question"]})
+        assert reply.success, reply
+        found = reply.data["results"]
+        assert found and all(r["domain"] == "marketing" for r in found)  # content_agent ∩ cmo = marketing
+        assert "nightjar" not in json.dumps(found).casefold()
+
+
+TEAM = [("agent.cmo.john", ["cmo"]), ("agent.content.sarah", ["content_agent"])]
+
+
+@pytest.fixture
+async def secure_kb(redis_url: str, tmp_path: Path, store_dir: Path) -> Settings:
+    folder = tmp_path / "identities"
+    admin = create_admin(folder, "admin.ops")
+    async with MessageBroker(settings=Settings(redis_url=redis_url)) as broker:
+        await enrol_team(broker.pipeliner, folder, admin, [*TEAM, ("knowledge", ["knowledge_service"])])
+    return Settings(
+        redis_url=redis_url, security="on", identity_dir=folder, trust_anchors=[b64encode(admin.public.ed25519)],
+        knowledge_dir=store_dir, message_timeout=10,
+    )  # fmt: skip
+
+
+async def test_with_security_the_service_takes_the_role_from_the_verified_sender(secure_kb: Settings) -> None:
+    async with KnowledgeService(secure_kb), AgentMemoryInterface(secure_kb, mode="client") as client:
+        question = SECRET["question"]
+        with pytest.raises(PermissionDeniedError, match="does not hold role 'cmo'"):
+            await client.search_knowledge("agent.content.sarah", "cmo", question)  # claiming another role
+        own = await client.search_knowledge("agent.content.sarah", None, question, limit=50)
+        assert own and {r.domain for r in own} <= {"marketing", "content"}
+        cmo = await client.search_knowledge("agent.cmo.john", None, question)
+        assert "project nightjar" in texts(cmo)
+        with pytest.raises(PermissionDeniedError, match="only an admin"):
+            await client.ingest(CORPUS / "corpus", agent_id="agent.cmo.john")
+
+
+# -- a Qdrant server's API (qdrant-client's own local engine stands in for the server) -----------
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local Qdrant")
+async def test_the_server_store_builds_the_same_permission_filter(settings: Settings, tmp_path: Path) -> None:
+    from qdrant_client import QdrantClient
+
+    docs = tmp_path / "docs"
+    for domain in ("executive", "marketing", "content"):
+        shutil.copytree(CORPUS / "corpus" / domain, docs / domain)
+    server = ServerStore(None, collection="kb", dimension=384, client=QdrantClient(location=":memory:"))
+    async with AgentMemoryInterface(settings, store=server, cache=False) as memory:
+        assert memory.mode == "owner"
+        await memory.ingest(docs)
+        fact = next(f for f in FACTS if f["domain"] == "executive")
+        cmo = await memory.search_knowledge("agent.x", "cmo", fact["question"])
+        assert fact["phrase"].casefold() in texts(cmo)
+        content = await memory.search_knowledge("agent.x", "content_agent", fact["question"], limit=50)
+        assert fact["phrase"].casefold() not in texts(content)
+        assert {r.domain for r in content} <= {"marketing", "content"}
+        assert (await memory.ingest(docs)).chunks_embedded == 0
+    server.close()
