@@ -27,7 +27,7 @@ from agentcomms import (
     create_agent_config,
 )
 from agentcomms.embedded import EmbeddedRedis
-from agentcomms.knowledge import DEFAULT_PERMISSIONS, ServerStore
+from agentcomms.knowledge import DEFAULT_PERMISSIONS, ServerStore, SkippedFile
 from agentcomms.knowledge.store import EdgeStore, Query
 from agentcomms.security import b64encode, create_admin, enrol_team
 from conftest import report
@@ -199,6 +199,24 @@ async def test_bad_files_are_skipped_with_a_reason(settings: Settings, tmp_path:
     assert reasons["latin1.md"].startswith("cannot extract text: not UTF-8")
     assert reasons["dangling.md"].startswith("unreadable")
     assert reasons["loose.md"].startswith("no domain")
+
+
+async def test_a_file_that_cannot_be_read_this_time_keeps_its_stored_copy(settings: Settings, tmp_path: Path) -> None:
+    docs = tmp_path / "docs" / "ops"
+    docs.mkdir(parents=True)
+    (docs / "dock.md").write_text("# Dock\n\nThe loading dock opens at six.\n")
+    (docs / "yard.md").write_text("# Yard\n\nThe yard closes at ten.\n")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as memory:
+        await memory.ingest(tmp_path / "docs")
+        (docs / "dock.md").unlink()
+        (docs / "dock.md").symlink_to(tmp_path / "unmounted" / "dock.md")  # unreadable now, not deleted
+        again = await memory.ingest(tmp_path / "docs")
+        assert again.removed == [] and again.skipped[0]["reason"].startswith("unreadable")
+        listing_failed = SkippedFile("gdrive folder", "cannot list the folder: HTTP 500", incomplete=True)
+        third = await memory.ingest_documents([listing_failed], scope="file:")
+        assert third.removed == [] and third.removal_skipped is not None
+        assert memory.store is not None and set(memory.store.documents()) == {"file:ops/dock.md", "file:ops/yard.md"}
 
 
 async def test_ingest_of_a_missing_path_is_a_clear_error(memory: AgentMemoryInterface, tmp_path: Path) -> None:

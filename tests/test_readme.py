@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentcomms import AgentMessage, Settings
+from agentcomms import AgentMessage, AgentResponse, Settings
 from agentcomms.examples import TwinAgent, create_agent_config
 
 README = Path(__file__).parent.parent / "README.md"
@@ -88,7 +88,7 @@ async def test_security(redis_url: str, tmp_path: Path, monkeypatch: pytest.Monk
     seen: list[AgentMessage] = []
 
     class Jane(TwinAgent):
-        async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any]:
+        async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any] | AgentResponse:
             seen.append(message)
             return await super().handle_request_knowledge(message)
 

@@ -4,14 +4,17 @@
 folder (unless ``REDIS_URL`` is set), runs the CMO, CSO, CTO, marketing manager, content
 and SEO twins as separate ``agentcomms run-agent`` processes, then plays: a CMO dashboard
 request for sales data, CMO-CSO agent-to-agent collaboration, a department broadcast,
-an executive's department status, and discovery queries. It prints a report and
-returns whether every scenario was answered.
+an executive's department status, discovery queries, security, and knowledge: a knowledge
+service process ingests the shipped Halcyon Robotics corpus, and the CMO's and the content
+agent's twins answer the same question from the documents each role may read. It prints a
+report and returns whether every scenario was answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -43,6 +46,16 @@ __all__ = ["run_demo"]
 
 _PEOPLE = [("dashboard.cmo", ["cmo"]), ("exec.ceo", ["ceo"]), ("dashboard.intern", ["intern"])]
 """The people's tools the demo process speaks as (the twins are enrolled with their configured roles)."""
+
+_KNOWLEDGE = "knowledge"
+"""The knowledge service's agent id (and its identity)."""
+
+_KNOWLEDGE_GRANTS = {
+    "ceo": ["executive", "marketing", "sales", "product", "content", "seo", "engineering"],
+    "cso": ["executive", "sales"],
+    "cto": ["executive", "product", "engineering"],
+}
+"""Added to the seed's table (CMO, marketing manager, content agent, SEO agent) for the demo's other roles."""
 
 _POLICY = {
     "default": "allow",
@@ -88,16 +101,17 @@ async def _enrol(url: str, folder: Path, team: list[tuple[str, list[str]]]) -> P
     base = folder / "identities"
     admin = create_admin(base / "admin", "admin.demo")
     async with MessageBroker(settings=Settings(redis_url=url), client_name="demo.admin") as broker:
-        await enrol_team(broker.pipeliner, base / "new", admin, [*team, *_PEOPLE])
+        await enrol_team(broker.pipeliner, base / "new", admin, [*team, *_PEOPLE, (_KNOWLEDGE, ["knowledge_service"])])
     anchors = (base / "admin" / "trust_anchors").read_text()
     people = {identity_id for identity_id, _ in _PEOPLE}
-    for identity_id, _ in [*team, *_PEOPLE]:
+    for identity_id, _ in [*team, *_PEOPLE, (_KNOWLEDGE, [])]:
         own = base / ("people" if identity_id in people else identity_id)
         own.mkdir(mode=0o700, exist_ok=True)
         (base / "new" / f"{identity_id}.json").rename(own / f"{identity_id}.json")
         (own / "trust_anchors").write_text(anchors)
     policy = folder / "policy.json"
     policy.write_text(json.dumps(_POLICY, indent=2))
+    (folder / "knowledge_permissions.json").write_text(json.dumps({"roles": _KNOWLEDGE_GRANTS}, indent=2))
     return policy
 
 
@@ -118,9 +132,11 @@ async def _team(
     log = config.parent / "agents.log"  # what the agents print on stderr: shown only if one fails to start
     with log.open("ab") as sink:
         processes = await _start_team(config, agent_ids, env, sink.fileno(), policy)
+        processes.append(await _start_knowledge(config.parent, env, sink.fileno(), policy))
+    names = [*agent_ids, _KNOWLEDGE]
     try:
-        async with asyncio.timeout(60):
-            for process, agent_id in zip(processes, agent_ids, strict=True):
+        async with asyncio.timeout(120):  # the knowledge service ingests the corpus first (~10 s)
+            for process, agent_id in zip(processes, names, strict=True):
                 assert process.stdout is not None
                 line = (await process.stdout.readline()).decode()
                 if not line.startswith("READY"):
@@ -165,6 +181,20 @@ async def _start_team(
     ]
 
 
+async def _start_knowledge(folder: Path, env: dict[str, str], stderr: int, policy: Path) -> asyncio.subprocess.Process:
+    """``agentcomms knowledge serve``, ingesting the shipped corpus first, as the ``knowledge`` identity."""
+    corpus = Path(__file__).parent / "examples" / "knowledge" / "corpus"
+    knowledge_env = {
+        "AGENTCOMMS_KNOWLEDGE_DIR": str(folder / "knowledge"),
+        "AGENTCOMMS_KNOWLEDGE_PERMISSIONS": str(folder / "knowledge_permissions.json"),
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentcomms", "knowledge", "serve", "--ingest", str(corpus),
+        stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        env={**env, **_secure_env(folder, _KNOWLEDGE, policy), **knowledge_env},
+    )  # fmt: skip
+
+
 async def _timed(outcome: Outcome, scenario: Callable[[Outcome], Awaitable[None]]) -> Outcome:
     started = time.perf_counter()
     try:
@@ -174,6 +204,25 @@ async def _timed(outcome: Outcome, scenario: Callable[[Outcome], Awaitable[None]
         outcome.rows.append(("error", str(exc)))
     outcome.ms = (time.perf_counter() - started) * 1000
     return outcome
+
+
+async def _knowledge(executive: MessageSender, outcome: Outcome) -> None:
+    """The CEO asks the CMO's and the content agent's twins the same question, answered from the documents."""
+    question = "What is the secret name for the deal to buy the camera startup?"
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for twin in ("agent.cmo.john", "agent.sarah"):
+        reply = await executive.request(twin, "request_knowledge", {"query": question, "from_documents": True})
+        found = reply.data.get("results", []) if reply.success and isinstance(reply.data, dict) else []
+        answers[twin] = found
+        shown = "; ".join(f"{r['domain']}: {r['source']['title']}" for r in found[:3]) or _short(reply.get("error"))
+        outcome.rows.append((f"{twin} answers the CEO from", shown))
+    cmo_knows = any("Project Nightjar" in r["text"] for r in answers["agent.cmo.john"])
+    content_knows = any("Project Nightjar" in r["text"] for r in answers["agent.sarah"])
+    outcome.rows.append(
+        ("the codename (executive domain)", f"CMO's twin: {'found' if cmo_knows else 'not found'}; "
+         f"content agent's twin: {'found' if content_knows else 'not found (not its domain)'}")
+    )  # fmt: skip
+    outcome.ok = cmo_knows and not content_knows and bool(answers["agent.sarah"])
 
 
 async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> list[Outcome]:
@@ -241,7 +290,7 @@ async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> lis
                 ("department=marketing", {"department": "marketing"}, 4),
                 ("capability=content_creation", {"capability": "content_creation"}, 1),
                 ("intent=assign_task", {"intent": MessageIntent.ASSIGN_TASK}, 6),
-                ("online_only", {"online_only": True}, 6),
+                ("online_only", {"online_only": True}, 7),  # the six twins and the knowledge service
             ]
             outcome.ok = True
             for label, filters, expected in queries:
@@ -291,6 +340,10 @@ async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> lis
             await _timed(Outcome("Executive asks for the marketing department's status"), department_status),
             await _timed(Outcome("Discovery by role, department, capability, intent"), discovery),
             await _timed(Outcome("Security: sealed payloads, forged senders and the policy"), security),
+            await _timed(
+                Outcome("Knowledge: one question, answered from what each role may read"),
+                functools.partial(_knowledge, executive),
+            ),
         ]
 
 
@@ -326,7 +379,8 @@ async def run_demo(settings: Settings, console: Console) -> bool:
             )
             async with _team(url, config_path, [c.agent_id for c in configs], policy):
                 console.print(
-                    f"{len(configs)} digital twins online, each in its own process "
+                    f"{len(configs)} digital twins and the knowledge service (77 documents ingested) online, "
+                    "each in its own process "
                     f"({time.perf_counter() - started:.1f}s): " + ", ".join(f"{c.agent_id} ({c.role})" for c in configs)
                 )
                 outcomes = await _play(url, settings, folder, policy)

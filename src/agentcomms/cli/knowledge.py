@@ -60,15 +60,22 @@ def _sender(settings: Settings) -> str:
 
 @knowledge_app.command("ingest")
 def knowledge_ingest(
-    path: Annotated[Path, typer.Argument(help="A folder (one sub-folder per domain) or a file.")],
+    path: Annotated[
+        Path | None, typer.Argument(help="A folder (one sub-folder per domain) or a file.", show_default=False)
+    ] = None,
     domain: Annotated[
         str | None, typer.Option("--domain", help="The domain of every file (default: its sub-folder's name).")
     ] = None,
+    drive: Annotated[
+        bool, typer.Option("--drive", help="Ingest the Google Drive folders of GDRIVE_CONFIG_PATH instead.")
+    ] = False,
     as_json: JsonOption = False,
     log_level: LogLevelOption = None,
 ) -> None:
     """Ingest documents incrementally: unchanged files cost nothing, deleted ones are removed."""
     configure_logging(log_level)
+    if (path is None) != drive:
+        raise typer.BadParameter("give a PATH or --drive")
     settings = load_settings()
     sender_id = _sender(settings)
 
@@ -76,6 +83,9 @@ def knowledge_ingest(
         async with open_broker(settings, client_name=sender_id) as broker:
             async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
                 errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
+                if drive:
+                    return await memory.ingest_drive()
+                assert path is not None
                 if memory.mode != "owner" or as_json:
                     return await memory.ingest(path, domain=domain)
                 with Progress(
@@ -153,14 +163,19 @@ def knowledge_search(
 
 
 @knowledge_app.command("serve")
-def knowledge_serve(log_level: LogLevelOption = None) -> None:
+def knowledge_serve(
+    ingest: Annotated[
+        list[Path] | None, typer.Option("--ingest", help="Ingest this folder first (incremental; repeatable).")
+    ] = None,
+    log_level: LogLevelOption = None,
+) -> None:
     """Run the knowledge service (owns the embedded store, answers everyone) until SIGINT or SIGTERM."""
     configure_logging(log_level)
     settings = load_settings()
-    run(_serve(settings))
+    run(_serve(settings, ingest or []))
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, folders: list[Path]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -169,6 +184,9 @@ async def _serve(settings: Settings) -> None:
         service = KnowledgeService(settings, broker=broker)
         await service.initialize()
         try:
+            for folder in folders:  # online already: searches meanwhile see what is ingested so far
+                report = await service.memory.ingest(folder)
+                errors.print(f"[dim]ingested {esc(folder)}: {esc(report.summary())}[/]", soft_wrap=True)
             stats = await service.memory.stats()
             errors.print(
                 f"[dim]knowledge store {esc(stats['store'])}: {plural(stats['documents'], 'document')}, "

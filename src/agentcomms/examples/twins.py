@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from agentcomms.agent import BaseAgent
-from agentcomms.schemas import AgentMessage
+from agentcomms.schemas import AgentMessage, AgentResponse
 
 __all__ = ["TwinAgent"]
 
@@ -44,9 +44,15 @@ class TwinAgent(BaseAgent):
     def _knowledge(self) -> dict[str, Any]:
         return KNOWLEDGE.get(self.config.role.lower(), {"note": f"no knowledge loaded for {self.config.role}"})
 
-    async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any]:
-        """Answer from this role's knowledge; consult another role first when asked to collaborate."""
+    async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any] | AgentResponse:
+        """Answer from this role's knowledge; consult another role first when asked to collaborate.
+
+        With ``data["from_documents"]`` it searches the company's documents instead (the
+        knowledge service), limited to what both its role and the asker's may read.
+        """
         data = message.payload.data
+        if data.get("from_documents"):
+            return await self.answer_from_knowledge(message)
         answer: dict[str, Any] = {"role": self.config.role, "query": data.get("query", ""), **self._knowledge()}
         partner = data.get("collaborate_with")
         if isinstance(partner, str):

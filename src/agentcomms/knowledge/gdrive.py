@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from agentcomms.exceptions import ConfigError
 from agentcomms.knowledge.sources import (
     SUPPORTED_SUFFIXES,
+    Block,
     SkippedFile,
     SourceDocument,
     UnchangedDocument,
@@ -167,7 +168,7 @@ def _list_children(service: Any, folder_id: str, retries: int) -> Iterator[dict[
             return
 
 
-def _extract(suffix: str, raw: bytes) -> tuple[str | None, list[Any]]:
+def _extract(suffix: str, raw: bytes) -> tuple[str | None, list[Block]]:
     """:func:`extract` of downloaded bytes; PDF and DOCX through a temporary file, since their readers take a path."""
     if suffix not in _READ_BY_PATH:
         return extract(Path(f"document{suffix}"), raw)
@@ -202,7 +203,7 @@ def _read_file(
     try:
         raw: bytes = request.execute(num_retries=retries)
     except HttpError as exc:
-        return SkippedFile(location, f"cannot download: {_http_reason(exc)}")
+        return SkippedFile(location, f"cannot download: {_http_reason(exc)}", source_id=f"gdrive:{file_id}")
     if len(raw) > max_bytes:
         return SkippedFile(location, f"too large: {len(raw)} bytes, limit {max_bytes}")
     if not raw.strip():
@@ -217,9 +218,14 @@ def _read_file(
         location=location,
         title=title or extracted_title or file_id,
         domain=domain,
-        version=str(item["modifiedTime"]),
+        version=drive_version(str(item["modifiedTime"]), domain),
         blocks=blocks,
     )
+
+
+def drive_version(modified: str, domain: str) -> str:
+    """A Drive document's version: its ``modifiedTime`` and its domain (moved to another domain: read again)."""
+    return f"{modified}@{domain}"
 
 
 def _folder_problem(config: DriveConfig, folder_id: str, exc: Any) -> SkippedFile:
@@ -228,7 +234,7 @@ def _folder_problem(config: DriveConfig, folder_id: str, exc: Any) -> SkippedFil
         email = config.service_account_email() or "the service account (client_email in its key file)"
         reason += f"; share the folder with {email}"
     logger.warning("gdrive: folder %s skipped: %s", folder_id, reason)
-    return SkippedFile(_folder_link(folder_id), reason)
+    return SkippedFile(_folder_link(folder_id), reason, incomplete=True)  # so nothing stored is removed
 
 
 def _location(item: Mapping[str, Any]) -> str:
@@ -240,8 +246,8 @@ def _file_result(
 ) -> SourceDocument | SkippedFile | UnchangedDocument:
     source_id, modified = f"gdrive:{item['id']}", item.get("modifiedTime")
     if not modified:
-        return SkippedFile(_location(item), "Drive gave no modifiedTime for it")
-    if known.get(source_id) == modified:
+        return SkippedFile(_location(item), "Drive gave no modifiedTime for it", source_id=source_id)
+    if known.get(source_id) == drive_version(str(modified), domain):
         return UnchangedDocument(source_id, _location(item))
     return _read_file(service, item, domain, config.max_file_bytes, retries)
 
@@ -269,7 +275,7 @@ def _scan_tree(
             for item in _list_children(service, folder_id, retries):
                 item_id = str(item["id"])
                 if item.get("mimeType") == FOLDER_TYPE:
-                    if True:  # a configured sub-folder is scanned with its own domain
+                    if item_id not in config.folders:  # a configured sub-folder is scanned with its own domain
                         pending.append(item_id)
                 elif item_id not in visited:  # a file with two parents is read once
                     visited.add(item_id)

@@ -115,6 +115,8 @@ class IngestReport(BaseModel):
     skipped: list[dict[str, str]] = Field(default_factory=list)
     chunks_embedded: int = 0
     seconds: float = 0.0
+    removal_skipped: str | None = None
+    """Why no stored document was removed although some were not seen (a folder could not be listed)."""
 
     def summary(self) -> str:
         """One line: the counts."""
@@ -464,6 +466,44 @@ class AgentMemoryInterface:
         )  # fmt: skip
         return await self.ingest_documents(found, scope=scope, progress=progress)
 
+    async def ingest_drive(
+        self,
+        config_path: str | Path | Any = None,
+        *,
+        progress: Progress | None = None,
+        agent_id: str = "knowledge.ingest",
+        drive_service: Any = None,
+    ) -> IngestReport:
+        """Ingest the Google Drive folders of ``config_path`` (default ``GDRIVE_CONFIG_PATH``), incrementally.
+
+        Files whose ``modifiedTime`` (and domain) is unchanged are not downloaded; files gone
+        from the folders are removed, unless a folder could not be listed. ``config_path``
+        may also be a loaded ``DriveConfig``; ``drive_service`` a Drive v3 API object of
+        your own (default: one built from the config's service account).
+
+        Raises:
+            ConfigError: the config or the service account key cannot be used.
+            KnowledgeError: no config path is given or set.
+        """
+        path = config_path or self.settings.gdrive_config_path
+        if path is None:
+            raise KnowledgeError("no Google Drive config: set GDRIVE_CONFIG_PATH (docs/knowledge.md)")
+        from agentcomms.knowledge.gdrive import DriveConfig, build_drive_service, scan_drive
+
+        if self._need_mode() == "client":
+            if isinstance(path, DriveConfig):
+                raise KnowledgeError("a client asks the knowledge service with a config file's path, not a DriveConfig")
+            data = {"drive": str(Path(path).expanduser().resolve())}
+            return IngestReport.model_validate(await self._ask(agent_id, INGEST_INTENT, data, long=True))
+        store = self._store
+        assert store is not None
+        config = path if isinstance(path, DriveConfig) else DriveConfig.load(path)
+        service = drive_service or await asyncio.to_thread(build_drive_service, config)
+        stored = await asyncio.to_thread(store.documents)
+        known = {sid: entry.version for sid, entry in stored.items() if sid.startswith("gdrive:")}
+        found = await asyncio.to_thread(lambda: list(scan_drive(service, config, known)))
+        return await self.ingest_documents(found, scope="gdrive:", progress=progress)
+
     async def ingest_documents(
         self,
         documents: Sequence[SourceDocument | SkippedFile | UnchangedDocument],
@@ -489,6 +529,10 @@ class AgentMemoryInterface:
             for done, item in enumerate(documents, start=1):
                 if isinstance(item, SkippedFile):
                     report.skipped.append({"location": item.location, "reason": item.reason})
+                    if item.source_id is not None:  # not readable this time: its stored copy stays
+                        seen.add(item.source_id)
+                    if item.incomplete:
+                        report.removal_skipped = f"{item.location} could not be listed: {item.reason}"
                 elif isinstance(item, UnchangedDocument):
                     seen.add(item.source_id)
                     report.unchanged += 1
@@ -505,7 +549,7 @@ class AgentMemoryInterface:
                             changed_domains.add(before.domain)
                 if progress is not None:
                     progress(done, total, getattr(item, "location", ""))
-            if scope is not None:
+            if scope is not None and report.removal_skipped is None:
                 for source_id, entry in stored.items():
                     if source_id.startswith(scope) and source_id not in seen:
                         await asyncio.to_thread(store.delete_where, "source_id", source_id)

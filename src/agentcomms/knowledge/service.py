@@ -18,6 +18,7 @@ from typing import Any
 from agentcomms.agent import BaseAgent
 from agentcomms.exceptions import (
     AgentNotFoundError,
+    ConfigError,
     HandlerError,
     KnowledgeError,
     KnowledgeQueryError,
@@ -154,12 +155,15 @@ class KnowledgeService(BaseAgent):
         if not self._is_admin(message):
             raise HandlerError("forbidden", "only an admin identity may ingest into the knowledge store")
         data = message.payload.data
-        path, domain = data.get("path"), data.get("domain")
-        if not isinstance(path, str) or not path:
-            raise HandlerError("invalid_query", "'path' must name a file or folder")
+        path, domain, drive = data.get("path"), data.get("domain"), data.get("drive")
         try:
-            report = await self._owner().ingest(path, domain=domain if isinstance(domain, str) else None)
-        except KnowledgeError as exc:
+            if isinstance(drive, str) and drive:
+                report = await self._owner().ingest_drive(drive)
+            elif isinstance(path, str) and path:
+                report = await self._owner().ingest(path, domain=domain if isinstance(domain, str) else None)
+            else:
+                raise HandlerError("invalid_query", "'path' must name a file or folder (or 'drive' a Drive config)")
+        except (KnowledgeError, ConfigError) as exc:
             raise HandlerError("ingest_failed", str(exc)) from None
         return report.model_dump(mode="json")
 

@@ -62,10 +62,17 @@ class UnchangedDocument:
 
 @dataclass(frozen=True, slots=True)
 class SkippedFile:
-    """A file that was not ingested, and why."""
+    """A file that was not ingested, and why.
+
+    With ``source_id`` (a file that could not be read this time: an I/O or HTTP error) its
+    stored copy is kept; without, a stored copy is removed like that of a deleted file.
+    ``incomplete``: a whole folder could not be listed, so an ingest removes nothing.
+    """
 
     location: str
     reason: str
+    source_id: str | None = None
+    incomplete: bool = False
 
 
 def normalise_domain(value: str) -> str | None:
@@ -299,7 +306,7 @@ def scan_folder(
                 continue
             raw = path.read_bytes()
         except OSError as exc:
-            yield SkippedFile(location, f"unreadable: {exc.strerror or exc}")
+            yield SkippedFile(location, f"unreadable: {exc.strerror or exc}", source_id=f"file:{relative.as_posix()}")
             continue
         if not raw.strip():
             yield SkippedFile(location, "empty")
