@@ -46,7 +46,7 @@ async def twins(settings: Settings) -> AsyncIterator[None]:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(BLOCKS) == 4
+    assert len(BLOCKS) == 5
 
 
 async def test_add_communication_to_your_agent(twins: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,3 +96,22 @@ async def test_security(redis_url: str, tmp_path: Path, monkeypatch: pytest.Monk
         namespace = await run_block(BLOCKS[3], {})
     assert namespace["reply"].success and "pipeline" in namespace["reply"].data
     assert seen[0].sender_roles == ("cmo",) and seen[0].payload.data == {"query": "board pack"}
+
+
+async def test_knowledge(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import agentcomms
+    from agentcomms import AgentMemoryInterface, KnowledgeService
+
+    corpus = Path(agentcomms.__file__).parent / "examples" / "knowledge" / "corpus"
+    for domain in ("executive", "marketing", "content"):
+        shutil.copytree(corpus / domain, tmp_path / "docs" / domain)
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as owner:
+        await owner.ingest(tmp_path / "docs")
+    monkeypatch.setenv("AGENTCOMMS_KNOWLEDGE_DIR", str(tmp_path / "kb"))
+    async with KnowledgeService(kb):  # owns the store: the README's interface becomes its client
+        namespace = await run_block(BLOCKS[4], {})
+    results = namespace["results"]
+    assert results and {r.domain for r in results} <= {"marketing", "content"}
