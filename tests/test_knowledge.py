@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -388,3 +388,37 @@ async def test_the_server_store_builds_the_same_permission_filter(settings: Sett
         assert {r.domain for r in content} <= {"marketing", "content"}
         assert (await memory.ingest(docs)).chunks_embedded == 0
     server.close()
+
+
+class LetterEmbedder:
+    """A user's own embedder (here: letter frequencies), to show the interface takes any."""
+
+    name = "letters-26"
+    dimension = 26
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        out = []
+        for text in texts:
+            counts = [float(text.casefold().count(chr(ord("a") + i))) for i in range(26)]
+            norm = sum(c * c for c in counts) ** 0.5 or 1.0
+            out.append([c / norm for c in counts])
+        return out
+
+
+async def test_an_embedder_of_your_own_is_used_and_its_store_refuses_another(
+    settings: Settings, tmp_path: Path
+) -> None:
+    docs = tmp_path / "docs" / "ops"
+    docs.mkdir(parents=True)
+    (docs / "dock.md").write_text("# Dock\n\nThe loading dock opens at six.\n")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    grants = KnowledgePermissions({"ops": ["ops"]})
+    async with AgentMemoryInterface(kb, mode="owner", embedder=LetterEmbedder(), permissions=grants) as memory:
+        assert isinstance(LetterEmbedder(), agentcomms.Embedder)
+        await memory.ingest(tmp_path / "docs")
+        found = await memory.search_knowledge("agent.x", "ops", "when does the loading dock open?")
+        assert found[0].source.title == "Dock"
+        assert (await memory.stats())["embedder"] == "letters-26"
+    with pytest.raises(agentcomms.KnowledgeNotConfiguredError, match="built with letters-26"):
+        async with AgentMemoryInterface(kb, mode="owner"):  # the default embedder on that store
+            pass
