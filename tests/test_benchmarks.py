@@ -45,3 +45,9 @@ def test_faults_benchmark_quick_run(tmp_path: Path) -> None:
     assert all(f["requests"]["answered"] > 0 for f in faults)  # requests flowed through every fault
     assert faults[-1]["notes"]["agents' clock ahead by s (median)"] > 100  # the step really happened
     assert "goal" in output and (tmp_path / "faults-logs" / "requests.csv").exists()
+
+
+def test_knowledge_benchmark_quick_run() -> None:
+    output = run_benchmark("knowledge.py", "--quick")
+    for section in ("recall@3", "documents/s", "over the bus", "Results outside the role's domains: 0."):
+        assert section in output

@@ -117,10 +117,17 @@ class MiniLMEmbedder:
         return result
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Unit vectors of ``texts`` (batched; an empty text gets the vector of an empty sentence)."""
-        vectors: list[list[float]] = []
-        for start in range(0, len(texts), self._batch_size):
-            vectors.extend(self._run(texts[start : start + self._batch_size]).tolist())
+        """Unit vectors of ``texts``, in order (an empty text gets the vector of an empty sentence).
+
+        Batched by length: a batch is padded to its longest text, so similar lengths go together
+        (mixed lengths made ingest ~3x slower).
+        """
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), self._batch_size):
+            batch = order[start : start + self._batch_size]
+            for index, vector in zip(batch, self._run([texts[i] for i in batch]).tolist(), strict=True):
+                vectors[index] = vector
         return vectors
 
 

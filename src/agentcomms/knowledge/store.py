@@ -37,6 +37,7 @@ __all__ = [
     "Query",
     "ServerStore",
     "StoredChunk",
+    "fuse",
     "point_id",
 ]
 
@@ -85,19 +86,36 @@ class Query:
     mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
     candidates: int = 40
     """How many chunks each half proposes before fusion."""
-    rrf_k: int = 2
-    """Reciprocal rank fusion's k: a larger k flattens the difference between ranks (2: measured best here,
-    docs/knowledge.md)."""
+    rrf_k: int = 5
+    """Reciprocal rank fusion's k: a larger k flattens the difference between ranks (docs/knowledge.md)."""
     weights: tuple[float, float] = (1.0, 1.0)
     """Weights of the dense and the lexical ranking in the fusion."""
 
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A search result: similarity (cosine, higher is closer) and the chunk's payload."""
+    """A search result: its score (higher is better), the chunk's payload and point id."""
 
     score: float
     payload: dict[str, Any]
+    id: str = ""
+
+
+def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], query: Query, limit: int) -> list[Hit]:
+    """Reciprocal rank fusion of two rankings: ``weight / (k + rank)`` summed per chunk (rank from 0).
+
+    Done here rather than in Qdrant so that ties (frequent with small k) are broken the
+    same way every time: by the dense similarity, then the point id.
+    """
+    scores: dict[str, float] = {}
+    hits: dict[str, Hit] = {}
+    for ranking, weight in ((dense, query.weights[0]), (lexical, query.weights[1])):
+        for rank, hit in enumerate(ranking):
+            scores[hit.id] = scores.get(hit.id, 0.0) + weight / (query.rrf_k + rank)
+            hits.setdefault(hit.id, hit)
+    similarity = {hit.id: hit.score for hit in dense}
+    order = sorted(scores, key=lambda i: (-scores[i], -similarity.get(i, -2.0), i))
+    return [Hit(round(scores[i], 6), hits[i].payload, i) for i in order[:limit]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,27 +277,29 @@ class EdgeStore(KnowledgeStore):
     ) -> list[Hit]:
         _check_domains(domains)
         qe = self._qe
-        where = self._filter(domains, equal)  # the permission filter, in every stage of the query
-        dense = qe.Query.Nearest(list(query.vector), using=DENSE)
-        lexical = qe.Query.Nearest(qe.SparseVector(indices=query.lexical[0], values=query.lexical[1]), using=LEXICAL)
+        where = self._filter(domains, equal)  # the permission filter, in every query
+
+        def request(using: str, limit: int) -> Any:
+            if using == DENSE:
+                vector: Any = list(query.vector)
+            else:
+                vector = qe.SparseVector(indices=query.lexical[0], values=query.lexical[1])
+            return qe.QueryRequest(query=qe.Query.Nearest(vector, using=using), filter=where, limit=limit,
+                                   with_payload=True)  # fmt: skip
+
         if query.mode == "hybrid" and query.lexical[0]:
-            request = qe.QueryRequest(
-                prefetches=[
-                    qe.Prefetch(limit=query.candidates, query=dense, filter=where),
-                    qe.Prefetch(limit=query.candidates, query=lexical, filter=where),
-                ],
-                query=qe.Fusion.Rrf(k=query.rrf_k, weights=list(query.weights)),
-                filter=where,
-                limit=limit,
-                with_payload=True,
-            )
-        else:
-            request = qe.QueryRequest(
-                query=lexical if query.mode == "lexical" else dense, filter=where, limit=limit, with_payload=True
-            )
+            candidates = max(query.candidates, limit)
+            batch = qe.QueryBatchRequest([request(DENSE, candidates), request(LEXICAL, candidates)])
+            with self._mutex:
+                dense, lexical = (self._hits(points) for points in self._shard.query_batch(batch))
+            return fuse(dense, lexical, query, limit)
         with self._mutex:
-            points = self._shard.query(request)
-        return [Hit(float(p.score), dict(p.payload or {})) for p in points]
+            points = self._shard.query(request(LEXICAL if query.mode == "lexical" else DENSE, limit))
+        return self._hits(points)
+
+    @staticmethod
+    def _hits(points: Sequence[Any]) -> list[Hit]:
+        return [Hit(float(p.score), dict(p.payload or {}), str(p.id)) for p in points]
 
     def facet(self, field: str) -> dict[str, int]:  # noqa: D102
         with self._mutex:
@@ -381,30 +401,30 @@ class ServerStore(KnowledgeStore):
     ) -> list[Hit]:
         _check_domains(domains)
         models = self._models
-        where = self._filter(domains, equal)  # the permission filter, in every stage of the query
-        lexical = models.SparseVector(indices=query.lexical[0], values=query.lexical[1])
+        where = self._filter(domains, equal)  # the permission filter, in every query
+
+        def request(using: str, limit: int) -> Any:
+            if using == DENSE:
+                vector: Any = list(query.vector)
+            else:
+                vector = models.SparseVector(indices=query.lexical[0], values=query.lexical[1])
+            return models.QueryRequest(query=vector, using=using, filter=where, limit=limit, with_payload=True)
+
         if query.mode == "hybrid" and query.lexical[0]:
-            result = self._client.query_points(
-                self.collection,
-                prefetch=[
-                    models.Prefetch(query=list(query.vector), using=DENSE, filter=where, limit=query.candidates),
-                    models.Prefetch(query=lexical, using=LEXICAL, filter=where, limit=query.candidates),
-                ],
-                query=models.FusionQuery(fusion=models.Fusion.RRF),
-                query_filter=where,
-                limit=limit,
-                with_payload=True,
+            candidates = max(query.candidates, limit)
+            answers = self._client.query_batch_points(
+                self.collection, requests=[request(DENSE, candidates), request(LEXICAL, candidates)]
             )
-        else:
-            result = self._client.query_points(
-                self.collection,
-                query=lexical if query.mode == "lexical" else list(query.vector),
-                using=LEXICAL if query.mode == "lexical" else DENSE,
-                query_filter=where,
-                limit=limit,
-                with_payload=True,
-            )
-        return [Hit(float(p.score), dict(p.payload or {})) for p in result.points]
+            dense, lexical = (self._hits(answer.points) for answer in answers)
+            return fuse(dense, lexical, query, limit)
+        answer = self._client.query_batch_points(
+            self.collection, requests=[request(LEXICAL if query.mode == "lexical" else DENSE, limit)]
+        )[0]
+        return self._hits(answer.points)
+
+    @staticmethod
+    def _hits(points: Sequence[Any]) -> list[Hit]:
+        return [Hit(float(p.score), dict(p.payload or {}), str(p.id)) for p in points]
 
     def facet(self, field: str) -> dict[str, int]:  # noqa: D102
         response = self._client.facet(self.collection, key=field, limit=_FACET_LIMIT, exact=True)
