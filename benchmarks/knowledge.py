@@ -244,13 +244,13 @@ async def quality(memory: AgentMemoryInterface, questions: list[dict[str, str]],
             for q in questions:
                 found = await memory.search_knowledge("bench.quality", ALL_ROLE, q["question"], limit=10)
                 ranked = [r.source.source_id for r in found]
-                wanted = f"file:{q['doc']}"
+                wanted = f"file:{CORPUS.resolve().as_posix()}/{q['doc']}"
                 rank = ranked.index(wanted) + 1 if wanted in ranked else None
                 at1 += rank == 1
                 at3 += rank is not None and rank <= 3
                 reciprocal += 1 / rank if rank else 0.0
                 if method == "hybrid" and (rank is None or rank > 3):
-                    top = ranked[0].removeprefix("file:") if ranked else "nothing"
+                    top = ranked[0].removeprefix(f"file:{CORPUS.resolve().as_posix()}/") if ranked else "nothing"
                     miss = results.misses.setdefault(q["question"], {"doc": q["doc"], "passes": 0, "seen": set()})
                     miss["passes"] += 1
                     miss["seen"].add(f"rank {rank or '>10'}, first {top}")

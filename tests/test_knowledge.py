@@ -162,16 +162,36 @@ async def test_reingest_embeds_only_what_changed_and_removes_what_is_gone(settin
         gone = sorted((docs / "marketing").glob("*.md"))[0]
         gone.unlink()
         third = await memory.ingest(docs)
-        assert third.updated == [str(changed)] and third.removed == [f"file:marketing/{gone.name}"]
+        assert third.updated == [str(changed)] and third.removed == [f"file:{gone}"]
         assert third.unchanged == 20 and third.chunks_embedded == 1
         found = await memory.search_knowledge("agent.x", "cmo", "Osprey initiative quota")
         assert found[0].source.location == str(changed) and found[0].source.title == "Renamed plan"
         stored = memory.store
         assert stored is not None
         documents = stored.documents()
-        assert f"file:marketing/{gone.name}" not in documents
-        assert documents[f"file:sales/{changed.name}"].chunks == 1  # the old version's chunks are gone
+        assert f"file:{gone}" not in documents
+        assert documents[f"file:{changed}"].chunks == 1  # the old version's chunks are gone
     report(f"knowledge re-ingest: 22 documents, second pass embedded {again.chunks_embedded} chunks")
+
+
+async def test_ingesting_another_folder_keeps_what_came_from_the_first(settings: Settings, tmp_path: Path) -> None:
+    for team in ("north", "south"):  # the same relative paths in both: two documents each, not one
+        (tmp_path / team / "ops").mkdir(parents=True)
+        (tmp_path / team / "ops" / "dock.md").write_text(f"# Dock\n\nThe {team} dock opens at six.\n")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner", permissions=KnowledgePermissions({"ops": ["ops"]})) as memory:
+        await memory.ingest(tmp_path / "north")
+        second = await memory.ingest(tmp_path / "south")
+        assert second.removed == [] and len(second.added) == 1
+        found = await memory.search_knowledge("agent.x", "ops", "when does the dock open?")
+        assert sorted(r.text for r in found) == ["The north dock opens at six.", "The south dock opens at six."]
+        (tmp_path / "north" / "ops" / "dock.md").unlink()
+        third = await memory.ingest(tmp_path / "north")
+        assert third.removed == [f"file:{(tmp_path / 'north' / 'ops' / 'dock.md').resolve()}"]
+        shutil.rmtree(tmp_path / "south")  # a folder gone: its documents are removed by name
+        gone = await memory.remove(tmp_path / "south")
+        assert gone.removed == [f"file:{(tmp_path / 'south' / 'ops' / 'dock.md').resolve()}"]
+        assert await memory.search_knowledge("agent.x", "ops", "when does the dock open?") == []
 
 
 async def test_bad_files_are_skipped_with_a_reason(settings: Settings, tmp_path: Path) -> None:
@@ -216,7 +236,10 @@ async def test_a_file_that_cannot_be_read_this_time_keeps_its_stored_copy(settin
         listing_failed = SkippedFile("gdrive folder", "cannot list the folder: HTTP 500", incomplete=True)
         third = await memory.ingest_documents([listing_failed], scope="file:")
         assert third.removed == [] and third.removal_skipped is not None
-        assert memory.store is not None and set(memory.store.documents()) == {"file:ops/dock.md", "file:ops/yard.md"}
+        assert memory.store is not None and set(memory.store.documents()) == {
+            f"file:{docs}/dock.md",
+            f"file:{docs}/yard.md",
+        }
 
 
 async def test_ingest_of_a_missing_path_is_a_clear_error(memory: AgentMemoryInterface, tmp_path: Path) -> None:
@@ -231,7 +254,9 @@ async def test_results_carry_text_source_domain_and_score(memory: AgentMemoryInt
     results = await memory.search_knowledge("agent.x", "cmo", "who is buying the camera startup and for how much")
     top = results[0]
     assert top.domain == "executive" and "Larkspur" in top.text
-    assert top.source.source_id == "file:executive/project-nightjar-acquisition-memo.md"
+    assert (
+        top.source.source_id == f"file:{(CORPUS / 'corpus').resolve()}/executive/project-nightjar-acquisition-memo.md"
+    )
     assert top.source.title.startswith("Project Nightjar") and top.source.location.endswith(".md")
     assert top.score > 0 and [r.score for r in results] == sorted((r.score for r in results), reverse=True)
     assert len({r.source.source_id for r in results}) == len(results)  # one chunk per document

@@ -116,6 +116,30 @@ def knowledge_ingest(
         console.print(table)
 
 
+@knowledge_app.command("remove")
+def knowledge_remove(
+    path: Annotated[Path, typer.Argument(help="A file or folder whose ingested documents go (it may be gone).")],
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Remove the documents ingested from PATH (a folder that moved, or that you no longer want searched)."""
+    configure_logging(log_level)
+    settings = load_settings()
+    sender_id = _sender(settings)
+
+    async def remove() -> IngestReport:
+        async with open_broker(settings, client_name=sender_id) as broker:
+            async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
+                errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
+                return await memory.remove(path)
+
+    report = run(remove())
+    if as_json:
+        write_out(report.model_dump_json(indent=2) + "\n")
+    else:
+        console.print(f"{plural(len(report.removed), 'document')} removed", highlight=False)
+
+
 @knowledge_app.command("search")
 def knowledge_search(
     query: Annotated[str, typer.Argument(help="What to look for.")],

@@ -60,6 +60,7 @@ from agentcomms.schemas import AgentResponse, MessageIntent
 
 __all__ = [
     "INGEST_INTENT",
+    "REMOVE_INTENT",
     "STATS_INTENT",
     "AgentMemoryInterface",
     "IngestReport",
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 INGEST_INTENT = "knowledge_ingest"
 """Intent of a request to the knowledge service to ingest a folder it can read."""
+REMOVE_INTENT = "knowledge_remove"
+"""Intent of a request to the knowledge service to remove what was ingested from a path."""
 STATS_INTENT = "knowledge_stats"
 """Intent of a request to the knowledge service for what it holds."""
 
@@ -460,11 +463,38 @@ class AgentMemoryInterface:
             return IngestReport.model_validate(await self._ask(agent_id, INGEST_INTENT, data, long=True))
         if not root.exists():
             raise KnowledgeError(f"nothing to ingest at {root}: no such file or folder")
-        scope = "file:" if root.is_dir() else None
+        # documents gone from this folder are removed; what was ingested from elsewhere stays
+        scope = f"file:{root.resolve().as_posix()}/" if root.is_dir() else None
         found = await asyncio.to_thread(
             lambda: list(scan_folder(root, domain=domain, max_file_bytes=max_file_bytes))
         )  # fmt: skip
         return await self.ingest_documents(found, scope=scope, progress=progress)
+
+    async def remove(self, path: str | Path, *, agent_id: str = "knowledge.ingest") -> IngestReport:
+        """Remove every document ingested from ``path`` (a file, or a folder and all under it).
+
+        For a folder that moved or is gone (ids are absolute paths); nothing else is touched.
+        """
+        target = Path(path).expanduser().resolve()
+        if self._need_mode() == "client":
+            data = {"path": str(target)}
+            return IngestReport.model_validate(await self._ask(agent_id, REMOVE_INTENT, data, long=True))
+        store = self._store
+        assert store is not None
+        started = time.perf_counter()
+        report = IngestReport()
+        exact, under = f"file:{target.as_posix()}", f"file:{target.as_posix().rstrip('/')}/"
+        async with self._write_lock:
+            stored = await asyncio.to_thread(store.documents)
+            domains = set()
+            for source_id, entry in stored.items():
+                if source_id == exact or source_id.startswith(under):
+                    await asyncio.to_thread(store.delete_where, "source_id", source_id)
+                    report.removed.append(source_id)
+                    domains.add(entry.domain)
+            await self._invalidate(domains)
+        report.seconds = round(time.perf_counter() - started, 3)
+        return report
 
     async def ingest_drive(
         self,

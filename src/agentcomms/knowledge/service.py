@@ -167,6 +167,15 @@ class KnowledgeService(BaseAgent):
             raise HandlerError("ingest_failed", str(exc)) from None
         return report.model_dump(mode="json")
 
+    async def handle_knowledge_remove(self, message: AgentMessage) -> dict[str, Any]:
+        """Remove what was ingested from ``data["path"]``. With security on, admins only."""
+        if not self._is_admin(message):
+            raise HandlerError("forbidden", "only an admin identity may remove from the knowledge store")
+        path = message.payload.data.get("path")
+        if not isinstance(path, str) or not path:
+            raise HandlerError("invalid_query", "'path' must name a file or folder")
+        return (await self._owner().remove(path)).model_dump(mode="json")
+
     async def handle_knowledge_stats(self, message: AgentMessage) -> dict[str, Any]:
         """What the store holds."""
         return await self._owner().stats()

@@ -42,7 +42,7 @@ class SourceDocument:
     """One document to ingest: where it is, its domain, a version that changes with its content, its text."""
 
     source_id: str
-    """Stable id: ``file:<path relative to the ingested folder>`` or ``gdrive:<file id>``."""
+    """Stable id: ``file:<absolute path>`` or ``gdrive:<file id>``."""
     location: str
     """A file path or a Drive link, shown with every result."""
     title: str
@@ -306,7 +306,7 @@ def scan_folder(
                 continue
             raw = path.read_bytes()
         except OSError as exc:
-            yield SkippedFile(location, f"unreadable: {exc.strerror or exc}", source_id=f"file:{relative.as_posix()}")
+            yield SkippedFile(location, f"unreadable: {exc.strerror or exc}", source_id=f"file:{path.as_posix()}")
             continue
         if not raw.strip():
             yield SkippedFile(location, "empty")
@@ -317,7 +317,7 @@ def scan_folder(
             yield SkippedFile(location, f"cannot extract text: {str(exc)[:200] or type(exc).__name__}")
             continue
         yield SourceDocument(
-            source_id=f"file:{relative.as_posix()}",
+            source_id=f"file:{path.as_posix()}",
             location=location,
             title=title or _title_from_name(path),
             domain=doc_domain,
