@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -389,6 +391,9 @@ async def test_with_security_the_service_takes_the_role_from_the_verified_sender
         assert "project nightjar" in texts(cmo)
         with pytest.raises(PermissionDeniedError, match="only an admin"):
             await client.ingest(CORPUS / "corpus", agent_id="agent.cmo.john")
+        stats = await client.stats("agent.content.sarah")  # not an admin: only what its role may read
+        assert set(stats["domains"]) == {"marketing", "content"} and stats["permissions"] == {}
+        assert "knowledge" not in stats["store"]
 
 
 # -- a Qdrant server's API (qdrant-client's own local engine stands in for the server) -----------
@@ -447,3 +452,125 @@ async def test_an_embedder_of_your_own_is_used_and_its_store_refuses_another(
     with pytest.raises(agentcomms.KnowledgeNotConfiguredError, match="built with letters-26"):
         async with AgentMemoryInterface(kb, mode="owner"):  # the default embedder on that store
             pass
+
+
+# -- what the review found: typed errors, nothing lost, nothing shared across stores --------------
+
+
+async def test_an_invalid_domain_is_refused_before_anything_is_removed(
+    memory: AgentMemoryInterface, tmp_path: Path
+) -> None:
+    before = len(memory.store.documents()) if memory.store else 0
+    with pytest.raises(KnowledgeQueryError, match="invalid domain 'Bad Domain!'"):
+        await memory.ingest(CORPUS / "corpus", domain="Bad Domain!")
+    assert memory.store is not None and len(memory.store.documents()) == before
+
+
+async def test_a_folder_that_cannot_be_listed_removes_nothing(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = tmp_path / "docs"
+    for domain in ("sales", "marketing"):
+        (docs / domain).mkdir(parents=True)
+        (docs / domain / "a.md").write_text(f"# A\n\nThe {domain} plan.\n")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as memory:
+        await memory.ingest(docs)
+        real_scandir = os.scandir
+
+        def refuse_sales(path: Any) -> Any:  # what a user without the rights to list it gets (root always may)
+            if Path(path).name == "sales":
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refuse_sales)
+        again = await memory.ingest(docs)
+        assert again.removed == [] and again.removal_skipped is not None
+        assert again.skipped[0]["reason"] == "cannot list the folder: Permission denied"
+
+
+async def test_two_stores_on_one_redis_do_not_share_cached_results(settings: Settings, tmp_path: Path) -> None:
+    grants = KnowledgePermissions({"ops": ["ops"]})
+    found = []
+    for tenant in ("a", "b"):
+        (tmp_path / tenant / "ops").mkdir(parents=True)
+        (tmp_path / tenant / "ops" / "plan.md").write_text(f"# Plan\n\nTenant {tenant} launches in spring.\n")
+        kb = settings.model_copy(update={"knowledge_dir": tmp_path / f"kb-{tenant}"})
+        async with AgentMemoryInterface(kb, mode="owner", permissions=grants) as memory:
+            await memory.ingest(tmp_path / tenant)
+            found.append((await memory.search_knowledge("agent.x", "ops", "when is the launch?"))[0].text)
+    assert found == ["Tenant a launches in spring.", "Tenant b launches in spring."]
+
+
+class FailingEmbedder(LetterEmbedder):
+    """An embedder of the user's own whose service fails after a while (an API going down)."""
+
+    calls = 0
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        FailingEmbedder.calls += 1
+        if FailingEmbedder.calls > 3:
+            raise ConnectionError("embedding API unreachable")
+        return super().embed(texts)
+
+
+async def test_an_ingest_that_fails_midway_is_typed_and_leaves_no_stale_cache(
+    settings: Settings, tmp_path: Path
+) -> None:
+    docs = tmp_path / "docs" / "ops"
+    docs.mkdir(parents=True)
+    (docs / "a.md").write_text("# Dates\n\nThe launch is in May.\n")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    grants = KnowledgePermissions({"ops": ["ops"]})
+    async with AgentMemoryInterface(kb, mode="owner", embedder=FailingEmbedder(), permissions=grants) as memory:
+        await memory.ingest(tmp_path / "docs")  # embedder call 1
+        assert "May" in (await memory.search_knowledge("agent.x", "ops", "launch date"))[0].text  # call 2, cached
+        (docs / "a.md").write_text("# Dates\n\nThe launch moved to June.\n")
+        (docs / "b.md").write_text("# More\n\nAnother document.\n")
+        with pytest.raises(KnowledgeError, match="embedding API unreachable"):
+            await memory.ingest(tmp_path / "docs")  # a.md stored (call 3), b.md fails (call 4)
+        with pytest.raises(KnowledgeError, match="embedder letters-26 failed"):
+            await memory.search_knowledge("agent.x", "ops", "launch date")  # not the stale cached May
+
+
+async def test_odd_inputs_are_typed_errors(memory: AgentMemoryInterface) -> None:
+    for filters in (["domains"], 5, "executive"):
+        with pytest.raises(KnowledgeQueryError, match="filters must be an object"):
+            await memory.search_knowledge("agent.x", "cmo", "q", filters=filters)  # type: ignore[arg-type]
+    with pytest.raises(KnowledgeQueryError, match="limit"):
+        await memory.search_knowledge("agent.x", "cmo", "q", limit=True)
+    with pytest.raises(KnowledgeQueryError, match="cannot be embedded"):
+        await memory.search_knowledge("agent.x", "cmo", "bad \ud800 text")
+    one = await memory.share_insight("agent.x", "cmo", "One domain as a string.", "marketing")
+    assert one.startswith("insight:")
+
+
+async def test_a_qdrant_server_password_never_shows(settings: Settings) -> None:
+    with pytest.raises(agentcomms.KnowledgeNotConfiguredError) as refused:
+        ServerStore("http://admin:S3CRETPW@127.0.0.1:1", collection="kb", dimension=384)
+    assert "S3CRETPW" not in str(refused.value) and "127.0.0.1:1" in str(refused.value)
+
+
+def test_permission_domains_are_normalised_and_checked() -> None:
+    assert KnowledgePermissions({"cso": ["Product Marketing"]}).domains("CSO") == {"product_marketing"}
+    with pytest.raises(agentcomms.ConfigError, match="'sales/eu' is not a domain name"):
+        KnowledgePermissions({"cso": ["sales/eu"]})
+
+
+async def test_the_service_ingests_only_under_its_roots_and_leaves_no_connection_when_busy(
+    kb_settings: Settings, store_dir: Path, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "allowed" / "ops"
+    allowed.mkdir(parents=True)
+    (allowed / "a.md").write_text("# A\n\nAllowed.\n")
+    async with (
+        KnowledgeService(kb_settings, ingest_roots=[tmp_path / "allowed"]),
+        AgentMemoryInterface(kb_settings, mode="client") as client,
+    ):
+        assert len((await client.ingest(tmp_path / "allowed")).added) == 1
+        with pytest.raises(PermissionDeniedError, match="not under the folders this service ingests"):
+            await client.ingest(Path("/etc"))
+        second = KnowledgeService(kb_settings)
+        with pytest.raises(KnowledgeStoreBusyError):
+            await second.initialize()
+        assert not second.broker.connected

@@ -103,7 +103,10 @@ TREE = [
     ok("spring-campaign.md"),
     error(404, "error_404_folder.json"),
 ]
-KNOWN = {f"gdrive:{FAQ}": "2024-01-15T10:30:00.000Z@marketing", f"gdrive:{BRAND}": "2024-04-01T00:00:00.000Z@marketing"}
+KNOWN = {
+    f"gdrive:{FAQ}": f"2024-01-15T10:30:00.000Z@marketing@{MARKETING}",
+    f"gdrive:{BRAND}": f"2024-04-01T00:00:00.000Z@marketing@{MARKETING}",
+}
 
 
 def scan(config: DriveConfig, known: Mapping[str, str] = KNOWN) -> tuple[list[Result], HttpMockSequence]:
@@ -146,7 +149,7 @@ def test_markdown_file_is_downloaded_and_extracted_under_its_headings(config: Dr
     results, http = scan(config)
     guide = by_location(results)[BRAND]
     assert isinstance(guide, SourceDocument)
-    assert guide.source_id == f"gdrive:{BRAND}" and guide.version == "2024-05-02T09:14:03.512Z@marketing"
+    assert guide.source_id == f"gdrive:{BRAND}" and guide.version == f"2024-05-02T09:14:03.512Z@marketing@{MARKETING}"
     assert guide.title == "brand-guide" and guide.domain == "marketing"
     assert guide.location == f"https://drive.google.com/file/d/{BRAND}/view?usp=drivesdk"
     voice = next(b for b in guide.blocks if "heron" in b.text)
@@ -160,7 +163,7 @@ def test_google_doc_is_exported_as_html(config: DriveConfig) -> None:
     results, http = scan(config)
     plan = by_location(results)[LAUNCH]
     assert isinstance(plan, SourceDocument)
-    assert plan.title == "Launch plan" and plan.version == "2024-05-03T16:40:27.081Z@marketing"
+    assert plan.title == "Launch plan" and plan.version == f"2024-05-03T16:40:27.081Z@marketing@{MARKETING}"
     assert [(b.heading, b.text) for b in plan.blocks] == [
         ("Launch plan", "The product launch happens on the 14th of June in Lisbon."),
         ("Launch plan > Press", "Embargoed press kits go out one week before the launch."),
@@ -191,7 +194,10 @@ def test_unchanged_file_is_not_downloaded(config: DriveConfig) -> None:
 
 
 def test_a_file_whose_folder_moved_to_another_domain_is_read_again(config: DriveConfig) -> None:
-    moved = {f"gdrive:{FAQ}": "2024-01-15T10:30:00.000Z@support", f"gdrive:{BRAND}": KNOWN[f"gdrive:{BRAND}"]}
+    moved = {
+        f"gdrive:{FAQ}": f"2024-01-15T10:30:00.000Z@support@{MARKETING}",
+        f"gdrive:{BRAND}": KNOWN[f"gdrive:{BRAND}"],
+    }
     service, http = drive([*TREE[:6], ok("brand-guide.md"), *TREE[6:]])  # after the 403: the FAQ is fetched again
     results = list(scan_drive(service, config, moved))
     faq = by_location(results)[FAQ]
@@ -219,10 +225,10 @@ def test_folder_not_shared_is_reported_with_a_hint(config: DriveConfig) -> None:
 
 def test_configured_sub_folder_keeps_its_own_domain(tmp_path: Path) -> None:
     unchanged = {
-        f"gdrive:{BRAND}": "2024-05-02T09:14:03.512Z@marketing",
-        f"gdrive:{LAUNCH}": "2024-05-03T16:40:27.081Z@marketing",
-        f"gdrive:{LOCKED}": "2024-05-01T07:55:12.000Z@marketing",
-        f"gdrive:{FAQ}": "2024-01-15T10:30:00.000Z@marketing",
+        f"gdrive:{BRAND}": f"2024-05-02T09:14:03.512Z@marketing@{MARKETING}",
+        f"gdrive:{LAUNCH}": f"2024-05-03T16:40:27.081Z@marketing@{MARKETING}",
+        f"gdrive:{LOCKED}": f"2024-05-01T07:55:12.000Z@marketing@{MARKETING}",
+        f"gdrive:{FAQ}": f"2024-01-15T10:30:00.000Z@marketing@{MARKETING}",
     }
     service, http = drive([
         ok("folder_marketing.json"), ok("list_marketing_page1.json"), ok("list_marketing_page2.json"),
@@ -366,3 +372,47 @@ async def test_drive_documents_are_searchable_and_a_second_scan_embeds_nothing(
         again = await memory.ingest_drive(config, drive_service=service)  # what it knows: from the store
         assert (again.chunks_embedded, again.unchanged, again.added, again.removed) == (0, 1, [], [])
         assert len(http.request_sequence) == 2
+
+
+async def test_two_drive_configs_keep_each_others_documents(settings: Settings, tmp_path: Path) -> None:
+    other_listing = json.dumps({"files": [{
+        "id": "1OtherPlanMd", "name": "plan.md", "mimeType": "text/markdown",
+        "modifiedTime": "2024-03-12T14:05:09.420Z", "size": "40",
+    }]}).encode()  # fmt: skip
+    first = DriveConfig(service_account_file=tmp_path / "absent.json", folders={MARKETING: "marketing"})
+    second = DriveConfig(service_account_file=tmp_path / "absent.json", folders={"1SalesFolder": "sales"})
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as memory:
+        service, _ = drive([ok("folder_marketing.json"), ok("list_campaigns.json"), ok("spring-campaign.md")])
+        assert len((await memory.ingest_drive(first, drive_service=service)).added) == 1
+        service, _ = drive([ok("folder_marketing.json"), ({"status": "200"}, other_listing),
+                            ({"status": "200"}, b"# Plan\n\nSell more carts.\n")])  # fmt: skip
+        report = await memory.ingest_drive(second, drive_service=service)
+        assert len(report.added) == 1 and report.removed == []  # the first config's file stays
+        assert memory.store is not None and set(memory.store.documents()) == {f"gdrive:{SPRING}", "gdrive:1OtherPlanMd"}
+
+
+def test_network_and_credential_failures_are_reasons_not_crashes(config: DriveConfig) -> None:
+    from google.auth.exceptions import RefreshError
+
+    class Broken:
+        """A Drive API object whose every call fails as a dead network or a revoked key does."""
+
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def files(self) -> Broken:
+            return self
+
+        def get(self, **_: Any) -> Broken:
+            return self
+
+        def execute(self, **_: Any) -> Any:
+            raise self.exc
+
+    failures: list[Exception] = [RefreshError("invalid_grant"), TimeoutError("timed out"), OSError("unreachable")]  # type: ignore[no-untyped-call]
+    for exc in failures:
+        results = list(scan_drive(Broken(exc), config, {}))
+        skipped = [r for r in results if isinstance(r, SkippedFile) and r.incomplete]
+        assert len(skipped) == len(results) == 2  # both configured folders, neither listed
+        assert type(exc).__name__ in skipped[0].reason

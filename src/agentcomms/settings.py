@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     """Seconds a search's results are cached in Redis (0: no cache); a change to a domain invalidates at once."""
     knowledge_timeout: float = Field(10.0, gt=0, validation_alias=_env("KNOWLEDGE_TIMEOUT"))
     """How long a search through the knowledge service may take."""
+    knowledge_ingest_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("KNOWLEDGE_INGEST_ROOTS")
+    )
+    """Folders (comma-separated) under which the knowledge service ingests on request over the bus."""
     vector_store_collection: str = Field("agentcomms_knowledge", validation_alias=_env("VECTOR_STORE_COLLECTION"))
     """The collection on the Qdrant server of ``VECTOR_STORE_URL``."""
     vector_store_api_key: SecretStr | None = None
@@ -171,7 +175,7 @@ class Settings(BaseSettings):
     require_tls: bool = Field(False, validation_alias=_env("REQUIRE_TLS"))
     """Refuse a Redis URL that is not ``rediss://`` (a unix socket on this machine is accepted)."""
 
-    @field_validator("trust_anchors", "sealed_intents", mode="before")
+    @field_validator("trust_anchors", "sealed_intents", "knowledge_ingest_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

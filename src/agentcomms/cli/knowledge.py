@@ -205,7 +205,7 @@ async def _serve(settings: Settings, folders: list[Path]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with open_broker(settings, client_name=settings.knowledge_service_id) as broker:
-        service = KnowledgeService(settings, broker=broker)
+        service = KnowledgeService(settings, broker=broker, ingest_roots=folders)
         await service.initialize()
         try:
             for folder in folders:  # online already: searches meanwhile see what is ingested so far

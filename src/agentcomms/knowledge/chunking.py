@@ -14,7 +14,7 @@ from agentcomms.knowledge.sources import SourceDocument
 
 __all__ = ["Chunk", "chunk_document"]
 
-_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n+")
+_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|(?<=[。！？])|\n+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +32,20 @@ class Chunk:
         return f"{context}\n{self.text}" if context else self.text
 
 
+_LONGEST_WORD = 40
+"""Characters of one "word" at most: text without spaces (Chinese, Japanese, a long URL) is cut in such runs."""
+
+
+def _words(sentence: str) -> list[str]:
+    words: list[str] = []
+    for word in sentence.split():
+        words += [word[i : i + _LONGEST_WORD] for i in range(0, len(word), _LONGEST_WORD)]
+    return words
+
+
 def _pieces(text: str, max_words: int, overlap: int) -> list[str]:
     """``text`` cut at sentence ends into pieces of at most ``max_words`` words (a longer sentence is cut)."""
-    words_of = [s.split() for s in _SENTENCE_END.split(text) if s.strip()]
+    words_of = [_words(s) for s in _SENTENCE_END.split(text) if s.strip()]
     sentences: list[list[str]] = []
     for words in words_of:
         for i in range(0, len(words), max_words):

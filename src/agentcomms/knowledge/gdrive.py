@@ -141,8 +141,18 @@ def build_drive_service(config: DriveConfig) -> Any:
 
 
 def _http_reason(exc: Any) -> str:
-    """``HTTP <status>: <Drive's message>`` of a googleapiclient ``HttpError``."""
-    return f"HTTP {exc.status_code}: {str(exc.reason)[:200] or 'no message'}"
+    """``HTTP <status>: <Drive's message>`` of a googleapiclient ``HttpError``; else the error's kind and text."""
+    if hasattr(exc, "status_code") and hasattr(exc, "reason"):
+        return f"HTTP {exc.status_code}: {str(exc.reason)[:200] or 'no message'}"
+    return f"{type(exc).__name__}: {str(exc)[:200] or 'no message'}"  # the network, the token refresh ...
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a Drive call raises when Drive, the network or the credentials fail."""
+    from google.auth.exceptions import GoogleAuthError
+    from googleapiclient.errors import Error as GoogleApiError
+
+    return (GoogleApiError, GoogleAuthError, OSError, TimeoutError)
 
 
 def _folder_link(folder_id: str) -> str:
@@ -179,11 +189,9 @@ def _extract(suffix: str, raw: bytes) -> tuple[str | None, list[Block]]:
 
 
 def _read_file(
-    service: Any, item: Mapping[str, Any], domain: str, max_bytes: int, retries: int
+    service: Any, item: Mapping[str, Any], domain: str, root: str, max_bytes: int, retries: int
 ) -> SourceDocument | SkippedFile:
     """One Drive file downloaded (or exported) and extracted, or why not."""
-    from googleapiclient.errors import HttpError
-
     file_id, name, mime = str(item["id"]), str(item.get("name", "")), str(item.get("mimeType", ""))
     location = _location(item)
     if mime == DOC_TYPE:
@@ -202,7 +210,7 @@ def _read_file(
         request = service.files().get_media(fileId=file_id, supportsAllDrives=True)
     try:
         raw: bytes = request.execute(num_retries=retries)
-    except HttpError as exc:
+    except _transport_errors() as exc:
         return SkippedFile(location, f"cannot download: {_http_reason(exc)}", source_id=f"gdrive:{file_id}")
     if len(raw) > max_bytes:
         return SkippedFile(location, f"too large: {len(raw)} bytes, limit {max_bytes}")
@@ -218,19 +226,29 @@ def _read_file(
         location=location,
         title=title or extracted_title or file_id,
         domain=domain,
-        version=drive_version(str(item["modifiedTime"]), domain),
+        version=drive_version(str(item["modifiedTime"]), domain, root),
         blocks=blocks,
     )
 
 
-def drive_version(modified: str, domain: str) -> str:
-    """A Drive document's version: its ``modifiedTime`` and its domain (moved to another domain: read again)."""
-    return f"{modified}@{domain}"
+def drive_version(modified: str, domain: str, root: str) -> str:
+    """A Drive document's version: its ``modifiedTime``, domain and configured folder.
+
+    Moved to another domain: read again; the folder tells an ingest of one config which
+    stored files are its own (those of another config are not removed).
+    """
+    return f"{modified}@{domain}@{root}"
+
+
+def drive_root(version: str) -> str:
+    """The configured folder id in a version made by :func:`drive_version` (``""`` if none)."""
+    parts = version.split("@")
+    return parts[2] if len(parts) == 3 else ""
 
 
 def _folder_problem(config: DriveConfig, folder_id: str, exc: Any) -> SkippedFile:
     reason = f"cannot list the folder: {_http_reason(exc)}"
-    if exc.status_code in {403, 404}:
+    if getattr(exc, "status_code", None) in {403, 404}:
         email = config.service_account_email() or "the service account (client_email in its key file)"
         reason += f"; share the folder with {email}"
     logger.warning("gdrive: folder %s skipped: %s", folder_id, reason)
@@ -242,23 +260,26 @@ def _location(item: Mapping[str, Any]) -> str:
 
 
 def _file_result(
-    service: Any, item: Mapping[str, Any], domain: str, known: Mapping[str, str], config: DriveConfig, retries: int
+    service: Any,
+    item: Mapping[str, Any],
+    root: str,
+    known: Mapping[str, str],
+    config: DriveConfig,
+    retries: int,
 ) -> SourceDocument | SkippedFile | UnchangedDocument:
     source_id, modified = f"gdrive:{item['id']}", item.get("modifiedTime")
     if not modified:
         return SkippedFile(_location(item), "Drive gave no modifiedTime for it", source_id=source_id)
-    if known.get(source_id) == drive_version(str(modified), domain):
+    domain = config.folders[root]
+    if known.get(source_id) == drive_version(str(modified), domain, root):
         return UnchangedDocument(source_id, _location(item))
-    return _read_file(service, item, domain, config.max_file_bytes, retries)
+    return _read_file(service, item, domain, root, config.max_file_bytes, retries)
 
 
 def _scan_tree(
     service: Any, config: DriveConfig, root: str, known: Mapping[str, str], retries: int, visited: set[str]
 ) -> Iterator[SourceDocument | SkippedFile | UnchangedDocument]:
     """The files under the configured folder ``root``, breadth first; ``visited``: the Drive ids met so far."""
-    from googleapiclient.errors import HttpError
-
-    domain = config.folders[root]
     pending = deque([root])
     while pending:
         folder_id = pending.popleft()
@@ -279,8 +300,8 @@ def _scan_tree(
                         pending.append(item_id)
                 elif item_id not in visited:  # a file with two parents is read once
                     visited.add(item_id)
-                    yield _file_result(service, item, domain, known, config, retries)
-        except HttpError as exc:
+                    yield _file_result(service, item, root, known, config, retries)
+        except _transport_errors() as exc:
             yield _folder_problem(config, folder_id, exc)
 
 

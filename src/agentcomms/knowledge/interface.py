@@ -48,6 +48,7 @@ from agentcomms.knowledge.sources import (
     scan_folder,
 )
 from agentcomms.knowledge.store import (
+    DocumentEntry,
     EdgeStore,
     KnowledgeStore,
     Query,
@@ -136,19 +137,21 @@ Progress = Callable[[int, int, str], None]
 
 def _clean_filters(filters: Mapping[str, Any] | None) -> tuple[frozenset[str] | None, dict[str, str]]:
     """``filters`` as (domains to narrow to, field -> value); refuses unknown keys and odd values."""
-    if not filters:
+    if filters is None:
         return None, {}
-    unknown = set(filters) - FILTER_KEYS
+    if not isinstance(filters, Mapping):
+        raise KnowledgeQueryError(f"filters must be an object of {sorted(FILTER_KEYS)}, not {type(filters).__name__}")
+    unknown = {str(k) for k in filters} - FILTER_KEYS
     if unknown:
         raise KnowledgeQueryError(f"unknown knowledge filter(s) {sorted(unknown)}: use {sorted(FILTER_KEYS)}")
     domains: frozenset[str] | None = None
     equal: dict[str, str] = {}
     for key, value in filters.items():
         if key == "domains":
-            items = [value] if isinstance(value, str) else value
+            items = [value] if isinstance(value, str) else value  # one domain, or a list of them
             if not isinstance(items, list | tuple | set | frozenset) or not all(isinstance(d, str) for d in items):
                 raise KnowledgeQueryError("filter 'domains' must be a domain name or a list of them")
-            domains = frozenset(d.strip().casefold() for d in items)
+            domains = frozenset(normalise_domain(d) or "" for d in items)
         elif isinstance(value, str) and value:
             equal[key] = value
         else:
@@ -228,6 +231,7 @@ class AgentMemoryInterface:
         self.one_per_document = one_per_document
         self._lexical: LexicalEncoder | None = None
         self._write_lock = asyncio.Lock()
+        self._init_lock = asyncio.Lock()
         self._prefix = f"ac:{{{self.settings.knowledge_service_id}}}:kb"
         self.embedded_queries = 0
         self.cache_hits = 0
@@ -242,8 +246,12 @@ class AgentMemoryInterface:
             KnowledgeStoreBusyError: ``mode="owner"`` and another process owns the embedded store.
             BrokerConnectionError: Redis is unreachable.
         """
-        if self.mode is not None:
-            return self
+        async with self._init_lock:  # two callers at once (an agent's first searches): one opens
+            if self.mode is None:
+                await self._initialize()
+        return self
+
+    async def _initialize(self) -> None:
         if self._broker is None:
             from agentcomms.broker import MessageBroker
 
@@ -267,7 +275,6 @@ class AgentMemoryInterface:
             await self.close()
             raise
         logger.info("knowledge memory ready (%s, %s)", self.mode, self._store.location if self._store else "service")
-        return self
 
     def _open_store(self) -> KnowledgeStore:
         settings = self.settings
@@ -282,8 +289,9 @@ class AgentMemoryInterface:
 
     async def close(self) -> None:
         """Release the store (and its lock) and the broker this interface made. Safe to call twice."""
-        store, self._store = self._store, None
-        if store is not None and self._owns_store:
+        store = self._store
+        if store is not None and self._owns_store:  # a store given by the caller stays theirs (and set)
+            self._store = None
             await asyncio.to_thread(store.close)
         for sender in self._senders.values():
             await sender.close()
@@ -342,7 +350,7 @@ class AgentMemoryInterface:
             raise KnowledgeQueryError("the query is empty")
         if len(text) > MAX_QUERY_CHARS:
             raise KnowledgeQueryError(f"the query is {len(text)} characters, limit {MAX_QUERY_CHARS}")
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
             raise KnowledgeQueryError(f"limit must be 1-{MAX_LIMIT}, not {limit!r}")
         narrow, equal = _clean_filters(filters)
         if self._need_mode() == "client":
@@ -368,8 +376,13 @@ class AgentMemoryInterface:
             if cached is not None:
                 self.cache_hits += 1
                 return cached
-        vector = (await asyncio.to_thread(embedder.embed, [text]))[0] if self.retrieval != "lexical" else []
-        lexical = self._lexical.query(text) if self._lexical is not None else ([], [])
+        try:
+            vector = (await asyncio.to_thread(embedder.embed, [text]))[0] if self.retrieval != "lexical" else []
+            lexical = self._lexical.query(text) if self._lexical is not None else ([], [])
+        except (TypeError, ValueError) as exc:  # text the tokenizer cannot take (a lone surrogate ...)
+            raise KnowledgeQueryError(f"the query cannot be embedded: {exc}") from None
+        except Exception as exc:
+            raise KnowledgeError(f"the embedder {embedder.name} failed: {exc}") from exc
         query = Query(vector, lexical, self.retrieval)
         wanted = min(limit * 8, 400) if self.one_per_document else limit
         hits = await asyncio.to_thread(store.search, query, sorted(domains), equal, wanted)
@@ -402,8 +415,9 @@ class AgentMemoryInterface:
             return None, []
         versions = [int(v) if v is not None else 0 for v in raw]
         embedder = self._embedder.name if self._embedder else ""
-        normalised = " ".join(text.split()).casefold()
-        shape = [self.retrieval, self.one_per_document]
+        normalised = " ".join(text.split())
+        store = self._store.location if self._store is not None else ""  # two stores may share one Redis
+        shape = [store, self.retrieval, self.one_per_document]
         material = json.dumps([embedder, shape, normalised, ordered, versions, equal, limit])
         return f"{self._prefix}:q:{hashlib.sha256(material.encode()).hexdigest()[:32]}", versions
 
@@ -463,6 +477,8 @@ class AgentMemoryInterface:
             return IngestReport.model_validate(await self._ask(agent_id, INGEST_INTENT, data, long=True))
         if not root.exists():
             raise KnowledgeError(f"nothing to ingest at {root}: no such file or folder")
+        if domain is not None and normalise_domain(domain) is None:  # else every file is skipped, and so removed
+            raise KnowledgeQueryError(f"invalid domain {domain!r}: letters, digits, _ and - (lower case)")
         # documents gone from this folder are removed; what was ingested from elsewhere stays
         scope = f"file:{root.resolve().as_posix()}/" if root.is_dir() else None
         found = await asyncio.to_thread(
@@ -515,16 +531,13 @@ class AgentMemoryInterface:
             ConfigError: the config or the service account key cannot be used.
             KnowledgeError: no config path is given or set.
         """
+        from agentcomms.knowledge.gdrive import DriveConfig, build_drive_service, drive_root, scan_drive
+
+        if self._need_mode() == "client":  # the service reads its own GDRIVE_CONFIG_PATH, never a client's file
+            return IngestReport.model_validate(await self._ask(agent_id, INGEST_INTENT, {"drive": True}, long=True))
         path = config_path or self.settings.gdrive_config_path
         if path is None:
             raise KnowledgeError("no Google Drive config: set GDRIVE_CONFIG_PATH (docs/knowledge.md)")
-        from agentcomms.knowledge.gdrive import DriveConfig, build_drive_service, scan_drive
-
-        if self._need_mode() == "client":
-            if isinstance(path, DriveConfig):
-                raise KnowledgeError("a client asks the knowledge service with a config file's path, not a DriveConfig")
-            data = {"drive": str(Path(path).expanduser().resolve())}
-            return IngestReport.model_validate(await self._ask(agent_id, INGEST_INTENT, data, long=True))
         store = self._store
         assert store is not None
         config = path if isinstance(path, DriveConfig) else DriveConfig.load(path)
@@ -532,19 +545,24 @@ class AgentMemoryInterface:
         stored = await asyncio.to_thread(store.documents)
         known = {sid: entry.version for sid, entry in stored.items() if sid.startswith("gdrive:")}
         found = await asyncio.to_thread(lambda: list(scan_drive(service, config, known)))
-        return await self.ingest_documents(found, scope="gdrive:", progress=progress)
+
+        def in_this_config(source_id: str, entry: DocumentEntry) -> bool:  # another config's files stay
+            return source_id.startswith("gdrive:") and drive_root(entry.version) in config.folders
+
+        return await self.ingest_documents(found, scope=in_this_config, progress=progress)
 
     async def ingest_documents(
         self,
         documents: Sequence[SourceDocument | SkippedFile | UnchangedDocument],
         *,
-        scope: str | None = None,
+        scope: str | Callable[[str, DocumentEntry], bool] | None = None,
         progress: Progress | None = None,
     ) -> IngestReport:
         """Store ``documents`` incrementally (by ``version``).
 
-        With ``scope`` (a source id prefix such as ``"gdrive:"``), stored documents of that
-        scope that are not among ``documents`` are removed.
+        With ``scope`` (a source id prefix such as ``"file:/srv/docs/"``, or a test of a stored
+        document's id and entry), stored documents of that scope that are not among
+        ``documents`` are removed.
         """
         self._need_owner()
         store, embedder = self._store, self._embedder
@@ -555,40 +573,55 @@ class AgentMemoryInterface:
             stored = await asyncio.to_thread(store.documents)
             seen: set[str] = set()
             changed_domains: set[str] = set()
-            total = len(documents)
-            for done, item in enumerate(documents, start=1):
-                if isinstance(item, SkippedFile):
-                    report.skipped.append({"location": item.location, "reason": item.reason})
-                    if item.source_id is not None:  # not readable this time: its stored copy stays
-                        seen.add(item.source_id)
-                    if item.incomplete:
-                        report.removal_skipped = f"{item.location} could not be listed: {item.reason}"
-                elif isinstance(item, UnchangedDocument):
-                    seen.add(item.source_id)
-                    report.unchanged += 1
-                else:
-                    seen.add(item.source_id)
-                    before = stored.get(item.source_id)
-                    if before is not None and before.version == item.version and before.domain == item.domain:
-                        report.unchanged += 1
-                    else:
-                        report.chunks_embedded += await self._store_document(item, before is not None)
-                        (report.updated if before is not None else report.added).append(item.location)
-                        changed_domains.add(item.domain)
-                        if before is not None:
-                            changed_domains.add(before.domain)
-                if progress is not None:
-                    progress(done, total, getattr(item, "location", ""))
-            if scope is not None and report.removal_skipped is None:
-                for source_id, entry in stored.items():
-                    if source_id.startswith(scope) and source_id not in seen:
-                        await asyncio.to_thread(store.delete_where, "source_id", source_id)
-                        report.removed.append(source_id)
-                        changed_domains.add(entry.domain)
-            await self._invalidate(changed_domains)
+            try:
+                await self._ingest_items(documents, stored, seen, changed_domains, report, progress)
+                if scope is not None and report.removal_skipped is None:
+                    for source_id, entry in stored.items():
+                        inside = scope(source_id, entry) if callable(scope) else source_id.startswith(scope)
+                        if inside and source_id not in seen:
+                            await asyncio.to_thread(store.delete_where, "source_id", source_id)
+                            report.removed.append(source_id)
+                            changed_domains.add(entry.domain)
+            finally:  # also after a failure midway: what was stored so far must not be hidden by the cache
+                await self._invalidate(changed_domains)
         report.seconds = round(time.perf_counter() - started, 3)
         logger.info("knowledge ingest: %s", report.summary())
         return report
+
+    async def _ingest_items(
+        self,
+        documents: Sequence[SourceDocument | SkippedFile | UnchangedDocument],
+        stored: Mapping[str, DocumentEntry],
+        seen: set[str],
+        changed_domains: set[str],
+        report: IngestReport,
+        progress: Progress | None,
+    ) -> None:
+        """Store each changed document; note in ``seen`` every source id that is still there."""
+        total = len(documents)
+        for done, item in enumerate(documents, start=1):
+            if isinstance(item, SkippedFile):
+                report.skipped.append({"location": item.location, "reason": item.reason})
+                if item.source_id is not None:  # not readable this time: its stored copy stays
+                    seen.add(item.source_id)
+                if item.incomplete:
+                    report.removal_skipped = f"{item.location} could not be listed: {item.reason}"
+            elif isinstance(item, UnchangedDocument):
+                seen.add(item.source_id)
+                report.unchanged += 1
+            else:
+                seen.add(item.source_id)
+                before = stored.get(item.source_id)
+                if before is not None and before.version == item.version and before.domain == item.domain:
+                    report.unchanged += 1
+                else:
+                    changed_domains.add(item.domain)
+                    if before is not None:
+                        changed_domains.add(before.domain)
+                    report.chunks_embedded += await self._store_document(item, before is not None)
+                    (report.updated if before is not None else report.added).append(item.location)
+            if progress is not None:
+                progress(done, total, getattr(item, "location", ""))
 
     async def _store_document(self, document: SourceDocument, replacing: bool) -> int:
         store, embedder = self._store, self._embedder
@@ -598,8 +631,11 @@ class AgentMemoryInterface:
             return 0
         texts = [c.embedding_text(document.title) for c in chunks]
         vectors: list[list[float]] = []
-        for start in range(0, len(texts), _EMBED_BATCH):
-            vectors.extend(await asyncio.to_thread(embedder.embed, texts[start : start + _EMBED_BATCH]))
+        try:
+            for start in range(0, len(texts), _EMBED_BATCH):
+                vectors.extend(await asyncio.to_thread(embedder.embed, texts[start : start + _EMBED_BATCH]))
+        except Exception as exc:  # an embedder of the user's own (an API) may fail any way: typed, with its cause
+            raise KnowledgeError(f"the embedder {embedder.name} failed on {document.location}: {exc}") from exc
         doc = doc_key(document.domain, document.version, document.source_id)
         lexical = self._lexical
         points = [
@@ -655,7 +691,9 @@ class AgentMemoryInterface:
             raise KnowledgeQueryError("the insight is empty")
         if len(text) > 20_000:
             raise KnowledgeQueryError(f"the insight is {len(text)} characters, limit 20000")
-        wanted = [normalise_domain(d) for d in domains] if domains else []
+        if isinstance(domains, str):
+            domains = [domains]
+        wanted = [normalise_domain(d) if isinstance(d, str) else None for d in domains] if domains else []
         if not wanted or any(d is None for d in wanted):
             raise KnowledgeQueryError(f"an insight needs valid domain names, not {list(domains)!r}")
         if self._need_mode() == "client":
@@ -697,9 +735,9 @@ class AgentMemoryInterface:
                     lexical,
                 )
             )
-        async with self._write_lock:
-            await asyncio.to_thread(store.upsert, points)
-            await self._invalidate(p.payload["domain"] for p in points)
+        # not behind an ingest's lock: an insight's points are new (a unique id), the store serialises writes
+        await asyncio.to_thread(store.upsert, points)
+        await self._invalidate(p.payload["domain"] for p in points)
         return insight_id
 
     # -- stats --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentcomms.exceptions import ConfigError
+from agentcomms.knowledge.sources import normalise_domain
 from agentcomms.schemas import Name, describe_errors
 
 __all__ = ["DEFAULT_PERMISSIONS", "KnowledgePermissions"]
@@ -46,10 +47,19 @@ class KnowledgePermissions:
     """Role -> the knowledge domains it may read (case-folded); unknown roles read nothing."""
 
     def __init__(self, grants: Mapping[str, Iterable[str]] | None = None) -> None:
+        """Raises ConfigError for a domain that cannot be one (it would never match an ingested domain)."""
         source = DEFAULT_PERMISSIONS if grants is None else grants
-        self._grants: dict[str, frozenset[str]] = {
-            _key(role): frozenset(_key(d) for d in domains) for role, domains in source.items()
-        }
+        self._grants: dict[str, frozenset[str]] = {}
+        for role, domains in source.items():
+            if isinstance(domains, str):
+                raise ConfigError(f"role {role!r}: its domains must be a list, not the string {domains!r}")
+            names = set()
+            for domain in domains:
+                name = normalise_domain(domain)
+                if name is None:
+                    raise ConfigError(f"role {role!r}: {domain!r} is not a domain name (letters, digits, _ and -)")
+                names.add(name)
+            self._grants[_key(role)] = frozenset(names)
 
     @classmethod
     def from_file(cls, path: Path | None) -> KnowledgePermissions:
@@ -70,7 +80,10 @@ class KnowledgePermissions:
             raise ConfigError(f"knowledge permissions file {path}: {describe_errors(exc)}") from None
         grants: dict[str, Iterable[str]] = {} if loaded.replace else dict(DEFAULT_PERMISSIONS)
         grants.update(loaded.roles)
-        return cls(grants)
+        try:
+            return cls(grants)
+        except ConfigError as exc:
+            raise ConfigError(f"knowledge permissions file {path}: {exc}") from None
 
     def domains(self, role: str | None) -> frozenset[str]:
         """The domains ``role`` may read (empty for an unknown role or ``None``)."""

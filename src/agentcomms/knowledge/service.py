@@ -13,6 +13,8 @@ insight), ``knowledge_ingest`` and ``knowledge_stats``. Whose role a search runs
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from agentcomms.agent import BaseAgent
@@ -45,7 +47,12 @@ class KnowledgeService(BaseAgent):
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, memory: AgentMemoryInterface | None = None, **kwargs: Any
+        self,
+        settings: Settings | None = None,
+        *,
+        memory: AgentMemoryInterface | None = None,
+        ingest_roots: Sequence[Path] = (),
+        **kwargs: Any,
     ) -> None:
         settings = settings or Settings()
         config = {
@@ -58,6 +65,10 @@ class KnowledgeService(BaseAgent):
         super().__init__(config, settings=settings, **kwargs)
         self._memory = memory
         self._owns_memory = memory is None
+        self.ingest_roots = [
+            Path(p).expanduser().resolve() for p in [*self.settings.knowledge_ingest_roots, *ingest_roots]
+        ]
+        """Folders under which an ingest or a removal may be asked for over the bus (others are refused)."""
 
     async def initialize(self) -> KnowledgeService:
         """Open the store (owner mode), then go online.
@@ -68,13 +79,15 @@ class KnowledgeService(BaseAgent):
         """
         if self._memory is None:
             self._memory = AgentMemoryInterface(self.settings, broker=self.broker, mode="owner")
-        await self.broker.connect()
-        await self._memory.initialize()
         try:
+            await self.broker.connect()
+            await self._memory.initialize()
             await super().initialize()
         except BaseException:
             if self._owns_memory:
                 await self._memory.close()
+            if self._owns_broker:  # the store was busy, say: leave no connection behind
+                await self.broker.close()
             raise
         return self
 
@@ -150,32 +163,59 @@ class KnowledgeService(BaseAgent):
             raise HandlerError("forbidden", str(exc)) from None
         return {"insight_id": insight_id}
 
-    async def handle_knowledge_ingest(self, message: AgentMessage) -> dict[str, Any]:
-        """Ingest ``data["path"]`` (a folder this service can read): the report. With security on, admins only."""
+    def _allowed_path(self, message: AgentMessage, what: str) -> Path:
+        """``data["path"]``, if the sender may have it ingested or removed.
+
+        The sender must be an admin (security on) and the path under one of :attr:`ingest_roots`:
+        anyone on the bus could otherwise make the service read any file.
+        """
         if not self._is_admin(message):
-            raise HandlerError("forbidden", "only an admin identity may ingest into the knowledge store")
+            raise HandlerError("forbidden", f"only an admin identity may {what}")
+        path = message.payload.data.get("path")
+        if not isinstance(path, str) or not path:
+            raise HandlerError("invalid_query", "'path' must name a file or folder")
+        target = Path(path).expanduser().resolve()
+        if not any(target == root or target.is_relative_to(root) for root in self.ingest_roots):
+            roots = ", ".join(map(str, self.ingest_roots)) or "none: set AGENTCOMMS_KNOWLEDGE_INGEST_ROOTS"
+            raise HandlerError("forbidden", f"{target} is not under the folders this service ingests ({roots})")
+        return target
+
+    async def handle_knowledge_ingest(self, message: AgentMessage) -> dict[str, Any]:
+        """Ingest ``data["path"]`` (under :attr:`ingest_roots`), or this service's ``GDRIVE_CONFIG_PATH``.
+
+        With ``data["drive"]`` the Drive folders; the reply is the report. With security on, admins only.
+        """
         data = message.payload.data
-        path, domain, drive = data.get("path"), data.get("domain"), data.get("drive")
         try:
-            if isinstance(drive, str) and drive:
-                report = await self._owner().ingest_drive(drive)
-            elif isinstance(path, str) and path:
-                report = await self._owner().ingest(path, domain=domain if isinstance(domain, str) else None)
+            if data.get("drive"):
+                if not self._is_admin(message):
+                    raise HandlerError("forbidden", "only an admin identity may ingest into the knowledge store")
+                report = await self._owner().ingest_drive()
             else:
-                raise HandlerError("invalid_query", "'path' must name a file or folder (or 'drive' a Drive config)")
+                path = self._allowed_path(message, "ingest into the knowledge store")
+                domain = data.get("domain")
+                report = await self._owner().ingest(path, domain=domain if isinstance(domain, str) else None)
+        except KnowledgeQueryError as exc:
+            raise HandlerError("invalid_query", str(exc)) from None
         except (KnowledgeError, ConfigError) as exc:
             raise HandlerError("ingest_failed", str(exc)) from None
         return report.model_dump(mode="json")
 
     async def handle_knowledge_remove(self, message: AgentMessage) -> dict[str, Any]:
-        """Remove what was ingested from ``data["path"]``. With security on, admins only."""
-        if not self._is_admin(message):
-            raise HandlerError("forbidden", "only an admin identity may remove from the knowledge store")
-        path = message.payload.data.get("path")
-        if not isinstance(path, str) or not path:
-            raise HandlerError("invalid_query", "'path' must name a file or folder")
+        """Remove what was ingested from ``data["path"]`` (under :attr:`ingest_roots`); admins only (security on)."""
+        path = self._allowed_path(message, "remove from the knowledge store")
         return (await self._owner().remove(path)).model_dump(mode="json")
 
     async def handle_knowledge_stats(self, message: AgentMessage) -> dict[str, Any]:
-        """What the store holds."""
-        return await self._owner().stats()
+        """What the store holds: all of it for an admin (or with security off); else only the sender's domains."""
+        stats = await self._owner().stats()
+        if self._is_admin(message):
+            return stats
+        granted = self._owner().domains_for(await self._role_of(message))
+        return {
+            "store": "(shown to admins)", "embedder": stats["embedder"],
+            "domains": {d: counts for d, counts in stats["domains"].items() if d in granted},
+            "chunks": sum(c["chunks"] for d, c in stats["domains"].items() if d in granted),
+            "documents": sum(c["documents"] for d, c in stats["domains"].items() if d in granted),
+            "permissions": {},
+        }  # fmt: skip

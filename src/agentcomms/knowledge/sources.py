@@ -8,6 +8,7 @@ unreadable, of an unsupported type) is skipped with a reason, never half-ingeste
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -267,49 +268,73 @@ def _title_from_name(path: Path) -> str:
     return path.stem.replace("_", " ").replace("-", " ").strip().capitalize() or path.name
 
 
+def _list_files(root: Path) -> tuple[list[Path], list[OSError]]:
+    """Every file under ``root`` (not in hidden folders), and the folders that could not be listed."""
+    if root.is_file():
+        return [root], []
+    files: list[Path] = []
+    unlisted: list[OSError] = []
+    for folder, folders, names in os.walk(root, onerror=unlisted.append):  # rglob would hide such errors
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        files += [Path(folder) / name for name in names if not name.startswith(".")]
+    return sorted(files), unlisted
+
+
+def _domain_of(relative: Path, domain: str | None) -> str:
+    """The domain of a file at ``relative`` (``domain`` if given); raises ValueError saying why it has none."""
+    if domain is not None:
+        found = normalise_domain(domain)
+        if found is None:
+            raise ValueError(f"invalid domain {domain!r} (letters, digits, _ and -)")
+        return found
+    if len(relative.parts) < 2:
+        raise ValueError("no domain: put it in a sub-folder named after its domain, or pass a domain")
+    found = normalise_domain(relative.parts[0])
+    if found is None:
+        raise ValueError(f"folder name {relative.parts[0]!r} is not a domain name")
+    return found
+
+
+def _read(path: Path, max_file_bytes: int) -> bytes | SkippedFile:
+    """The file's bytes, or why not."""
+    location = str(path)
+    if path.suffix.casefold() not in SUPPORTED_SUFFIXES:
+        return SkippedFile(location, f"unsupported file type {path.suffix or '(none)'}")
+    try:
+        size = path.stat().st_size
+        if size > max_file_bytes:
+            return SkippedFile(location, f"too large: {size} bytes, limit {max_file_bytes}")
+        raw = path.read_bytes()
+    except OSError as exc:  # not readable this time: its stored copy is kept
+        return SkippedFile(location, f"unreadable: {exc.strerror or exc}", source_id=f"file:{path.as_posix()}")
+    return raw if raw.strip() else SkippedFile(location, "empty")
+
+
 def scan_folder(
     root: Path, *, domain: str | None = None, max_file_bytes: int = 20_000_000
 ) -> Iterator[SourceDocument | SkippedFile]:
     """The documents under ``root`` (a folder or one file), each read and extracted, or why it was skipped.
 
     Without ``domain`` a file's domain is the name of its first sub-folder under ``root``;
-    files directly in ``root`` then have none and are skipped. Hidden files and folders are ignored.
+    files directly in ``root`` then have none and are skipped. Hidden files and folders are
+    ignored. A folder that cannot be listed is reported ``incomplete`` (an ingest then
+    removes nothing, since its files were not seen).
     """
     root = root.resolve()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    files, unlisted = _list_files(root)
+    for error in unlisted:
+        yield SkippedFile(str(error.filename), f"cannot list the folder: {error.strerror or error}", incomplete=True)
     base = root.parent if root.is_file() else root
     for path in files:
-        relative = path.relative_to(base)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
         location = str(path)
-        if domain is not None:
-            doc_domain = normalise_domain(domain)
-            if doc_domain is None:
-                yield SkippedFile(location, f"invalid domain {domain!r} (letters, digits, _ and -)")
-                continue
-        elif len(relative.parts) < 2:
-            yield SkippedFile(location, "no domain: put it in a sub-folder named after its domain, or pass a domain")
-            continue
-        else:
-            doc_domain = normalise_domain(relative.parts[0])
-            if doc_domain is None:
-                yield SkippedFile(location, f"folder name {relative.parts[0]!r} is not a domain name")
-                continue
-        if path.suffix.casefold() not in SUPPORTED_SUFFIXES:
-            yield SkippedFile(location, f"unsupported file type {path.suffix or '(none)'}")
-            continue
         try:
-            size = path.stat().st_size
-            if size > max_file_bytes:
-                yield SkippedFile(location, f"too large: {size} bytes, limit {max_file_bytes}")
-                continue
-            raw = path.read_bytes()
-        except OSError as exc:
-            yield SkippedFile(location, f"unreadable: {exc.strerror or exc}", source_id=f"file:{path.as_posix()}")
+            doc_domain = _domain_of(path.relative_to(base), domain)
+        except ValueError as exc:
+            yield SkippedFile(location, str(exc))
             continue
-        if not raw.strip():
-            yield SkippedFile(location, "empty")
+        raw = _read(path, max_file_bytes)
+        if isinstance(raw, SkippedFile):
+            yield raw
             continue
         try:
             title, blocks = extract(path, raw)

@@ -347,9 +347,13 @@ class ServerStore(KnowledgeStore):
                 "a Qdrant server store needs the knowledge extra: pip install 'agentcomms[knowledge]'"
             ) from None
         self._models: Any = models
+        from agentcomms.settings import redact_url
+
         self.collection = collection
-        self.location = f"{url or 'qdrant'}#{collection}"
-        self._client: Any = client if client is not None else QdrantClient(url=url, api_key=api_key, timeout=10)
+        self.location = f"{redact_url(url) or 'qdrant'}#{collection}"  # shown to users: never a password
+        if client is None:  # no version check in a thread of its own: its failure would escape us
+            client = QdrantClient(url=url, api_key=api_key, timeout=10, check_compatibility=False)
+        self._client: Any = client
         try:
             if not self._client.collection_exists(collection):
                 self._client.create_collection(
@@ -371,7 +375,9 @@ class ServerStore(KnowledgeStore):
         except KnowledgeError:
             raise
         except Exception as exc:  # the client's own errors: connection refused, HTTP errors ...
-            raise KnowledgeNotConfiguredError(f"the Qdrant server at {url} cannot be used: {exc}") from None
+            where = redact_url(url)
+            reason = str(exc).replace(url, where) if url else str(exc)
+            raise KnowledgeNotConfiguredError(f"the Qdrant server at {where} cannot be used: {reason}") from None
 
     def _filter(self, domains: Sequence[str] | None, equal: Mapping[str, str]) -> Any:
         models = self._models
