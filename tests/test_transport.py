@@ -335,3 +335,37 @@ async def test_refused_credentials_are_a_typed_error_at_connect(tmp_path: Path) 
             assert "wrong-pass" not in str(caught.value) and caught.value.code in ("NOAUTH", "WRONGPASS")
         async with MessageBroker(settings=Settings(redis_url=locked.url, redis_password="s3cret-pass")) as broker:
             assert (await broker.publish_message(message("agent.locked", n=0))).entry_id
+
+
+async def test_a_connection_cancelled_while_logging_in_is_closed() -> None:
+    """A task cancelled mid-handshake (an app shutting down) must not leave its half-made connection open.
+
+    The peer is a loopback server that accepts and never answers (a hung Redis): the login waits until cancelled.
+    """
+    from agentcomms.transport import ConnectionSpec
+    from agentcomms.transport.link import open_link
+
+    accepted, closed = asyncio.Event(), asyncio.Event()
+
+    async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the client closes its end
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(hung, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        connecting = asyncio.create_task(
+            open_link(ConnectionSpec.from_url(f"redis://127.0.0.1:{port}"), name="cancelled", timeout=60)
+        )
+        async with asyncio.timeout(10):
+            await accepted.wait()
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        async with asyncio.timeout(10):
+            await closed.wait()  # closed by the cancelled call, not left to garbage collection
+    finally:
+        server.close()
+        await server.wait_closed()

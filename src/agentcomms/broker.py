@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -871,18 +872,20 @@ class MessageBroker:
         first = True
         while True:
             try:
-                async for data in subscribe(self.spec, keys.EVENTS_CHANNEL, name=f"{self.client_id}.feed"):
-                    if not data:
-                        yield {"event": "subscribed" if first else "resubscribed"}
-                        first, attempt = False, 0
-                        continue
-                    for line in data.splitlines():  # a feed message holds one event per line
-                        try:
-                            event = json.loads(line)
-                        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
+                # closed with this generator: its connection then goes at once, not when garbage is collected
+                async with aclosing(subscribe(self.spec, keys.EVENTS_CHANNEL, name=f"{self.client_id}.feed")) as feed:
+                    async for data in feed:
+                        if not data:
+                            yield {"event": "subscribed" if first else "resubscribed"}
+                            first, attempt = False, 0
                             continue
-                        if isinstance(event, dict):
-                            yield event
+                        for line in data.splitlines():  # a feed message holds one event per line
+                            try:
+                                event = json.loads(line)
+                            except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
+                                continue
+                            if isinstance(event, dict):
+                                yield event
             except RedisPermissionError:
                 raise  # this ACL user may not read the feed: retrying will not change that
             except (LinkLost, NotReady, AgentCommsError) as exc:

@@ -226,6 +226,9 @@ async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = 
         raise LinkLost(
             f"cannot connect to Redis at {spec.address}: {_why(spec, link, exc, connected=connected, timeout=timeout)}"
         ) from None
+    except BaseException:  # cancelled while connecting or logging in: the half-made connection goes too
+        link.abort()
+        raise
     for command, reply in zip(commands, replies, strict=True):
         if isinstance(reply, ReplyError):
             link.abort()

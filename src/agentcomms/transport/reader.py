@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from agentcomms.exceptions import AgentCommsError
@@ -105,7 +105,7 @@ async def stop_blocked(
     reader.close()
 
 
-async def subscribe(spec: ConnectionSpec, channel: str, *, name: str) -> AsyncIterator[bytes]:
+async def subscribe(spec: ConnectionSpec, channel: str, *, name: str) -> AsyncGenerator[bytes, None]:
     """Messages published on ``channel``, from its ``SUBSCRIBE`` on (lossy: Pub/Sub keeps nothing).
 
     The first item is ``b""`` once the subscription is confirmed. Ends with :class:`LinkLost`
