@@ -7,6 +7,6 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e '.[dev,fast,bench,knowledge]'
+  "$venv/bin/python" -m pip install --quiet -e '.[dev,fast,bench,knowledge,web]'
   touch "$stamp"
 fi

@@ -123,7 +123,7 @@ async def test_ask_with_security_on_asks_as_the_identity_it_holds(cli: Cli, redi
     assert (await cli("identity", "create", ADMIN, "--admin", redis_url=None, env=env)).code == 0
     assert (await cli("identity", "create", JANE, redis_url=None, env=env)).code == 0
     nobody = await cli("ask", "pipeline?", "--to", JANE, redis_url=redis_url, env=env)  # two identities: which?
-    assert nobody.code == 2 and "set AGENTCOMMS_IDENTITY to the identity file to ask as" in nobody.err, nobody.err
+    assert nobody.code == 2 and "set AGENTCOMMS_IDENTITY to the identity file to speak as" in nobody.err, nobody.err
     assert "Traceback" not in nobody.err
 
 

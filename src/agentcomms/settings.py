@@ -143,6 +143,14 @@ class Settings(BaseSettings):
     vector_store_api_key: SecretStr | None = None
     """The Qdrant server's API key, if it needs one (``VECTOR_STORE_API_KEY``)."""
 
+    # -- the dashboard (docs/dashboard.md) --
+    dashboard_host: str = Field("127.0.0.1", validation_alias=_env("DASHBOARD_HOST"))
+    """Where ``agentcomms dashboard`` listens (anything but loopback needs a token)."""
+    dashboard_port: int = Field(8765, ge=0, le=65535, validation_alias=_env("DASHBOARD_PORT"))
+    """Its port (0: any free one)."""
+    dashboard_token: SecretStr | None = Field(None, validation_alias=_env("DASHBOARD_TOKEN"))
+    """Bearer token the dashboard's API and page require, when set."""
+
     # -- security (docs/security.md) --
     security: Literal["off", "on"] = Field("off", validation_alias=_env("SECURITY"))
     """``on``: every message and reply is authenticated, refused otherwise; senders need an identity."""
@@ -216,6 +224,7 @@ class Settings(BaseSettings):
         "redis_ssl_certfile",
         "redis_ssl_keyfile",
         "vector_store_api_key",
+        "dashboard_token",
         "knowledge_dir",
         "knowledge_permissions",
         mode="before",

@@ -26,6 +26,7 @@ from agentcomms.cli._common import LogLevel, configure_logging
 from agentcomms.cli.acl import acl_app
 from agentcomms.cli.agents import agents
 from agentcomms.cli.ask import ask
+from agentcomms.cli.dashboard import dashboard
 from agentcomms.cli.demo import demo
 from agentcomms.cli.dlq import dlq_app
 from agentcomms.cli.identity import identity_app
@@ -65,6 +66,7 @@ app.command("run-agent")(run_agent)
 app.command()(agents)
 app.command()(ask)
 app.command()(tail)
+app.command()(dashboard)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(redis_app, name="redis")
 app.add_typer(identity_app, name="identity")

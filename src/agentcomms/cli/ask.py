@@ -22,9 +22,8 @@ from agentcomms.cli._common import (
     run,
     write_out,
 )
-from agentcomms.exceptions import IdentityError
 from agentcomms.schemas import AgentResponse
-from agentcomms.security import Identity, load_identities
+from agentcomms.security import speaking_as
 from agentcomms.sender import MessageSender
 from agentcomms.settings import Settings
 
@@ -112,19 +111,5 @@ def ask(
 
 
 def _asker(settings: Settings) -> str:
-    """Who the CLI asks as: ``cli``, or with security on the identity it holds.
-
-    Raises:
-        IdentityError: security is on and no single identity is configured.
-    """
-    if settings.security != "on":
-        return "cli"
-    if settings.identity_file is not None:
-        return Identity.load(settings.identity_file).id
-    held = load_identities(settings.identities_folder)
-    if len(held) == 1:
-        return next(iter(held))
-    raise IdentityError(
-        f"AGENTCOMMS_SECURITY is on: set AGENTCOMMS_IDENTITY to the identity file to ask as "
-        f"({len(held)} identities in {settings.identities_folder}; `agentcomms identity create ID` makes one)"
-    )
+    """Who the CLI asks as: ``cli``, or with security on the identity it holds (see ``speaking_as``)."""
+    return speaking_as(settings, "cli")

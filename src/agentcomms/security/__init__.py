@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from agentcomms.exceptions import IdentityError
 from agentcomms.security.guard import Refusal, Security, load_anchors
 from agentcomms.security.identity import Identity, PublicIdentity, b64decode, b64encode, load_identities
 from agentcomms.security.policy import Policy, Rule
 from agentcomms.security.trust import TrustRecord, TrustStore, canonical_json
+from agentcomms.settings import Settings
 from agentcomms.transport import Pipeliner
 
 __all__ = [
@@ -34,7 +36,27 @@ __all__ = [
     "enrol_team",
     "load_anchors",
     "load_identities",
+    "speaking_as",
 ]
+
+
+def speaking_as(settings: Settings, default: str) -> str:
+    """The sender id a tool (the CLI, the dashboard) speaks as: ``default``, or with security on its identity.
+
+    Raises:
+        IdentityError: security is on and no single identity is configured.
+    """
+    if settings.security != "on":
+        return default
+    if settings.identity_file is not None:
+        return Identity.load(settings.identity_file).id
+    held = load_identities(settings.identities_folder)
+    if len(held) == 1:
+        return next(iter(held))
+    raise IdentityError(
+        f"AGENTCOMMS_SECURITY is on: set AGENTCOMMS_IDENTITY to the identity file to speak as "
+        f"({len(held)} identities in {settings.identities_folder}; `agentcomms identity create ID` makes one)"
+    )
 
 
 def create_admin(folder: str | Path, admin_id: str = "admin") -> Identity:
