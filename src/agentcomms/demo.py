@@ -347,6 +347,27 @@ async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> lis
         ]
 
 
+async def _serve_dashboard(
+    url: str, settings: Settings, folder: Path, policy: Path, port: int, console: Console
+) -> None:
+    """The dashboard on the demo's Redis, as ``dashboard.cmo``, until SIGINT or SIGTERM."""
+    from agentcomms.web.app import create_app
+    from agentcomms.web.serve import serve
+
+    as_cmo = settings.model_copy(
+        update={
+            "redis_url": url, "security": "on", "identity_dir": folder / "identities" / "people",
+            "trust_anchors": [], "policy_file": policy,
+            "identity_file": folder / "identities" / "people" / "dashboard.cmo.json",
+        }
+    )  # fmt: skip
+
+    def ready(bound: int) -> None:
+        console.print(f"[bold]dashboard[/] at http://127.0.0.1:{bound}/ (as dashboard.cmo); Ctrl-C stops the demo")
+
+    await serve(create_app(as_cmo), "127.0.0.1", port, ready)
+
+
 def _report(console: Console, outcomes: list[Outcome]) -> None:
     for number, outcome in enumerate(outcomes, 1):
         mark = "[green]answered[/]" if outcome.ok else "[red]FAILED[/]"
@@ -363,8 +384,13 @@ def _report(console: Console, outcomes: list[Outcome]) -> None:
     console.print(f"[bold {colour}]{answered} of {len(outcomes)} scenarios answered[/]")
 
 
-async def run_demo(settings: Settings, console: Console) -> bool:
-    """Run the whole demo; ``True`` if every scenario was answered."""
+async def run_demo(settings: Settings, console: Console, *, dashboard_port: int | None = None) -> bool:
+    """Run the whole demo; ``True`` if every scenario was answered.
+
+    With ``dashboard_port`` the team stays up afterwards and the dashboard is served on
+    127.0.0.1 at that port (0: any free one), as the CMO's dashboard identity, until SIGINT
+    or SIGTERM.
+    """
     folder = Path(tempfile.mkdtemp(prefix="agentcomms-demo-"))
     try:
         configs = create_startup_config()
@@ -384,7 +410,9 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                     f"({time.perf_counter() - started:.1f}s): " + ", ".join(f"{c.agent_id} ({c.role})" for c in configs)
                 )
                 outcomes = await _play(url, settings, folder, policy)
-        _report(console, outcomes)
+                _report(console, outcomes)
+                if dashboard_port is not None:
+                    await _serve_dashboard(url, settings, folder, policy, dashboard_port, console)
         return all(o.ok for o in outcomes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

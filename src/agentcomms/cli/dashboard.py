@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from typing import Annotated
 
@@ -40,22 +39,19 @@ def dashboard(
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
     try:
-        import uvicorn
-
         from agentcomms.web.app import create_app
+        from agentcomms.web.serve import serve
     except ImportError as exc:
         raise fail(
             f"the dashboard needs the web extra: pip install 'agentcomms[web]' ({exc.name} is missing)", 2
         ) from None
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.05)  # uvicorn has no "started" event to wait on
-    if serving.done():
-        await serving  # it could not start (the port is taken ...): its error
-        raise fail(f"the dashboard could not listen on {host}:{port}", 1)
-    bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
     shown = f"[{host}]" if ":" in host else host
-    write_out(f"READY http://{shown}:{bound}/\n")
-    errors.print(f"[dim]dashboard at http://{esc(shown)}:{bound}/ (Ctrl-C stops it)[/]", highlight=False)
-    await serving
+
+    def ready(bound: int) -> None:
+        write_out(f"READY http://{shown}:{bound}/\n")
+        errors.print(f"[dim]dashboard at http://{esc(shown)}:{bound}/ (Ctrl-C stops it)[/]", highlight=False)
+
+    try:
+        await serve(create_app(settings), host, port, ready)
+    except OSError as exc:
+        raise fail(f"the dashboard cannot listen on {host}:{port}: {exc.strerror or exc}", 1) from None
