@@ -346,7 +346,7 @@ async def test_send_delivers_a_message_and_answers_where_it_went(client: httpx.A
     missing = problem(await client.post("/api/send", json={"recipient_id": "agent.listener"}), 422, "invalid_request")
     assert missing["errors"] == [{"loc": ["body", "intent"], "message": "Field required", "type": "missing"}]
     bad_intent = await client.post("/api/send", json={"recipient_id": "agent.listener", "intent": "Not An Intent"})
-    problem(bad_intent, 422, "invalid_message")
+    problem(bad_intent, 422, "invalid_request")  # the form the OpenAPI document states
     not_json = await client.post("/api/send", content=b"{not json", headers={"content-type": "application/json"})
     problem(not_json, 422, "invalid_request")
     extra = await client.post("/api/send", json={"recipient_id": "agent.listener", "intent": "x", "sender_id": "ceo"})

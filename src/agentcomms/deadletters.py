@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agentcomms import keys
-from agentcomms.exceptions import AgentCommsError, DeadLetterNotFoundError, InboxFullError
+from agentcomms.exceptions import AgentCommsError, DeadLetterNotFoundError, InboxFullError, MessageValidationError
 from agentcomms.schemas import AgentMessage
 from agentcomms.transport import Pipeliner
 from agentcomms.transport.scripts import DEAD_LETTER, PURGE, REDRIVE
@@ -142,7 +142,13 @@ async def count_dead_letters(pipeliner: Pipeliner, agent_id: str) -> int:
 async def list_dead_letters(
     pipeliner: Pipeliner, agent_id: str, *, count: int = 100, after: str | None = None
 ) -> list[DeadLetter]:
-    """The oldest ``count`` dead letters of ``agent_id`` (those after entry id ``after``, if given)."""
+    """The oldest ``count`` dead letters of ``agent_id`` (those after entry id ``after``, if given).
+
+    Raises:
+        MessageValidationError: ``after`` is not an entry id.
+    """
+    if after and not _is_entry_id(after):
+        raise MessageValidationError(f"'after' must be a dead letter's entry id such as 1700000000000-0, not {after!r}")
     start = f"({after}" if after else "-"
     found = await pipeliner.call("XRANGE", keys.dead_letters(agent_id), start, "+", "COUNT", count, replay=True)
     return [_parse(agent_id, entry) for entry in found or ()]
@@ -163,8 +169,11 @@ async def get_dead_letter(pipeliner: Pipeliner, agent_id: str, entry_id: str) ->
 
 
 def _is_entry_id(value: str) -> bool:
+    """Whether ``value`` is a stream entry id Redis accepts: ``<ms>-<seq>``, both below 2**64."""
     ms, _, seq = value.partition("-")
-    return ms.isdigit() and seq.isdigit() and len(value) <= 41
+    if not (value.isascii() and ms.isdigit() and seq.isdigit() and len(value) <= 41):
+        return False
+    return int(ms) < 2**64 and int(seq) < 2**64
 
 
 async def redrive_dead_letter(

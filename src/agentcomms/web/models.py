@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from agentcomms.broker import BrokerStats, PublishResult
 from agentcomms.deadletters import DeadLetter
-from agentcomms.schemas import AgentId, AgentMessage, ErrorDetail, MessageId, Name, Priority
+from agentcomms.schemas import AgentId, AgentMessage, ErrorDetail, IntentName, MessageId, Name, Priority
 
 __all__ = [
     "AskRequest",
@@ -26,8 +26,8 @@ __all__ = [
     "Stats",
 ]
 
-Intent = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-"""An intent name (``request_knowledge``, or one of your own); the library checks its form."""
+Intent = IntentName
+"""An intent name (``request_knowledge``, or one of your own, lower case): the form the messages allow."""
 
 MAX_ASK_TIMEOUT = 120.0
 """The longest a request through the API may wait for its reply, in seconds."""
@@ -74,8 +74,8 @@ class AskRequest(_Body):
     """With ``role``: only an agent of this department."""
     intent: Intent = "request_knowledge"
     data: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = Field(30.0, gt=0, le=MAX_ASK_TIMEOUT)
-    """Seconds to wait for the reply (at most 120)."""
+    timeout: float = Field(30.0, ge=0.1, le=MAX_ASK_TIMEOUT)
+    """Seconds to wait for the reply (0.1 to 120; it covers finding an agent of the role too)."""
 
     @model_validator(mode="after")
     def _one_addressee(self) -> Self:
