@@ -25,6 +25,7 @@ import agentcomms
 from agentcomms.exceptions import AgentCommsError
 from agentcomms.settings import Settings
 from agentcomms.web.api import Dashboard, router
+from agentcomms.web.graphql import graphql_router
 from agentcomms.web.metrics import NetworkMetrics
 from agentcomms.web.problems import ApiProblem, document_problems, install_problem_handlers
 
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guard = [Depends(_require(token))] if token else []
     app.include_router(router, dependencies=guard)
     app.include_router(_metrics_router(metrics), dependencies=guard)
+    app.include_router(graphql_router(guard, secrets=[token]))  # /graphql: the same token; none of it shown in errors
     app.problems_everywhere = ("unauthorized",) * bool(token) + ("redis_unavailable", "internal_error")
     if STATIC.is_dir():  # the page, at / (after the API: its routes win)
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
