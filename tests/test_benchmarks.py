@@ -51,3 +51,8 @@ def test_knowledge_benchmark_quick_run() -> None:
     output = run_benchmark("knowledge.py", "--quick")
     for section in ("recall@3", "documents/s", "over the bus", "Results outside the role's domains: 0."):
         assert section in output
+
+
+def test_dashboard_benchmark_quick_run() -> None:
+    output = run_benchmark("dashboard.py", "--quick")
+    assert "| `sent` (20 events)" in output and "| `handled` (20 events)" in output
