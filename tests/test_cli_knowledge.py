@@ -56,7 +56,7 @@ async def test_ingest_search_and_stats_without_a_service(cli: Cli, redis_url: st
     bad = await cli("knowledge", "search", "  ", "--role", "cmo", redis_url=redis_url)
     assert bad.code == 2 and "the query is empty" in bad.err
     missing = await cli("knowledge", "ingest", str(docs / "nope"), redis_url=redis_url)
-    assert missing.code == 1 and "no such file or folder" in missing.err
+    assert missing.code == 2 and "no such file or folder" in missing.err
 
 
 async def test_with_a_service_running_the_commands_ask_it(cli: Cli, redis_url: str, docs: Path) -> None:

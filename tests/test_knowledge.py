@@ -568,9 +568,29 @@ async def test_the_service_ingests_only_under_its_roots_and_leaves_no_connection
         AgentMemoryInterface(kb_settings, mode="client") as client,
     ):
         assert len((await client.ingest(tmp_path / "allowed")).added) == 1
-        with pytest.raises(PermissionDeniedError, match="not under the folders this service ingests"):
+        with pytest.raises(PermissionDeniedError, match="not under the folders this knowledge service ingests.*for the service process"):
             await client.ingest(Path("/etc"))
         second = KnowledgeService(kb_settings)
         with pytest.raises(KnowledgeStoreBusyError):
             await second.initialize()
         assert not second.broker.connected
+
+
+async def test_ingesting_a_domain_folder_by_mistake_removes_nothing(settings: Settings, tmp_path: Path) -> None:
+    docs = tmp_path / "docs" / "hr"
+    docs.mkdir(parents=True)
+    (docs / "leave.md").write_text("# Leave\n\nTwenty-five days a year.\n")
+    kb = settings.model_copy(update={"knowledge_dir": tmp_path / "kb"})
+    async with AgentMemoryInterface(kb, mode="owner") as memory:
+        await memory.ingest(tmp_path / "docs")
+        mistaken = await memory.ingest(docs)  # the domain folder itself: its files have no domain now
+        assert mistaken.removed == [] and "pass --domain NAME" in mistaken.skipped[0]["reason"]
+        assert memory.store is not None and len(memory.store.documents()) == 1
+
+
+async def test_a_search_while_the_service_is_offline_fails_at_once(kb_settings: Settings) -> None:
+    async with KnowledgeService(kb_settings):
+        pass  # registered, then gone: offline
+    async with AgentMemoryInterface(kb_settings, mode="client") as client:
+        with pytest.raises(agentcomms.KnowledgeNotConfiguredError, match="is offline"):
+            await client.search_knowledge("agent.x", "cmo", "anything")

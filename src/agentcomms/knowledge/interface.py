@@ -57,7 +57,7 @@ from agentcomms.knowledge.store import (
     doc_key,
     point_id,
 )
-from agentcomms.schemas import AgentResponse, MessageIntent
+from agentcomms.schemas import AgentResponse, AgentStatus, MessageIntent
 
 __all__ = [
     "INGEST_INTENT",
@@ -476,7 +476,7 @@ class AgentMemoryInterface:
             data = {"path": str(root.resolve()), "domain": domain}
             return IngestReport.model_validate(await self._ask(agent_id, INGEST_INTENT, data, long=True))
         if not root.exists():
-            raise KnowledgeError(f"nothing to ingest at {root}: no such file or folder")
+            raise KnowledgeQueryError(f"nothing to ingest at {root}: no such file or folder")
         if domain is not None and normalise_domain(domain) is None:  # else every file is skipped, and so removed
             raise KnowledgeQueryError(f"invalid domain {domain!r}: letters, digits, _ and - (lower case)")
         # documents gone from this folder are removed; what was ingested from elsewhere stays
@@ -777,6 +777,15 @@ class AgentMemoryInterface:
             self._senders[sender_id] = sender
         service = self.settings.knowledge_service_id
         timeout = self.settings.knowledge_timeout * (30 if long else 1)
+        try:
+            found = await sender.registry.get_agent(service)
+        except AgentNotFoundError:
+            found = None
+        if found is not None and found.status == AgentStatus.OFFLINE:  # say so now: do not queue a question
+            seen = f" (last seen {found.last_seen:%Y-%m-%d %H:%M:%S} UTC)" if found.last_seen else ""
+            raise KnowledgeNotConfiguredError(
+                f"the knowledge service {service!r} is offline{seen}: start it with agentcomms knowledge serve"
+            )
         try:
             reply: AgentResponse = await sender.request(service, intent, data, timeout=timeout)
         except AgentNotFoundError:

@@ -176,8 +176,12 @@ class KnowledgeService(BaseAgent):
             raise HandlerError("invalid_query", "'path' must name a file or folder")
         target = Path(path).expanduser().resolve()
         if not any(target == root or target.is_relative_to(root) for root in self.ingest_roots):
-            roots = ", ".join(map(str, self.ingest_roots)) or "none: set AGENTCOMMS_KNOWLEDGE_INGEST_ROOTS"
-            raise HandlerError("forbidden", f"{target} is not under the folders this service ingests ({roots})")
+            roots = ", ".join(map(str, self.ingest_roots)) or "none"
+            raise HandlerError(
+                "forbidden",
+                f"{target} is not under the folders this knowledge service ingests ({roots}): set "
+                "AGENTCOMMS_KNOWLEDGE_INGEST_ROOTS for the service process, or start it with serve --ingest PATH",
+            )
         return target
 
     async def handle_knowledge_ingest(self, message: AgentMessage) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class UnchangedDocument:
 class SkippedFile:
     """A file that was not ingested, and why.
 
-    With ``source_id`` (a file that could not be read this time: an I/O or HTTP error) its
+    With ``source_id`` (a file that is still there but could not be used this time) its
     stored copy is kept; without, a stored copy is removed like that of a deleted file.
     ``incomplete``: a whole folder could not be listed, so an ingest removes nothing.
     """
@@ -288,7 +288,7 @@ def _domain_of(relative: Path, domain: str | None) -> str:
             raise ValueError(f"invalid domain {domain!r} (letters, digits, _ and -)")
         return found
     if len(relative.parts) < 2:
-        raise ValueError("no domain: put it in a sub-folder named after its domain, or pass a domain")
+        raise ValueError("no domain: ingest the folder above it (each sub-folder is a domain), or pass --domain NAME")
     found = normalise_domain(relative.parts[0])
     if found is None:
         raise ValueError(f"folder name {relative.parts[0]!r} is not a domain name")
@@ -327,19 +327,22 @@ def scan_folder(
     base = root.parent if root.is_file() else root
     for path in files:
         location = str(path)
+        source_id = f"file:{path.as_posix()}"  # a file skipped is still there: its stored copy (if any) stays
         try:
             doc_domain = _domain_of(path.relative_to(base), domain)
         except ValueError as exc:
-            yield SkippedFile(location, str(exc))
+            yield SkippedFile(location, str(exc), source_id=source_id)
             continue
         raw = _read(path, max_file_bytes)
         if isinstance(raw, SkippedFile):
-            yield raw
+            yield SkippedFile(raw.location, raw.reason, source_id=source_id)
             continue
         try:
             title, blocks = extract(path, raw)
         except Exception as exc:  # a parser's error on a broken file: skipped with its reason, never fatal
-            yield SkippedFile(location, f"cannot extract text: {str(exc)[:200] or type(exc).__name__}")
+            yield SkippedFile(
+                location, f"cannot extract text: {str(exc)[:200] or type(exc).__name__}", source_id=source_id
+            )
             continue
         yield SourceDocument(
             source_id=f"file:{path.as_posix()}",

@@ -189,9 +189,9 @@ class Stats(BaseModel):
 
 
 class KnowledgeSearchRequest(_Body):
-    """A knowledge search as a ``role`` (security on: as the dashboard's identity's roles)."""
+    """A knowledge search as a ``role`` (security on: one of the dashboard's identity's roles; none: its only one)."""
 
-    role: Name
+    role: Name | None = None
     query: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
     limit: int = Field(5, ge=1, le=50)
     filters: dict[str, Any] | None = None

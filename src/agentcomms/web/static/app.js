@@ -665,8 +665,9 @@ async function searchKnowledge(event) {
   const status = byId("knowledge-status");
   const list = byId("knowledge-results");
   const button = byId("knowledge-submit");
+  const role = byId("knowledge-role").value.trim();
   const body = {
-    role: byId("knowledge-role").value.trim(),
+    role: role || null, // blank: with security on, the role of the identity the dashboard holds
     query: byId("knowledge-query").value.trim(),
     limit: Number(byId("knowledge-limit").value) || 5,
   };
