@@ -539,6 +539,8 @@ async def test_odd_inputs_are_typed_errors(memory: AgentMemoryInterface) -> None
             await memory.search_knowledge("agent.x", "cmo", "q", filters=filters)  # type: ignore[arg-type]
     with pytest.raises(KnowledgeQueryError, match="limit"):
         await memory.search_knowledge("agent.x", "cmo", "q", limit=True)
+    with pytest.raises(KnowledgeQueryError, match=r"\['bad domain!'\] are not domain names"):
+        await memory.search_knowledge("agent.x", "cmo", "q", filters={"domains": ["sales", "bad domain!"]})
     with pytest.raises(KnowledgeQueryError, match="cannot be embedded"):
         await memory.search_knowledge("agent.x", "cmo", "bad \ud800 text")
     one = await memory.share_insight("agent.x", "cmo", "One domain as a string.", "marketing")

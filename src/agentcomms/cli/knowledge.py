@@ -136,8 +136,10 @@ def knowledge_remove(
     report = run(remove())
     if as_json:
         write_out(report.model_dump_json(indent=2) + "\n")
-    else:
+    elif report.removed:
         console.print(f"{plural(len(report.removed), 'document')} removed", highlight=False)
+    else:
+        console.print(f"nothing removed: no document was ingested from {esc(path)}", highlight=False)
 
 
 @knowledge_app.command("search")
@@ -157,21 +159,27 @@ def knowledge_search(
     sender_id = _sender(settings)
     filters: dict[str, Any] | None = {"domains": domain} if domain else None
 
-    async def search() -> tuple[list[KnowledgeResult], list[str]]:
+    async def search() -> tuple[list[KnowledgeResult], list[str], bool]:
         async with open_broker(settings, client_name=sender_id) as broker:
             async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
                 errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
                 found = await memory.search_knowledge(sender_id, role, query, filters=filters, limit=limit)
                 granted = sorted(memory.domains_for(role)) if memory.mode == "owner" else []
-                return found, granted
+                return found, granted, memory.mode == "owner"
 
-    results, granted = run(search())
+    results, granted, owner = run(search())
     if as_json:
         write_out(json.dumps([r.model_dump(mode="json") for r in results], indent=2) + "\n")
         return
     if not results:
         if granted:
             console.print(f"nothing found for role {esc(role)} (its domains: {esc(', '.join(granted))})")
+        elif owner:
+            console.print(
+                f"nothing found: role {esc(role)} may read no knowledge domain (the default table, or "
+                "AGENTCOMMS_KNOWLEDGE_PERMISSIONS: docs/knowledge.md)",
+                highlight=False,
+            )
         else:
             console.print(f"nothing found for role {esc(role)}", highlight=False)
         return

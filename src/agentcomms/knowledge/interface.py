@@ -151,7 +151,11 @@ def _clean_filters(filters: Mapping[str, Any] | None) -> tuple[frozenset[str] | 
             items = [value] if isinstance(value, str) else value  # one domain, or a list of them
             if not isinstance(items, list | tuple | set | frozenset) or not all(isinstance(d, str) for d in items):
                 raise KnowledgeQueryError("filter 'domains' must be a domain name or a list of them")
-            domains = frozenset(normalise_domain(d) or "" for d in items)
+            names = {d: normalise_domain(d) for d in items}
+            bad = sorted(d for d, name in names.items() if name is None)
+            if bad:
+                raise KnowledgeQueryError(f"filter 'domains': {bad} are not domain names (letters, digits, _ and -)")
+            domains = frozenset(name for name in names.values() if name is not None)
         elif isinstance(value, str) and value:
             equal[key] = value
         else:
