@@ -228,10 +228,10 @@ async def test_openapi_documents_every_route_and_its_problem_codes(client: httpx
     [
         (InboxFullError(agent_id="agent.a", length=3, limit=3), 503, "inbox_full"),
         (MessageTooLargeError(size=2000, limit=1024), 422, "invalid_message"),
-        (BrokerConnectionError("Redis unreachable", url="redis://:hunter2@10.0.0.1:6379/0"), 503, "redis_unavailable"),
+        (BrokerConnectionError("Redis unreachable", url="redis://:hunter2@127.0.0.1:1/0"), 503, "redis_unavailable"),
         (CommandOutcomeUnknownError("lost mid-command"), 503, "redis_unavailable"),
         (RedisPermissionError("NOPERM no", code="NOPERM", command="XRANGE"), 403, "forbidden"),
-        (ConfigError("bad url rediss://user:hunter2@host:6380"), 500, "ConfigError"),
+        (ConfigError("bad url rediss://user:hunter2@127.0.0.1:1"), 500, "ConfigError"),
     ],
 )
 def test_every_error_maps_to_a_status_and_code_without_secrets(error: Exception, status: int, code: str) -> None:
