@@ -141,15 +141,20 @@ class KnowledgeStore(ABC):
     def delete_where(self, field: str, value: str) -> None:
         """Delete every chunk whose payload ``field`` equals ``value``."""
 
-    @abstractmethod
-    def search(
-        self,
-        query: Query,
-        domains: Sequence[str],
-        equal: Mapping[str, str],
-        limit: int,
-    ) -> list[Hit]:
+    def search(self, query: Query, domains: Sequence[str], equal: Mapping[str, str], limit: int) -> list[Hit]:
         """The best ``limit`` chunks for ``query`` among those of ``domains`` whose fields equal ``equal``."""
+        _check_domains(domains)
+        if query.mode == "hybrid" and query.lexical[0]:
+            candidates = max(query.candidates, limit)
+            dense, lexical = self._nearest(query, domains, equal, [(DENSE, candidates), (LEXICAL, candidates)])
+            return fuse(dense, lexical, query, limit)
+        return self._nearest(query, domains, equal, [(LEXICAL if query.mode == "lexical" else DENSE, limit)])[0]
+
+    @abstractmethod
+    def _nearest(
+        self, query: Query, domains: Sequence[str], equal: Mapping[str, str], asks: Sequence[tuple[str, int]]
+    ) -> list[list[Hit]]:
+        """One batch of nearest-neighbour queries, one per (vector name, limit), each with the permission filter."""
 
     @abstractmethod
     def facet(self, field: str) -> dict[str, int]:
@@ -170,6 +175,11 @@ class KnowledgeStore(ABC):
             domain, version, source_id = value.split("\t", 2)
             out[source_id] = DocumentEntry(source_id, domain, version, count)
         return out
+
+
+def _hits(points: Sequence[Any]) -> list[Hit]:
+    """Qdrant's scored points as hits."""
+    return [Hit(float(p.score), dict(p.payload or {}), str(p.id)) for p in points]
 
 
 def _check_domains(domains: Sequence[str]) -> None:
@@ -272,34 +282,24 @@ class EdgeStore(KnowledgeStore):
         with self._mutex:
             self._shard.update(self._qe.UpdateOperation.delete_points_by_filter(self._filter(None, {field: value})))
 
-    def search(  # noqa: D102
-        self, query: Query, domains: Sequence[str], equal: Mapping[str, str], limit: int
-    ) -> list[Hit]:
-        _check_domains(domains)
+    def _nearest(
+        self, query: Query, domains: Sequence[str], equal: Mapping[str, str], asks: Sequence[tuple[str, int]]
+    ) -> list[list[Hit]]:
         qe = self._qe
         where = self._filter(domains, equal)  # the permission filter, in every query
-
-        def request(using: str, limit: int) -> Any:
+        requests = []
+        for using, limit in asks:
             if using == DENSE:
                 vector: Any = list(query.vector)
             else:
                 vector = qe.SparseVector(indices=query.lexical[0], values=query.lexical[1])
-            return qe.QueryRequest(query=qe.Query.Nearest(vector, using=using), filter=where, limit=limit,
-                                   with_payload=True)  # fmt: skip
-
-        if query.mode == "hybrid" and query.lexical[0]:
-            candidates = max(query.candidates, limit)
-            batch = qe.QueryBatchRequest([request(DENSE, candidates), request(LEXICAL, candidates)])
-            with self._mutex:
-                dense, lexical = (self._hits(points) for points in self._shard.query_batch(batch))
-            return fuse(dense, lexical, query, limit)
+            requests.append(
+                qe.QueryRequest(
+                    query=qe.Query.Nearest(vector, using=using), filter=where, limit=limit, with_payload=True
+                )
+            )
         with self._mutex:
-            points = self._shard.query(request(LEXICAL if query.mode == "lexical" else DENSE, limit))
-        return self._hits(points)
-
-    @staticmethod
-    def _hits(points: Sequence[Any]) -> list[Hit]:
-        return [Hit(float(p.score), dict(p.payload or {}), str(p.id)) for p in points]
+            return [_hits(points) for points in self._shard.query_batch(qe.QueryBatchRequest(requests))]
 
     def facet(self, field: str) -> dict[str, int]:  # noqa: D102
         with self._mutex:
@@ -402,35 +402,22 @@ class ServerStore(KnowledgeStore):
         selector = self._models.FilterSelector(filter=self._filter(None, {field: value}))
         self._client.delete(self.collection, points_selector=selector, wait=True)
 
-    def search(  # noqa: D102
-        self, query: Query, domains: Sequence[str], equal: Mapping[str, str], limit: int
-    ) -> list[Hit]:
-        _check_domains(domains)
+    def _nearest(
+        self, query: Query, domains: Sequence[str], equal: Mapping[str, str], asks: Sequence[tuple[str, int]]
+    ) -> list[list[Hit]]:
         models = self._models
         where = self._filter(domains, equal)  # the permission filter, in every query
-
-        def request(using: str, limit: int) -> Any:
+        requests = []
+        for using, limit in asks:
             if using == DENSE:
                 vector: Any = list(query.vector)
             else:
                 vector = models.SparseVector(indices=query.lexical[0], values=query.lexical[1])
-            return models.QueryRequest(query=vector, using=using, filter=where, limit=limit, with_payload=True)
-
-        if query.mode == "hybrid" and query.lexical[0]:
-            candidates = max(query.candidates, limit)
-            answers = self._client.query_batch_points(
-                self.collection, requests=[request(DENSE, candidates), request(LEXICAL, candidates)]
+            requests.append(
+                models.QueryRequest(query=vector, using=using, filter=where, limit=limit, with_payload=True)
             )
-            dense, lexical = (self._hits(answer.points) for answer in answers)
-            return fuse(dense, lexical, query, limit)
-        answer = self._client.query_batch_points(
-            self.collection, requests=[request(LEXICAL if query.mode == "lexical" else DENSE, limit)]
-        )[0]
-        return self._hits(answer.points)
-
-    @staticmethod
-    def _hits(points: Sequence[Any]) -> list[Hit]:
-        return [Hit(float(p.score), dict(p.payload or {}), str(p.id)) for p in points]
+        answers = self._client.query_batch_points(self.collection, requests=requests)
+        return [_hits(answer.points) for answer in answers]
 
     def facet(self, field: str) -> dict[str, int]:  # noqa: D102
         response = self._client.facet(self.collection, key=field, limit=_FACET_LIMIT, exact=True)
