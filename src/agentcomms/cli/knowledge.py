@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +55,16 @@ def _where(memory: AgentMemoryInterface) -> str:
     return f"asking the knowledge service {memory.settings.knowledge_service_id!r}"
 
 
+@asynccontextmanager
+async def _memory(settings: Settings, sender_id: str, *, say_where: bool = True) -> AsyncIterator[AgentMemoryInterface]:
+    """The knowledge memory for one command: the store itself if free, else the knowledge service (said on stderr)."""
+    async with open_broker(settings, client_name=sender_id) as broker:
+        async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
+            if say_where:
+                errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
+            yield memory
+
+
 def _sender(settings: Settings) -> str:
     with reported():
         return _asker(settings)
@@ -80,24 +92,22 @@ def knowledge_ingest(
     sender_id = _sender(settings)
 
     async def ingest() -> IngestReport:
-        async with open_broker(settings, client_name=sender_id) as broker:
-            async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
-                errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
-                if drive:
-                    return await memory.ingest_drive()
-                assert path is not None
-                if memory.mode != "owner" or as_json:
-                    return await memory.ingest(path, domain=domain)
-                with Progress(
-                    TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=errors, transient=True,
-                ) as progress:  # fmt: skip
-                    task = progress.add_task("ingesting", total=None)
+        async with _memory(settings, sender_id) as memory:
+            if drive:
+                return await memory.ingest_drive()
+            assert path is not None
+            if memory.mode != "owner" or as_json:
+                return await memory.ingest(path, domain=domain)
+            with Progress(
+                TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=errors, transient=True,
+            ) as progress:  # fmt: skip
+                task = progress.add_task("ingesting", total=None)
 
-                    def advance(done: int, total: int, location: str) -> None:
-                        progress.update(task, completed=done, total=total, description=Path(location).name[:40])
+                def advance(done: int, total: int, location: str) -> None:
+                    progress.update(task, completed=done, total=total, description=Path(location).name[:40])
 
-                    return await memory.ingest(path, domain=domain, progress=advance)
+                return await memory.ingest(path, domain=domain, progress=advance)
 
     report = run(ingest())
     if as_json:
@@ -128,10 +138,8 @@ def knowledge_remove(
     sender_id = _sender(settings)
 
     async def remove() -> IngestReport:
-        async with open_broker(settings, client_name=sender_id) as broker:
-            async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
-                errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
-                return await memory.remove(path)
+        async with _memory(settings, sender_id) as memory:
+            return await memory.remove(path)
 
     report = run(remove())
     if as_json:
@@ -160,12 +168,10 @@ def knowledge_search(
     filters: dict[str, Any] | None = {"domains": domain} if domain else None
 
     async def search() -> tuple[list[KnowledgeResult], list[str], bool]:
-        async with open_broker(settings, client_name=sender_id) as broker:
-            async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
-                errors.print(f"[dim]{esc(_where(memory))}[/]", soft_wrap=True, highlight=False)
-                found = await memory.search_knowledge(sender_id, role, query, filters=filters, limit=limit)
-                granted = sorted(memory.domains_for(role)) if memory.mode == "owner" else []
-                return found, granted, memory.mode == "owner"
+        async with _memory(settings, sender_id) as memory:
+            found = await memory.search_knowledge(sender_id, role, query, filters=filters, limit=limit)
+            granted = sorted(memory.domains_for(role)) if memory.mode == "owner" else []
+            return found, granted, memory.mode == "owner"
 
     results, granted, owner = run(search())
     if as_json:
@@ -240,9 +246,8 @@ def knowledge_stats(as_json: JsonOption = False, log_level: LogLevelOption = Non
     sender_id = _sender(settings)
 
     async def stats() -> dict[str, Any]:
-        async with open_broker(settings, client_name=sender_id) as broker:
-            async with AgentMemoryInterface(settings, broker=broker, sender_id=sender_id) as memory:
-                return await memory.stats(sender_id)
+        async with _memory(settings, sender_id, say_where=False) as memory:
+            return await memory.stats(sender_id)
 
     found = run(stats())
     if as_json:
