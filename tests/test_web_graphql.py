@@ -23,39 +23,17 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from starlette.routing import Mount
 
-from agentcomms import AgentInfo, AgentMessage, AgentRegistry, BaseAgent, MessageBroker, Settings, keys
+from agentcomms import MessageBroker, Settings, keys
 from agentcomms.examples import TwinAgent, create_agent_config
 from agentcomms.web import create_app
 from agentcomms.web.app import _require
 from agentcomms.web.graphql import PATH, GraphQLContext, graphql_router, schema
 from conftest import wait_for_dead_letters
+from test_web_api import Listener, Stalling, register_offline
 
 BASE = "http://dashboard"
 TOKEN = "s3cret-graphql-token"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class Listener(BaseAgent):
-    """Takes note of the insights it is sent."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.insights: asyncio.Queue[AgentMessage] = asyncio.Queue()
-
-    async def handle_share_insights(self, message: AgentMessage) -> None:
-        self.insights.put_nowait(message)
-
-
-class Stalling(BaseAgent):
-    """Never answers a question until released (at the end of the test, so that it can stop)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.release = asyncio.Event()
-
-    async def handle_request_knowledge(self, message: AgentMessage) -> dict[str, Any]:
-        await self.release.wait()
-        return {}
 
 
 def graphql_app(settings: Settings) -> FastAPI:
@@ -125,12 +103,6 @@ async def listener(settings: Settings) -> AsyncIterator[Listener]:
     config = create_agent_config("agent.listener", "lee", "analyst", "sales", ["listening"])
     async with Listener(config, settings=settings) as agent:
         yield agent
-
-
-async def register_offline(broker: MessageBroker, agent_id: str, role: str, department: str) -> None:
-    registry = AgentRegistry(broker)
-    await registry.register_agent(AgentInfo(agent_id=agent_id, user_name="o", role=role, department=department))
-    await registry.leave(agent_id)  # registered, not running
 
 
 # -- a WebSocket client over ASGI ----------------------------------------------------------------
