@@ -177,6 +177,11 @@ class KnowledgeStore(ABC):
         return out
 
 
+def _vector(query: Query, using: str, sparse: Any) -> Any:
+    """The query's dense vector, or its term vector as the store library's ``SparseVector``."""
+    return list(query.vector) if using == DENSE else sparse(indices=query.lexical[0], values=query.lexical[1])
+
+
 def _hits(points: Sequence[Any]) -> list[Hit]:
     """Qdrant's scored points as hits."""
     return [Hit(float(p.score), dict(p.payload or {}), str(p.id)) for p in points]
@@ -289,10 +294,7 @@ class EdgeStore(KnowledgeStore):
         where = self._filter(domains, equal)  # the permission filter, in every query
         requests = []
         for using, limit in asks:
-            if using == DENSE:
-                vector: Any = list(query.vector)
-            else:
-                vector = qe.SparseVector(indices=query.lexical[0], values=query.lexical[1])
+            vector = _vector(query, using, qe.SparseVector)
             requests.append(
                 qe.QueryRequest(
                     query=qe.Query.Nearest(vector, using=using), filter=where, limit=limit, with_payload=True
@@ -409,10 +411,7 @@ class ServerStore(KnowledgeStore):
         where = self._filter(domains, equal)  # the permission filter, in every query
         requests = []
         for using, limit in asks:
-            if using == DENSE:
-                vector: Any = list(query.vector)
-            else:
-                vector = models.SparseVector(indices=query.lexical[0], values=query.lexical[1])
+            vector = _vector(query, using, models.SparseVector)
             requests.append(
                 models.QueryRequest(query=vector, using=using, filter=where, limit=limit, with_payload=True)
             )
