@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 import uuid
 
 import pytest
 from pydantic import ValidationError
 
 from agentcomms import AgentInfo, AgentMessage, AgentResponse, MessageIntent, MessagePayload, export_json_schemas
+from agentcomms.schemas import id_time_ms
 
 
 def test_seed_message_shape_round_trips() -> None:
@@ -80,12 +82,17 @@ def _ids(count: int) -> list[str]:
     return [AgentMessage(sender_id="a", recipient_id="b", intent="x").message_id for _ in range(count)]
 
 
-def test_message_ids_are_random_uuid4_text_and_a_forked_child_gets_its_own() -> None:
+def test_message_ids_are_time_ordered_uuid7_text_and_a_forked_child_gets_its_own() -> None:
+    before = time.time_ns() // 1_000_000
     ids = _ids(3000)  # more than one pooled read of random bytes
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == 3000
     for text in ids:
         parsed = uuid.UUID(text)
-        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        made = id_time_ms(text)
+        assert made is not None and before <= made <= after
+    assert id_time_ms(str(uuid.uuid4())) is None and id_time_ms("conv-1") is None
     _ids(1)  # the parent has unused pooled bytes when it forks
     with multiprocessing.get_context("fork").Pool(1) as pool:
         child = pool.apply(_ids, (500,))

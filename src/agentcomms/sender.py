@@ -20,6 +20,7 @@ from agentcomms.broker import MessageBroker, PublishResult
 from agentcomms.exceptions import AgentCommsError, AgentNotFoundError, MessageValidationError, RequestTimeoutError
 from agentcomms.registry import AgentRegistry
 from agentcomms.schemas import (
+    CURRENT_CONVERSATION,
     AgentInfo,
     AgentMessage,
     AgentResponse,
@@ -176,6 +177,7 @@ class MessageSender:
         """
         try:
             fields: dict[str, Any] = {"sender_id": self.sender_id, "recipient_id": recipient_id, "intent": intent}
+            conversation_id = conversation_id or CURRENT_CONVERSATION.get()  # a handler's messages join its own
             if conversation_id:
                 fields["conversation_id"] = conversation_id
             payload = MessagePayload(data=dict(data or {}), priority=priority, context=dict(context or {}))
@@ -484,7 +486,7 @@ class MessageSender:
         )
         recipients = [a.agent_id for a in agents if a.agent_id != self.sender_id]
         self._remember(recipients)
-        conversation = str(uuid.uuid4())
+        conversation = CURRENT_CONVERSATION.get() or str(uuid.uuid4())
         messages = [
             self.build_message(r, intent, data, priority=priority, conversation_id=conversation) for r in recipients
         ]
