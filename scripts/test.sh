@@ -18,5 +18,6 @@ fi
 bundled=$("$venv/bin/python" -c 'from agentcomms.embedded import _bundled_redis_server as b; print(b() or "")')
 if [ -n "$bundled" ] && [ "$bundled" != "$(command -v redis-server || true)" ]; then
   echo "== pytest on the bundled redis-server ($bundled)"
-  AGENTCOMMS_REDIS_SERVER="$bundled" "$venv/bin/pytest" -q tests/test_broker.py tests/test_failures.py tests/test_processes.py tests/test_registry.py tests/test_transport.py
+  AGENTCOMMS_REDIS_SERVER="$bundled" "$venv/bin/pytest" -q tests/test_broker.py tests/test_failures.py tests/test_processes.py tests/test_record.py \
+    tests/test_registry.py tests/test_transport.py
 fi

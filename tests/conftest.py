@@ -67,7 +67,11 @@ def read_reply(response: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes,
 
 async def wait_for_dead_letters(raw: Redis, agent_id: str, count: int, timeout: float = 20) -> list[dict[bytes, bytes]]:
     """Block on the dead-letter stream until it holds ``count`` entries (XREAD BLOCK: waits on the event)."""
-    stream = keys.dead_letters(agent_id)
+    return await wait_for_entries(raw, keys.dead_letters(agent_id), count, timeout)
+
+
+async def wait_for_entries(raw: Redis, stream: str, count: int, timeout: float = 20) -> list[dict[bytes, bytes]]:
+    """Block on ``stream`` until it has had ``count`` entries (XREAD BLOCK: waits on the event); their fields."""
     seen: list[dict[bytes, bytes]] = []
     last: bytes | str = "0-0"
     async with asyncio.timeout(timeout):

@@ -44,6 +44,7 @@ from agentcomms.exceptions import (
     RequestTimeoutError,
     SecurityError,
 )
+from agentcomms.record import MessageRecord
 from agentcomms.schemas import AgentMessage, AgentResponse
 from agentcomms.security.guard import Security
 from agentcomms.settings import Settings, redact_url
@@ -892,6 +893,13 @@ class MessageBroker:
                 logger.warning("event feed lost Redis (%s); resubscribing", exc)
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
+
+    # -- the record ------------------------------------------------------------------------
+
+    @property
+    def record(self) -> MessageRecord:
+        """The record of handled and dead-lettered messages, with replies and receipts (:mod:`agentcomms.record`)."""
+        return MessageRecord(self.pipeliner)
 
     # -- dead letters ----------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ async def move_to_dead_letters(
     *,
     consumer: str,
     claim_idle_ms: int | None,
+    record: tuple[int, int, int] | None = None,
 ) -> tuple[bytes, bool] | None:
     """Move one inbox entry to ``agent_id``'s dead letters (one script; safe to repeat).
 
@@ -110,14 +111,23 @@ async def move_to_dead_letters(
     instances only one moves an abandoned entry. Returns the entry's body and whether this
     call moved it (``False``: it was moved already, by a repeat of this call after a lost
     connection or by another instance: its dead letter was found), or ``None`` if there was
-    nothing to move (another instance holds the entry).
+    nothing to move (another instance holds the entry). With ``record`` (the record's size, its
+    TTL ms, when the entry was delivered in server ms or 0), the move is also recorded.
     """
-    result = await pipeliner.script(
-        DEAD_LETTER,
-        [stream, keys.dead_letters(agent_id)],
-        [keys.GROUP, entry_id, reason, deliveries, consumer, "" if claim_idle_ms is None else claim_idle_ms],
-        replay=True,
-    )
+    script_keys = [stream, keys.dead_letters(agent_id)]
+    args: list[Any] = [
+        keys.GROUP,
+        entry_id,
+        reason,
+        deliveries,
+        consumer,
+        "" if claim_idle_ms is None else claim_idle_ms,
+    ]
+    if record is not None:
+        script_keys.append(keys.record(agent_id))
+        size, ttl_ms, delivered_ms = record
+        args += [size, ttl_ms, delivered_ms or ""]
+    result = await pipeliner.script(DEAD_LETTER, script_keys, args, replay=True)
     if result is None:
         return None
     pipeliner.fire("SADD", keys.DEAD_LETTER_INDEX, agent_id, replay=True)

@@ -51,6 +51,15 @@ def redrive_receipt(agent_id: str, dead_letter_id: str) -> str:
     return f"{PREFIX}:{{{agent_id}}}:redriven:{dead_letter_id}"
 
 
+RECORD_INDEX = f"{PREFIX}:record:index"
+"""Set of agent ids that have a record (added by their subscription when it starts), so tools need no SCAN."""
+
+
+def record(agent_id: str) -> str:
+    """Stream of the messages ``agent_id`` handled or dead-lettered, each with its reply and times (the record)."""
+    return f"{PREFIX}:{{{agent_id}}}:record"
+
+
 REPLY_PREFIX = f"{PREFIX}:{{reply."
 
 

@@ -116,6 +116,15 @@ class Settings(BaseSettings):
     """Messages one subscription handles at once."""
     event_feed: bool = Field(True, validation_alias=_env("EVENT_FEED"))
     """Publish message events on the lossy Pub/Sub monitoring channel."""
+    record: bool = Field(False, validation_alias=_env("RECORD"))
+    """Keep every handled or dead-lettered message, with its reply and receipts, in its recipient's record.
+
+    Read by the agents' processes (they write it). It stores each message a second time, so it is off
+    unless asked: docs/dashboard.md says what it costs."""
+    record_max_age: float = Field(7 * 86_400.0, gt=0, validation_alias=_env("RECORD_MAX_AGE"))
+    """Seconds a recorded message is kept (its recipient's record is trimmed and expires by this age)."""
+    record_max_entries: int = Field(10_000, ge=10, validation_alias=_env("RECORD_MAX_ENTRIES"))
+    """Recorded messages kept per agent at the most (the oldest go first; Redis trims in whole nodes, about 100)."""
     unregistered_inbox_ttl: float = Field(7 * 86_400.0, gt=0, validation_alias=_env("UNREGISTERED_INBOX_TTL"))
     """An inbox made by a send to an agent id the registry does not know (opt-in) expires after this long unread."""
     shutdown_timeout: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_TIMEOUT"))
@@ -150,6 +159,8 @@ class Settings(BaseSettings):
     """Its port (0: any free one)."""
     dashboard_token: SecretStr | None = Field(None, validation_alias=_env("DASHBOARD_TOKEN"))
     """Bearer token the dashboard's API and page require, when set."""
+    metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias=_env("METRICS_PORT"))
+    """``run-agent`` serves its agents' Prometheus metrics on this port (0: any free one; unset: no server)."""
 
     # -- security (docs/security.md) --
     security: Literal["off", "on"] = Field("off", validation_alias=_env("SECURITY"))
@@ -225,6 +236,7 @@ class Settings(BaseSettings):
         "redis_ssl_keyfile",
         "vector_store_api_key",
         "dashboard_token",
+        "metrics_port",
         "knowledge_dir",
         "knowledge_permissions",
         mode="before",

@@ -36,7 +36,7 @@ from pydantic_core import PydanticSerializationError
 from agentcomms import keys
 from agentcomms.deadletters import move_to_dead_letters
 from agentcomms.exceptions import AgentCommsError, BrokerConnectionError, RedisCommandError, RedisPermissionError
-from agentcomms.schemas import AgentMessage, AgentResponse, VerifiedMessage, describe_errors
+from agentcomms.schemas import CURRENT_CONVERSATION, AgentMessage, AgentResponse, VerifiedMessage, describe_errors
 from agentcomms.security.guard import Refusal, Security
 from agentcomms.settings import Settings
 from agentcomms.transport import (
@@ -68,6 +68,12 @@ _dump_response = AgentResponse.__pydantic_serializer__.to_json
 _PENDING_PAGE = 100
 _ACK_BATCH = 1000
 """Entry ids acknowledged by one ACK call at the most (Lua's unpack limit is about 8,000)."""
+_RECORD_HOUSEKEEPING = 60.0
+"""Seconds between trims of an agent's record by age (and refreshes of its TTL), at the most."""
+
+_Ack = tuple[str, str, int, bytes, bytes]
+"""An acknowledgement to send: entry id, conversation id, delivered at (server ms), the message's body as stored,
+the reply's body (b"" = none)."""
 
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -88,6 +94,8 @@ class SubscriptionStats:
     """Replies Redis refused to store (e.g. out of memory); their callers time out."""
     refused: int = 0
     """Messages security refused: unauthenticated, replayed (dead-lettered) or forbidden (answered so)."""
+    unrecorded: int = 0
+    """Handled messages Redis refused to record (e.g. its record key is of another type); acknowledged all the same."""
 
 
 def feed_event(kind: str, message: AgentMessage, **extra: Any) -> str:
@@ -169,9 +177,12 @@ class Subscription:
         self._reader = BlockingReader(spec, name=f"{consumer_name}.read")
         self._task: asyncio.Task[None] | None = None
         self._server_offset_ms = 0.0  # Redis server ms minus this process's monotonic ms
+        self._clock_rtt, self._clock_at = float("inf"), 0.0  # the round trip of the sample it came from, and when
         self._housekeeping_at = 0.0
         self._ttl_refreshed: dict[str, float] = {}
-        self._acks: dict[str, list[str]] = {}
+        self._acks: dict[str, list[_Ack]] = {}
+        self._record_keys = [keys.record(agent_id)] if settings.record else []
+        self._record_trim_at = 0.0  # monotonic time of the next trim of the record by age
         self._ack_futures: set[asyncio.Future[Any]] = set()
         self._ack_scheduled = False
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
@@ -259,6 +270,8 @@ class Subscription:
                 for stream in self._streams
             ]
             persisted = [pipeliner.call("PERSIST", stream, replay=True) for stream in self._streams]
+            if self._record_keys:  # so tools find this agent's record without SCAN
+                persisted.append(pipeliner.call("SADD", keys.RECORD_INDEX, self.agent_id, replay=True))
         # every future's outcome is read, so none is left with an error nobody retrieved
         for outcome in await asyncio.gather(*created, *persisted, return_exceptions=True):
             if isinstance(outcome, RedisCommandError) and outcome.code == "BUSYGROUP":
@@ -451,10 +464,11 @@ class Subscription:
                 if verdict is None:  # a new or stale sender, another kind of token, or a wrong one
                     verdict = await self._security.check(message, body, token, entry_id, self._role)
                 if isinstance(verdict, Refusal):
-                    acknowledging = await self._refused(stream, entry_id, message, verdict, deliveries)
+                    acknowledging = await self._refused(stream, entry_id, message, body, verdict, deliveries)
                     return
                 message = verdict
             try:
+                CURRENT_CONVERSATION.set(message.conversation_id)  # what the handler sends joins the conversation
                 result = await self._handler(message)
             except Exception as exc:
                 await self._failed(key, message, deliveries, exc)
@@ -466,7 +480,7 @@ class Subscription:
                 reason = f"rejected: {error.code}: {error.message}" if error else "rejected by the handler"
                 await self._dead_letter(stream, entry_id, reason[:1000], deliveries)
                 return
-            self._complete(stream, entry_id, message, result, sealed=sealed)
+            self._complete(stream, entry_id, message, body, result, sealed=sealed)
             acknowledging = True  # _acked() finishes the bookkeeping when the ack is answered
         except AgentCommsError as exc:
             logger.warning(
@@ -495,7 +509,7 @@ class Subscription:
         # otherwise it stays pending and is delivered again after claim_idle
 
     async def _refused(
-        self, stream: str, entry_id: str, message: AgentMessage, refusal: Refusal, deliveries: int
+        self, stream: str, entry_id: str, message: AgentMessage, body: bytes, refusal: Refusal, deliveries: int
     ) -> bool:
         """Security refused the message: a ``forbidden`` request is answered so; anything else is dead-lettered.
 
@@ -503,14 +517,18 @@ class Subscription:
         """
         self.stats.refused += 1
         if refusal.kind == "forbidden" and message.reply_to is not None:
-            self._complete(stream, entry_id, message, AgentResponse.fail("forbidden", refusal.reason), sealed=False)
+            refused = AgentResponse.fail("forbidden", refusal.reason)
+            self._complete(stream, entry_id, message, body, refused, sealed=False)
             return True
         # unauthenticated or replayed: no answer (its reply_to is not to be trusted)
         await self._dead_letter(stream, entry_id, str(refusal), deliveries, tell=False)
         return False
 
-    def _complete(self, stream: str, entry_id: str, message: AgentMessage, result: Any, *, sealed: bool) -> None:
-        """Write the reply (if any) and queue the acknowledgement behind it."""
+    def _complete(
+        self, stream: str, entry_id: str, message: AgentMessage, stored: bytes, result: Any, *, sealed: bool
+    ) -> None:
+        """Write the reply (if any) and queue the acknowledgement behind it (``stored``: the message's body)."""
+        body = b""
         if message.reply_to is not None:
             response = _as_response(result, message, self.agent_id)
             security = self._security
@@ -530,7 +548,7 @@ class Subscription:
             if security is not None:
                 token = security.reply_token(body, own_id=self.agent_id, peer_id=message.sender_id)
             self._reply(message.reply_to, body, token)
-        self._acknowledge(stream, entry_id)
+        self._acknowledge(stream, entry_id, message.conversation_id, stored, body)
 
     def _reply(self, reply_stream: str, body: bytes, token: bytes = b"") -> None:
         """Queue a reply (a repeat after a lost connection is harmless: the caller drops duplicates)."""
@@ -552,13 +570,16 @@ class Subscription:
         else:  # refused (out of memory ...): the acknowledgement behind it goes through
             logger.error("%s: a reply could not be written (%s); its caller will time out", self.agent_id, error)
 
-    def _acknowledge(self, stream: str, entry_id: str) -> None:
+    def _acknowledge(self, stream: str, entry_id: str, conversation_id: str, stored: bytes, reply: bytes) -> None:
         """Queue an acknowledgement; those queued in one event-loop tick go out as one ACK call per stream.
 
         It is queued after the reply's XADD, and commands run in order on one connection,
         so once the ack is answered the reply was written (or refused: see ``replies_failed``).
+        While recording, the call also records the message with its reply and when it was delivered.
         """
-        self._acks.setdefault(stream, []).append(entry_id)
+        read_at = self._inflight.get((stream, entry_id), time.monotonic())
+        delivered = int(read_at * 1000 + self._server_offset_ms)
+        self._acks.setdefault(stream, []).append((entry_id, conversation_id, delivered, stored, reply))
         if not self._ack_scheduled:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
@@ -568,10 +589,29 @@ class Subscription:
         batches, self._acks = self._acks, {}
         for stream, items in batches.items():
             for start in range(0, len(items), _ACK_BATCH):
-                ids = items[start : start + _ACK_BATCH]
-                acked = self._pipeliner.script(ACK, [stream], [keys.GROUP, self._channel, *ids], replay=True)
+                batch = items[start : start + _ACK_BATCH]
+                ids = [item[0] for item in batch]
+                if self._record_keys:
+                    args: list[Any] = [keys.GROUP, self._channel, self._settings.record_max_entries]
+                    args += self._record_housekeeping()
+                    for item in batch:
+                        args += item
+                    acked = self._pipeliner.script(ACK, [stream, *self._record_keys], args, replay=True)
+                else:
+                    acked = self._pipeliner.script(
+                        ACK, [stream], [keys.GROUP, self._channel, 0, 0, 0, *ids], replay=True
+                    )
                 self._ack_futures.add(acked)
                 acked.add_done_callback(functools.partial(self._acked, stream, ids))
+
+    def _record_housekeeping(self) -> list[int]:
+        """The ACK call's cutoff (server ms; 0: not this call) and TTL for the record: due every minute at most."""
+        now = time.monotonic()
+        max_age_ms = int(self._settings.record_max_age * 1000)
+        if now < self._record_trim_at:
+            return [0, max_age_ms]
+        self._record_trim_at = now + min(_RECORD_HOUSEKEEPING, self._settings.record_max_age / 10)
+        return [max(1, int(now * 1000 + self._server_offset_ms) - max_age_ms), max_age_ms]
 
     def _acked(self, stream: str, ids: list[str], done: asyncio.Future[Any]) -> None:
         """Bookkeeping once a batch of acknowledgements was answered (or failed)."""
@@ -590,6 +630,10 @@ class Subscription:
             )
         else:
             self.stats.handled += len(ids)
+            unrecorded = done.result()[1]
+            if unrecorded:
+                self.stats.unrecorded += unrecorded
+                logger.warning("%s: Redis refused to record %d handled messages", self.agent_id, unrecorded)
         self._slot_free.set()
 
     async def _dead_letter(
@@ -602,9 +646,14 @@ class Subscription:
         claim_idle_ms: int | None = None,
         tell: bool = True,
     ) -> None:
+        record = None
+        if self._record_keys:
+            read_at = self._inflight.get((stream, entry_id))
+            delivered = int(read_at * 1000 + self._server_offset_ms) if read_at is not None else 0
+            record = (self._settings.record_max_entries, int(self._settings.record_max_age * 1000), delivered)
         moved = await move_to_dead_letters(
             self._pipeliner, self.agent_id, stream, entry_id, reason, deliveries,
-            consumer=self.consumer, claim_idle_ms=claim_idle_ms,
+            consumer=self.consumer, claim_idle_ms=claim_idle_ms, record=record,
         )  # fmt: skip
         if moved is None:
             return  # another instance holds it
@@ -668,9 +717,13 @@ class Subscription:
         sent = time.monotonic()
         seconds, micros = await self._pipeliner.call("TIME", replay=True)
         now = time.monotonic()
-        # the server's time at the middle of the round trip, against the monotonic clock (immune to clock steps)
+        # the server's time at the middle of the round trip, against the monotonic clock (immune to clock steps);
+        # a slow round trip (a busy connection) says little: kept only if the last good one is 30 s old
         server_ms = int(seconds) * 1000 + int(micros) / 1000
-        self._server_offset_ms = server_ms - (sent + now) * 500
+        rtt = now - sent
+        if rtt <= self._clock_rtt * 2 + 0.001 or now - self._clock_at > 30:
+            self._server_offset_ms = server_ms - (sent + now) * 500
+            self._clock_rtt, self._clock_at = rtt, now
         await self._keepalive()
         await self._reclaim()
 

@@ -8,10 +8,12 @@ docs/protocol.md and ``transport/lua``). One Redis user per identity, named afte
   PEXPIRE on the inbox's dedup set); read and trim its own reply streams
   (``ac:{reply.<id>.<12 hex>}:replies``); publish on the event feed (the scripts do when
   someone listens). No reply streams of others, no registry writes, no subscriptions.
-* ``dashboard``: a sender that may also ``SUBSCRIBE`` to the event feed.
+* ``dashboard``: a sender that may also ``SUBSCRIBE`` to the event feed and read the record
+  and the dead letters.
 * ``agent``: a sender that also reads, acknowledges, claims and dead-letters its own
   inbox (``ac:{<id>}:*``), writes replies to callers' reply streams (XADD, PEXPIRE),
-  adds itself to the dead-letter index, and runs the registry scripts (the registry's
+  records what it handled (its own ``ac:{<id>}:record``), adds itself to the dead-letter and
+  record indexes, and runs the registry scripts (the registry's
   shared hashes and index sets, its own instance set).
 * ``admin``: every command on ``ac:*`` keys except the dangerous ones (FLUSHALL, CONFIG,
   KEYS, DEBUG, SHUTDOWN, MODULE, CLIENT KILL, SCRIPT FLUSH ...), plus the ``ACL``
@@ -144,7 +146,7 @@ def _sender_selectors(identity_id: str) -> list[str]:
         # discovery and registry checks (registry_find, registry_stats, HEXISTS)
         _selector("+hget", "+hgetall", "+hexists", "+hkeys", "+sinter", "+zrange", "+zscore", f"%R~{registry}:*"),
         # every script, with the keys it is called with (what runs inside is checked command by command)
-        _selector("+evalsha", f"~{inbox}", f"~{dedup}", f"~{dead}", f"~{registry}:idx:*"),
+        _selector("+evalsha", f"~{inbox}", f"~{dedup}", f"~{dead}", f"~{registry}:idx:*", "~ac:{*}:record"),
         # send.lua: append to an inbox (never read it)
         _selector("+xlen", "+xadd", f"%W~{inbox}"),
         # send.lua: the inbox's dedup set
@@ -184,8 +186,10 @@ def _agent_selectors(identity_id: str) -> list[str]:
         ),  # fmt: skip
         # replies to any caller (and their expiry)
         _selector("+xadd", "+pexpire", "%W~ac:{reply.*}:replies"),
-        # the dead-letter index
-        _selector("+sadd", f"%W~{_glob(keys.DEAD_LETTER_INDEX)}"),
+        # the dead-letter index, the record's index
+        _selector("+sadd", f"%W~{_glob(keys.DEAD_LETTER_INDEX)}", f"%W~{_glob(keys.RECORD_INDEX)}"),
+        # ack.lua: its record (the messages it handled), trimmed by age and size, and its TTL
+        _selector("+xtrim", "+pexpire", f"~ac:{{{_glob(identity_id)}}}:record"),
         # the registry scripts: shared hashes, index sets, deadlines, and its own instance set
         _selector("+hset", "+hsetnx", "+hdel", *(f"~{_glob(h)}" for h in hashes)),
         _selector("+sadd", "+srem", f"~{registry}:idx:*"),
@@ -243,6 +247,12 @@ def acl_rules(identity_id: str, kind: Kind | str) -> list[str]:
     if kind is Kind.DASHBOARD:
         rules += ["+subscribe", "+unsubscribe"]  # the event feed
     rules += _sender_selectors(identity_id)
+    if kind is Kind.DASHBOARD:  # the record and the dead letters: read only
+        rules += [
+            _selector("+smembers", f"%R~{_glob(keys.RECORD_INDEX)}", f"%R~{_glob(keys.DEAD_LETTER_INDEX)}"),
+            _selector("+xrange", "+xrevrange", "%R~ac:{*}:record"),
+            _selector("+xrange", "+xrevrange", "+xlen", "%R~ac:{*}:dead"),
+        ]
     if kind is Kind.AGENT:
         rules += _agent_selectors(identity_id)
     return rules

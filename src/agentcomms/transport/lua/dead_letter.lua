@@ -1,6 +1,7 @@
 -- dead_letter: move one inbox entry to the agent's dead-letter stream, with why.
--- KEYS[1] inbox stream, KEYS[2] dead-letter stream
--- ARGV: group, entry id, reason, deliveries, consumer, min idle ms ('' = the caller holds the entry)
+-- KEYS[1] inbox stream, KEYS[2] dead-letter stream; while recording also KEYS[3] the agent's record stream
+-- ARGV: group, entry id, reason, deliveries, consumer, min idle ms ('' = the caller holds the entry);
+-- while recording also the record's size, its keys' TTL ms, and when the entry was delivered (server ms, '' = unknown)
 -- Returns {dead-letter id, the entry's body ('' if it had no 'm' field), 'moved' or 'found'}:
 -- 'found' when the entry had been moved already (a repeat of this call after a lost connection,
 -- or another instance's move) and its dead letter is among the newest; false if there was
@@ -40,4 +41,12 @@ table.insert(out, 'payload'); table.insert(out, body or '')
 table.insert(out, 'auth'); table.insert(out, auth)  -- kept, so that a redriven message is still authenticated
 local id = redis.call('XADD', KEYS[2], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[2])
+if #KEYS >= 3 then  -- the record: the message, why, and the dead letter it became (skipped if Redis refuses)
+  local conversation = ''
+  local ok, m = pcall(cjson.decode, body or '')
+  if ok and type(m) == 'table' and type(m.conversation_id) == 'string' then conversation = m.conversation_id end
+  local added = redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'k', 'x', 'i', ARGV[2], 'c', conversation,
+                            'd', ARGV[9], 'm', body or '', 'why', reason, 'n', ARGV[4], 'dl', id)
+  if type(added) == 'string' then redis.pcall('PEXPIRE', KEYS[3], ARGV[8]) end
+end
 return {id, body or '', 'moved'}
