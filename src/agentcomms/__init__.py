@@ -1,6 +1,7 @@
 """agentcomms: reliable messaging, discovery and knowledge access for digital-twin agents over Redis."""
 
 from agentcomms.agent import BaseAgent
+from agentcomms.agent_metrics import AgentMetricsServer, MetricsUnavailableError, serve_agent_metrics
 from agentcomms.broker import BrokerStats, MessageBroker, PublishResult
 from agentcomms.deadletters import DeadLetter
 from agentcomms.embedded import (
@@ -50,6 +51,7 @@ from agentcomms.knowledge import (
     MiniLMEmbedder,
 )
 from agentcomms.knowledge.service import KnowledgeService
+from agentcomms.record import ConversationSummary, MessageRecord, Receipt, RecordedMessage
 from agentcomms.registry import AgentRegistry, Presence, RegistryStats
 from agentcomms.schemas import (
     AgentInfo,
@@ -74,7 +76,9 @@ __all__ = [
     "AgentCommsError",
     "AgentConfig",
     "AgentInfo",
+    "AgentMemoryInterface",
     "AgentMessage",
+    "AgentMetricsServer",
     "AgentNotFoundError",
     "AgentRegistry",
     "AgentResponse",
@@ -85,20 +89,20 @@ __all__ = [
     "BrokerStats",
     "CommandOutcomeUnknownError",
     "ConfigError",
+    "ConversationSummary",
     "DeadLetter",
     "DeadLetterNotFoundError",
     "EmbeddedLease",
     "EmbeddedRedis",
     "EmbeddedRedisError",
     "EmbeddedStatus",
+    "Embedder",
     "ErrorDetail",
     "Handler",
     "HandlerError",
     "Identity",
     "IdentityError",
     "InboxFullError",
-    "AgentMemoryInterface",
-    "Embedder",
     "IngestReport",
     "KnowledgeError",
     "KnowledgeNotConfiguredError",
@@ -108,13 +112,15 @@ __all__ = [
     "KnowledgeService",
     "KnowledgeSource",
     "KnowledgeStoreBusyError",
-    "MiniLMEmbedder",
     "MessageBroker",
     "MessageIntent",
     "MessagePayload",
+    "MessageRecord",
     "MessageSender",
     "MessageTooLargeError",
     "MessageValidationError",
+    "MetricsUnavailableError",
+    "MiniLMEmbedder",
     "NoAgentAvailableError",
     "PermissionDeniedError",
     "Policy",
@@ -122,6 +128,8 @@ __all__ = [
     "Priority",
     "PublicIdentity",
     "PublishResult",
+    "Receipt",
+    "RecordedMessage",
     "RedisCommandError",
     "RedisOutOfMemoryError",
     "RedisPermissionError",
@@ -144,5 +152,6 @@ __all__ = [
     "embedded_status",
     "export_json_schemas",
     "load_agents_config",
+    "serve_agent_metrics",
     "stop_embedded",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -36,12 +37,17 @@ from agentcomms.sender import MessageSender
 from agentcomms.settings import AgentConfig, Settings
 from agentcomms.subscription import Subscription
 
-__all__ = ["BaseAgent"]
+__all__ = ["BaseAgent", "HandlerObserver"]
 
 logger = logging.getLogger(__name__)
 
 BUILT_IN_INTENTS = (MessageIntent.HEALTH_CHECK, MessageIntent.CAPABILITY_QUERY, MessageIntent.AGENT_STATUS)
 """Answered by every agent: a handler method of the same name overrides the default answer."""
+
+
+HandlerObserver = Callable[[str, float, str], None]
+"""Told of each message an agent handled: ``(intent, seconds, outcome)``, outcome ``ok``, ``error`` (an error
+reply) or ``raised``; set as :attr:`BaseAgent.handler_observer` (``serve_agent_metrics`` does)."""
 
 
 def _handler_name(intent: str) -> str:
@@ -102,6 +108,8 @@ class BaseAgent:
         self._stopping: asyncio.Future[None] | None = None
         self._memory: AgentMemoryInterface | None = None
         self._owns_memory = True
+        self.handler_observer: HandlerObserver | None = None
+        """Called after each message with its handling time (``None``, the default: nothing is timed)."""
 
     # -- what the agent offers: override these ---------------------------------------------
 
@@ -155,6 +163,11 @@ class BaseAgent:
         """Whether the agent is taking messages."""
         return self._subscription is not None and self._subscription.running
 
+    @property
+    def subscription(self) -> Subscription | None:
+        """The subscription taking this agent's messages (its ``stats``, ``in_flight``); ``None`` when stopped."""
+        return self._subscription
+
     async def info(self) -> AgentInfo:
         """The record this agent registers.
 
@@ -193,7 +206,7 @@ class BaseAgent:
                 info, instance_id=self.broker.client_id, heartbeat_interval=self.heartbeat_interval
             )
             self._subscription = await self.broker.subscribe_to_agent(
-                self.agent_id, self._on_message, concurrency=self.concurrency, role=self.config.role
+                self.agent_id, self._receive, concurrency=self.concurrency, role=self.config.role
             )
         except BaseException:
             await self.shutdown()
@@ -239,6 +252,23 @@ class BaseAgent:
         await self.shutdown()
 
     # -- receiving -------------------------------------------------------------------------
+
+    def _receive(self, message: AgentMessage) -> Awaitable[Any]:
+        observer = self.handler_observer
+        return self._on_message(message) if observer is None else self._timed(message, observer)
+
+    async def _timed(self, message: AgentMessage, observer: HandlerObserver) -> Any:
+        started = time.perf_counter()
+        outcome = "raised"
+        try:
+            result = await self._on_message(message)
+            outcome = "error" if isinstance(result, AgentResponse) and not result.success else "ok"
+            return result
+        finally:
+            try:
+                observer(str(message.intent), time.perf_counter() - started, outcome)
+            except Exception:
+                logger.exception("%s: the handler observer failed", self.agent_id)
 
     async def _on_message(self, message: AgentMessage) -> Any:
         intent = str(message.intent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,19 @@ from typing import Annotated
 import typer
 
 from agentcomms.agent import BaseAgent
-from agentcomms.cli._common import LogLevelOption, configure_logging, load_settings, open_broker, run, write_out
+from agentcomms.agent_metrics import AgentMetricsServer, require_prometheus, serve_agent_metrics
+from agentcomms.cli._common import (
+    LogLevelOption,
+    configure_logging,
+    errors,
+    esc,
+    fail,
+    load_settings,
+    open_broker,
+    reported,
+    run,
+    write_out,
+)
 from agentcomms.exceptions import ConfigError
 from agentcomms.settings import Settings, load_agents_config
 
@@ -33,15 +46,50 @@ def run_agent(
     agent_class: Annotated[
         str, typer.Option("--class", help="module:Class of the agents (a BaseAgent subclass).")
     ] = "agentcomms:BaseAgent",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            show_default=False,
+            help="Serve the agents' Prometheus metrics on this port (0: any free one; default AGENTCOMMS_METRICS_PORT, "
+            "else none); prints METRICS <url>.",
+        ),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address the metrics listen on.")] = "127.0.0.1",
     log_level: LogLevelOption = None,
 ) -> None:
     """Run agents from a config file until SIGINT or SIGTERM (REDIS_URL overrides the file's redis_url)."""
     configure_logging(log_level)
     settings = load_settings()
-    run(_run_agents(settings, config, agent_id or [], agent_class))
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    metrics = None if port is None else (metrics_host, port)
+    if metrics is not None:
+        with reported():
+            require_prometheus()
+    run(_run_agents(settings, config, agent_id or [], agent_class, metrics))
 
 
-async def _run_agents(settings: Settings, config: Path, only: list[str], agent_class: str) -> None:
+def _serve_metrics(agents: list[BaseAgent], host: str, port: int) -> AgentMetricsServer:
+    """Serve the agents' metrics and print ``METRICS <url>`` on stdout."""
+    try:
+        server = serve_agent_metrics(agents, port=port, host=host)
+    except OSError as exc:
+        raise fail(f"the metrics cannot listen on {host}:{port}: {exc.strerror or exc}", 1) from None
+    write_out(f"METRICS {server.url}\n")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        errors.print(f"[dim]metrics at {esc(server.url)}: readable by anyone who can reach it[/]", highlight=False)
+    return server
+
+
+async def _run_agents(
+    settings: Settings, config: Path, only: list[str], agent_class: str, metrics: tuple[str, int] | None
+) -> None:
     selected = load_agents_config(config).agents
     if only:
         unknown = sorted(set(only) - {a.agent_id for a in selected})
@@ -58,6 +106,7 @@ async def _run_agents(settings: Settings, config: Path, only: list[str], agent_c
     file_url = None if settings.redis_url else selected[0].redis_url
     async with open_broker(settings, redis_url=file_url, origin=f"redis_url in {config}") as broker:
         agents = [cls(agent, broker=broker) for agent in selected]
+        server = None if metrics is None else _serve_metrics(agents, *metrics)
         started: list[BaseAgent] = []
         try:
             for agent in agents:
@@ -65,5 +114,9 @@ async def _run_agents(settings: Settings, config: Path, only: list[str], agent_c
             write_out("READY " + " ".join(a.agent_id for a in agents) + "\n")
             await stop.wait()
         finally:
-            for agent in reversed(started):
-                await agent.shutdown()
+            try:
+                for agent in reversed(started):
+                    await agent.shutdown()
+            finally:
+                if server is not None:  # last: scrapes still answer while the agents stop
+                    await asyncio.to_thread(server.close)
