@@ -40,7 +40,7 @@ from agentcomms.examples import TwinAgent, create_agent_config
 from agentcomms.security import create_admin, enrol_team
 from agentcomms.web import create_app
 from agentcomms.web.problems import problem_for
-from conftest import wait_for_dead_letters
+from conftest import wait_for_dead_letters, wait_for_entries
 
 BASE = "http://dashboard"
 TOKEN = "s3cret-token-for-tests"
@@ -142,6 +142,12 @@ async def serve(settings: Settings, *, streaming: bool = False) -> AsyncIterator
 
 
 @pytest.fixture
+def settings(redis_url: str) -> Settings:
+    """As conftest's, with the record on (off unless asked): the dashboard shows it."""
+    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
+
+
+@pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings) as instance:
         yield instance
@@ -205,6 +211,8 @@ async def test_openapi_documents_every_route_and_its_problem_codes(client: httpx
         "/api/health", "/api/agents", "/api/agents/{agent_id}", "/api/send", "/api/ask", "/api/broadcast",
         "/api/deadletters", "/api/deadletters/{agent_id}", "/api/deadletters/{agent_id}/{entry_id}",
         "/api/deadletters/{agent_id}/{entry_id}/redrive", "/api/stats", "/api/knowledge/search", "/api/events",
+        "/api/conversations", "/api/conversations/{conversation_id}", "/api/messages",
+        "/api/messages/{message_id}/receipts",
     }  # fmt: skip
     ask = schema["paths"]["/api/ask"]["post"]
     assert ask["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/AskRequest")
@@ -387,6 +395,40 @@ async def test_ask_times_out_with_504(client: httpx.AsyncClient, settings: Setti
             assert "agent.slow" in body["detail"]
         finally:
             slow.release.set()
+
+
+async def test_the_record_shows_conversations_messages_and_receipts_to_every_dashboard(
+    settings: Settings, client: httpx.AsyncClient, sarah: TwinAgent, raw: Redis
+) -> None:
+    asked = await client.post(
+        "/api/ask", json={"recipient_id": "agent.sarah", "data": {"query": "Drafts?"}, "conversation_id": "conv-web"}
+    )
+    assert asked.status_code == 200, asked.text
+    await wait_for_entries(raw, keys.record("agent.sarah"), 1)
+    [conversation] = (await client.get("/api/conversations")).json()
+    assert conversation["conversation_id"] == "conv-web" and conversation["messages"] == 1
+    assert (
+        conversation["agents"] == ["dashboard", "agent.sarah"] and conversation["first_intent"] == "request_knowledge"
+    )
+    timeline = (await client.get("/api/conversations/conv-web")).json()
+    [hop] = timeline["messages"]
+    assert (hop["sender_id"], hop["agent_id"], hop["outcome"]) == ("dashboard", "agent.sarah", "replied")
+    assert [r["state"] for r in hop["receipts"]] == ["sent", "delivered", "replied"]
+    assert hop["reply"]["data"]["query"] == "Drafts?" and hop["message"]["payload"]["data"] == {"query": "Drafts?"}
+    assert hop["queued_ms"] >= 0 and hop["handling_ms"] >= 0 and timeline["duration_ms"] >= hop["handling_ms"]
+    [listed] = (await client.get("/api/messages", params={"agent": "agent.sarah"})).json()
+    assert listed["message_id"] == hop["message_id"]
+    assert (await client.get("/api/messages", params={"intent": "assign_task"})).json() == []
+    assert (await client.get("/api/messages", params={"sender": "dashboard", "since": 0})).json() == [listed]
+    assert (await client.get("/api/messages", params={"since": 2**40})).json() == []
+    receipts = await client.get(f"/api/messages/{hop['message_id']}/receipts", params={"agent": "agent.sarah"})
+    assert receipts.status_code == 200 and [m["record_id"] for m in receipts.json()] == [hop["record_id"]]
+    async with serve(settings) as another:  # a second dashboard (or this one restarted) sees the same record
+        assert (await another.get("/api/conversations/conv-web")).json() == timeline
+    problem(await client.get("/api/conversations/no-such"), 404, "conversation_not_found")
+    problem(await client.get("/api/messages/no-such/receipts"), 404, "message_not_found")
+    problem(await client.get("/api/messages", params={"since": -1}), 422, "invalid_request")
+    problem(await client.get("/api/conversations/has space"), 422, "invalid_request")
 
 
 async def test_broadcast_answers_per_recipient(redis_url: str, broker: MessageBroker) -> None:

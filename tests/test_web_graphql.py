@@ -28,7 +28,7 @@ from agentcomms.examples import TwinAgent, create_agent_config
 from agentcomms.web import create_app
 from agentcomms.web.app import _require
 from agentcomms.web.graphql import PATH, GraphQLContext, graphql_router, schema
-from conftest import wait_for_dead_letters
+from conftest import wait_for_dead_letters, wait_for_entries
 from test_web_api import Listener, Stalling, register_offline
 
 BASE = "http://dashboard"
@@ -83,6 +83,12 @@ async def serve(settings: Settings) -> AsyncIterator[Api]:
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url=BASE) as http:
         yield Api(app, http)
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    """As conftest's, with the record on (off unless asked): the dashboard shows it."""
+    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
 
 
 @pytest.fixture
@@ -325,6 +331,36 @@ async def test_ask_an_agent_by_id_or_by_role(api: Api, sarah: TwinAgent) -> None
     await api.error(ASK, "agent_not_found", to="agent.nobody")
     assert "exactly one" in await api.error(ASK, "invalid_request", to="agent.sarah", role="content_agent")
     assert "timeout" in await api.error(ASK, "invalid_request", to="agent.sarah", timeout=121)
+
+
+async def test_the_record_answers_conversations_messages_and_receipts(api: Api, sarah: TwinAgent, raw: Redis) -> None:
+    ask = 'mutation($q: JSON) { ask(recipientId: "agent.sarah", data: $q, conversationId: "conv-gql") { success } }'
+    assert (await api.data(ask, q={"query": "Drafts?"}))["ask"]["success"] is True
+    await wait_for_entries(raw, keys.record("agent.sarah"), 1)
+    listed = await api.data("{ conversations { conversationId agents messages firstIntent } }")
+    assert listed["conversations"] == [
+        {"conversationId": "conv-gql", "agents": ["dashboard", "agent.sarah"], "messages": 1,
+         "firstIntent": "request_knowledge"}
+    ]  # fmt: skip
+    timeline = await api.data(
+        """{ conversation(conversationId: "conv-gql") { durationMs messages {
+             messageId senderId agentId outcome queuedMs handlingMs receipts { state at }
+             message { payload { data } } reply { success data } } } }"""
+    )
+    [hop] = timeline["conversation"]["messages"]
+    assert (hop["senderId"], hop["agentId"], hop["outcome"]) == ("dashboard", "agent.sarah", "replied")
+    assert [r["state"] for r in hop["receipts"]] == ["sent", "delivered", "replied"]
+    assert hop["message"]["payload"]["data"] == {"query": "Drafts?"} and hop["reply"]["data"]["query"] == "Drafts?"
+    messages = await api.data('{ messages(agent: "agent.sarah", sender: "dashboard") { messageId } }')
+    assert messages["messages"] == [{"messageId": hop["messageId"]}]
+    receipts = await api.data(
+        'query($id: String!) { receipts(messageId: $id, agent: "agent.sarah") { outcome } }', id=hop["messageId"]
+    )
+    assert receipts["receipts"] == [{"outcome": "replied"}]
+    await api.error('{ conversation(conversationId: "nope") { durationMs } }', "conversation_not_found")
+    await api.error('{ receipts(messageId: "nope") { outcome } }', "message_not_found")
+    await api.error("{ messages(since: -1) { outcome } }", "invalid_request")
+    await api.error("{ conversations(limit: 0) { conversationId } }", "invalid_request")
 
 
 async def test_ask_times_out_with_code_timeout(api: Api, settings: Settings) -> None:

@@ -57,4 +57,4 @@ async def test_no_request_the_schema_allows_gets_a_server_error(settings: Settin
         finally:
             server.should_exit = True
             await serving
-    assert operations == 13  # every route but the live feed
+    assert operations == 17  # every route but the live feed

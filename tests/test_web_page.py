@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from starlette.routing import Mount
 import agentcomms.web
 from agentcomms import AgentMessage, BaseAgent, Settings
 from agentcomms.examples import TwinAgent, create_agent_config
+from agentcomms.schemas import id_time_ms
 from agentcomms.web import create_app
+from test_record import engineer, strategist
 
 STATIC = Path(agentcomms.web.__file__).parent / "static"
 IMAGES = Path(__file__).parents[1] / "docs" / "images"
@@ -113,6 +116,12 @@ async def browsing(settings: Settings) -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
+def settings(redis_url: str) -> Settings:
+    """As conftest's, with the record on (off unless asked): the dashboard shows it."""
+    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
+
+
+@pytest.fixture
 async def browser(settings: Settings) -> AsyncIterator[Browser]:
     async with browsing(settings) as instance:
         yield instance
@@ -132,6 +141,7 @@ async def test_page_loads_live_with_no_console_errors(browser: Browser) -> None:
     await expect(page.get_by_role("heading", level=1)).to_contain_text("agentcomms")
     for name in (
         "Agents",
+        "Conversations",
         "Live message flow",
         "Ask an agent",
         "Department status",
@@ -266,6 +276,59 @@ async def test_a_question_asked_on_the_page_gets_its_answer_shown(browser: Brows
         await page.screenshot(path=IMAGES / "dashboard.png")  # a 1366x768 laptop screen
         await page.locator("#ask-panel").screenshot(path=IMAGES / "dashboard-ask.png")
     assert browser.errors == []
+
+
+# -- conversations -----------------------------------------------------------------------------------
+
+
+async def test_a_conversation_timeline_shows_every_hop(browser: Browser, settings: Settings) -> None:
+    page = browser.page
+    async with strategist(settings), engineer(settings):
+        await browser.open()
+        await expect(page.locator("#agents-table tbody tr")).to_have_count(2)
+        await expect(page.locator("#conversations-empty")).to_be_visible()
+        form = page.get_by_role("region", name="Ask an agent")
+        await form.get_by_role("combobox", name="Ask", exact=True).select_option("agent:agent.cso")
+        await form.get_by_label("Intent").fill("request_strategy")
+        await form.get_by_label("Question").fill("Can we ship SSO this quarter?")
+        await form.get_by_role("button", name="Ask", exact=True).click()
+        await expect(page.locator("#ask-status")).to_contain_text("Answered by agent.cso")
+        await expect(page.locator("#ask-answer")).to_contain_text('"weeks": 3')
+
+        # the answer links to its conversation: every hop across agents, in order, with where the time went
+        await page.locator("#ask-conversation").click()
+        panel = page.get_by_role("region", name="Conversations")
+        await expect(panel.get_by_role("heading", name="Timeline of ")).to_be_focused()
+        conversation = (await page.locator("#conversation-id").input_value()).strip()
+        assert id_time_ms(conversation) is not None  # a version 7 UUID, as the library makes
+        hops = page.locator("#timeline-list > li")
+        await expect(hops).to_have_count(2)
+        await expect(hops.nth(0)).to_contain_text("dashboard → agent.cso")
+        await expect(hops.nth(0)).to_contain_text("request_strategy")
+        await expect(hops.nth(1)).to_contain_text("agent.cso → agent.cto")
+        await expect(hops.nth(1)).to_contain_text("estimate")
+        for n in range(2):
+            await expect(hops.nth(n).locator(".kind")).to_have_text("replied")
+            await expect(hops.nth(n)).to_contain_text("waited")
+            await expect(hops.nth(n).get_by_role("img")).to_have_attribute("aria-label", re.compile("handled in"))
+        await expect(page.locator("#timeline-summary")).to_contain_text("2 messages between 3 agents")
+        await hops.nth(1).get_by_text("message and reply").click()
+        await expect(hops.nth(1)).to_contain_text('"weeks": 3')
+
+        # and the list of recorded conversations has it, live
+        row = page.locator("#conversations-table tbody tr").filter(has_text="request_strategy")
+        await expect(row).to_have_count(1)
+        await expect(row).to_contain_text("agent.cto")
+        await expect(row.locator("td.number")).to_have_text("2")
+        await panel.scroll_into_view_if_needed()
+        await panel.screenshot(path=IMAGES / "dashboard-conversation.png")
+
+        assert browser.errors == []
+        # an id that is not in the record says so (the browser logs the API's 404 itself: the only error)
+        await panel.get_by_label("Conversation id").fill("no-such-conversation")
+        await panel.get_by_role("button", name="Show timeline").click()
+        await expect(page.locator("#conversations-status")).to_contain_text("Nothing of no-such-conversation")
+        assert [error for error in browser.errors if "404 (Not Found)" not in error] == []
 
 
 # -- dead letters ------------------------------------------------------------------------------------

@@ -35,11 +35,14 @@ from agentcomms.web.models import (
     BroadcastFailed,
     BroadcastRequest,
     BroadcastSent,
+    ConversationOut,
+    ConversationTimeline,
     DeadLetterAgent,
     DeadLetterOut,
     Health,
     KnowledgeSearchRequest,
     PurgeResult,
+    RecordedMessageOut,
     RegistryStatsOut,
     SendRequest,
     SendResult,
@@ -93,6 +96,34 @@ class Dashboard:
         await broker.connect()
         logger.info("dashboard connected to %s as %s", broker.url, sender_id)
         return cls(broker, sender_id)
+
+    async def ask(self, body: AskRequest) -> AgentResponse:
+        """Send ``body``'s request to its agent, or to an online agent of its role, and wait for the reply."""
+        if body.role is not None:
+            return await self.sender.request_role(
+                body.role, body.intent, body.data, department=body.department, timeout=body.timeout,
+                conversation_id=body.conversation_id,
+            )  # fmt: skip
+        assert body.recipient_id is not None  # AskRequest checks that exactly one is given
+        return await self.sender.request(
+            body.recipient_id, body.intent, body.data, timeout=body.timeout, conversation_id=body.conversation_id
+        )
+
+    async def conversation(self, conversation_id: str) -> ConversationTimeline:
+        """A conversation's timeline from the record (problem ``conversation_not_found`` if none of it is there)."""
+        timeline = await self.broker.record.conversation(conversation_id)
+        if not timeline:
+            raise ApiProblem("conversation_not_found", f"no message of conversation {conversation_id!r} is recorded")
+        return ConversationTimeline.of(conversation_id, timeline)
+
+    async def receipts(
+        self, message_id: str, agent_id: str | None, conversation_id: str | None
+    ) -> list[RecordedMessageOut]:
+        """A message's records and receipts (problem ``message_not_found`` if it is neither recorded nor waiting)."""
+        found = await self.broker.record.receipts(message_id, agent_id=agent_id, conversation_id=conversation_id)
+        if not found:
+            raise ApiProblem("message_not_found", f"message {message_id!r} is neither in the record nor waiting")
+        return [RecordedMessageOut.of(m) for m in found]
 
     async def memory(self) -> AgentMemoryInterface:
         """The knowledge memory, as a client of the knowledge service (made at the first search)."""
@@ -191,12 +222,7 @@ async def ask(dashboard: Connected, body: AskRequest) -> AgentResponse:
 
     A reply is answered with 200 whether the agent succeeded or not: see ``success`` and ``error``.
     """
-    if body.role is not None:
-        return await dashboard.sender.request_role(
-            body.role, body.intent, body.data, department=body.department, timeout=body.timeout
-        )
-    assert body.recipient_id is not None  # AskRequest checks that exactly one is given
-    return await dashboard.sender.request(body.recipient_id, body.intent, body.data, timeout=body.timeout)
+    return await dashboard.ask(body)
 
 
 @router.post("/broadcast", responses=problem_responses("invalid_request", "invalid_message", "forbidden"))
@@ -215,6 +241,67 @@ async def broadcast(dashboard: Connected, body: BroadcastRequest) -> dict[str, B
                 message_id=result.message_id, entry_id=result.entry_id, duplicate=result.duplicate
             )
     return outcomes
+
+
+AgentFilter = Annotated[
+    str | None,
+    Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]*$", description="A recipient's id."),
+]
+ConversationIdPath = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$", description="A conversation id.")
+]
+Since = Annotated[float | None, Query(ge=0, le=2**44, description="Finished at or after (epoch seconds).")]
+Until = Annotated[float | None, Query(ge=0, le=2**44, description="Finished at or before (epoch seconds).")]
+
+
+@router.get("/conversations", responses=problem_responses("invalid_request", "forbidden"))
+async def list_conversations(
+    dashboard: Connected,
+    agent: AgentFilter = None,
+    limit: Annotated[int, Query(ge=1, le=200, description="How many, the latest first.")] = 20,
+) -> list[ConversationOut]:
+    """The conversations that moved last (with a message to ``agent``, if given), from the record."""
+    return [ConversationOut.of(c) for c in await dashboard.broker.record.conversations(agent, limit=limit)]
+
+
+@router.get(
+    "/conversations/{conversation_id}", responses=problem_responses("invalid_request", "conversation_not_found")
+)
+async def get_conversation(dashboard: Connected, conversation_id: ConversationIdPath) -> ConversationTimeline:
+    """Every recorded message of a conversation across agents, in the order sent, with replies and timings."""
+    return await dashboard.conversation(conversation_id)
+
+
+@router.get("/messages", responses=problem_responses("invalid_request", "forbidden"))
+async def list_messages(
+    dashboard: Connected,
+    agent: AgentFilter = None,
+    sender: Annotated[str | None, Query(min_length=1, max_length=128, description="Only from this sender.")] = None,
+    intent: Annotated[str | None, Query(min_length=1, max_length=64, description="Only with this intent.")] = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="How many, the latest first.")] = 100,
+) -> list[RecordedMessageOut]:
+    """Recorded messages, the latest finished first: to ``agent`` (else to anyone), within a time range."""
+    found = await dashboard.broker.record.messages(
+        agent, since=since, until=until, sender_id=sender, intent=intent, limit=limit
+    )
+    return [RecordedMessageOut.of(m) for m in found]
+
+
+@router.get("/messages/{message_id}/receipts", responses=problem_responses("invalid_request", "message_not_found"))
+async def get_receipts(
+    dashboard: Connected,
+    message_id: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")],
+    agent: AgentFilter = None,
+    conversation: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = None,
+) -> list[RecordedMessageOut]:
+    """A message's records with their receipts (a redriven one has several), or where it waits in the inbox.
+
+    Name its recipient (``agent``) or ``conversation`` to find it fast; only with ``agent``
+    is the inbox searched for a message not finished yet.
+    """
+    return await dashboard.receipts(message_id, agent, conversation)
 
 
 @router.get("/deadletters", responses=problem_responses("forbidden"))

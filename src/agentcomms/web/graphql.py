@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 import strawberry
 from fastapi import params
 from graphql import GraphQLError
-from pydantic import BaseModel, StringConstraints, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, TypeAdapter, ValidationError
 from starlette.requests import HTTPConnection
 from strawberry.extensions import MaskErrors
 from strawberry.fastapi import BaseContext, GraphQLRouter
@@ -77,6 +77,7 @@ class GraphQLContext(BaseContext):
 _Info = strawberry.Info[GraphQLContext, None]
 _T = TypeVar("_T", bound="DataclassInstance")
 _M = TypeVar("_M", bound=BaseModel)
+_V = TypeVar("_V")
 
 
 def _build(cls: type[_T], data: Mapping[str, Any]) -> _T:
@@ -333,6 +334,67 @@ class FeedEvent:
         )  # fmt: skip
 
 
+@strawberry.type(description="One state of a message and when it was reached (epoch seconds, Redis's clock).")
+class Receipt:
+    state: str
+    at: float
+
+
+@strawberry.type(
+    description="A message from the record: to whom (`agentId`), its reply, receipts and where the time went "
+    "(`queuedMs` sent to delivered, `handlingMs` delivered to handled). `outcome` sent or delivered: still in the "
+    "inbox."
+)
+class RecordedMessage:
+    agent_id: str
+    record_id: str
+    entry_id: str
+    conversation_id: str
+    message_id: str | None
+    sender_id: str | None
+    intent: str | None
+    outcome: str
+    reason: str | None
+    deliveries: int | None
+    dead_letter_id: str | None
+    sent_at: float
+    delivered_at: float | None
+    finished_at: float | None
+    queued_ms: float | None
+    handling_ms: float | None
+    receipts: list[Receipt]
+    message: AgentMessage | None
+    payload: str | None
+    reply: AgentResponse | None
+
+    @classmethod
+    def of(cls, recorded: models.RecordedMessageOut) -> RecordedMessage:
+        """The GraphQL view of the REST API's ``RecordedMessageOut``."""
+        return _build(cls, {
+            **dict(recorded), "receipts": [Receipt(state=r.state, at=r.at) for r in recorded.receipts],
+            "message": AgentMessage.of(recorded.message) if recorded.message else None,
+            "reply": AgentResponse.of(recorded.reply) if recorded.reply else None,
+        })  # fmt: skip
+
+
+@strawberry.type(description="A conversation in the record: when it started and last moved, who took part.")
+class Conversation:
+    conversation_id: str
+    first_at: float
+    last_at: float
+    agents: list[str]
+    messages: int
+    first_intent: str | None
+
+
+@strawberry.type(description="Every recorded message of one conversation across agents, in the order sent.")
+class ConversationTimeline:
+    conversation_id: str
+    started_at: float
+    duration_ms: float
+    messages: list[RecordedMessage]
+
+
 # -- input ---------------------------------------------------------------------------------------
 
 _AGENT_ID: TypeAdapter[str] = TypeAdapter(schemas.AgentId)
@@ -351,7 +413,7 @@ def _invalid(exc: ValidationError, name: str = "") -> ApiProblem:
     return ApiProblem("invalid_request", "; ".join(lines) or "invalid request")
 
 
-def _checked(adapter: TypeAdapter[str], value: str, name: str) -> str:
+def _checked(adapter: TypeAdapter[_V], value: _V, name: str) -> _V:
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
@@ -457,7 +519,65 @@ async def _knowledge(
     return [KnowledgeResult.of(result) for result in results]
 
 
-@strawberry.type(description="Agents, dead letters, counters, health and knowledge.")
+_MESSAGE_ID: TypeAdapter[str] = TypeAdapter(schemas.MessageId)
+_SECONDS: TypeAdapter[float] = TypeAdapter(Annotated[float, Field(ge=0, le=2**44)])
+
+
+def _limit(value: int, most: int) -> int:
+    if not 1 <= value <= most:
+        raise ApiProblem("invalid_request", f"limit: must be from 1 to {most}")
+    return value
+
+
+async def _conversations(
+    info: _Info,
+    agent: Annotated[str | None, strawberry.argument(description="Only with a message to this agent.")] = None,
+    limit: Annotated[int, strawberry.argument(description="How many, the latest first (1 to 200).")] = 20,
+) -> list[Conversation]:
+    agent = _checked(_AGENT_ID, agent, "agent") if agent is not None else None
+    found = await _dashboard(info).broker.record.conversations(agent, limit=_limit(limit, 200))
+    return [_build(Conversation, c.as_dict()) for c in found]
+
+
+async def _conversation(info: _Info, conversation_id: str) -> ConversationTimeline:
+    timeline = await _dashboard(info).conversation(_checked(_MESSAGE_ID, conversation_id, "conversation_id"))
+    messages = [RecordedMessage.of(m) for m in timeline.messages]
+    return _build(ConversationTimeline, {**dict(timeline), "messages": messages})
+
+
+async def _messages(
+    info: _Info,
+    agent: Annotated[str | None, strawberry.argument(description="Only to this agent.")] = None,
+    sender: Annotated[str | None, strawberry.argument(description="Only from this sender.")] = None,
+    intent: str | None = None,
+    since: Annotated[float | None, strawberry.argument(description="Finished at or after (epoch s).")] = None,
+    until: Annotated[float | None, strawberry.argument(description="Finished at or before (epoch s).")] = None,
+    limit: Annotated[int, strawberry.argument(description="How many, the latest first (1 to 1000).")] = 100,
+) -> list[RecordedMessage]:
+    agent = _checked(_AGENT_ID, agent, "agent") if agent is not None else None
+    since = _checked(_SECONDS, since, "since") if since is not None else None
+    until = _checked(_SECONDS, until, "until") if until is not None else None
+    found = await _dashboard(info).broker.record.messages(
+        agent, since=since, until=until, sender_id=sender, intent=intent, limit=_limit(limit, 1000)
+    )
+    return [RecordedMessage.of(models.RecordedMessageOut.of(m)) for m in found]
+
+
+async def _receipts(
+    info: _Info,
+    message_id: str,
+    agent: Annotated[str | None, strawberry.argument(description="Its recipient (searches its inbox too).")] = None,
+    conversation_id: Annotated[str | None, strawberry.argument(description="Its conversation.")] = None,
+) -> list[RecordedMessage]:
+    message_id = _checked(_MESSAGE_ID, message_id, "message_id")
+    agent = _checked(_AGENT_ID, agent, "agent") if agent is not None else None
+    if conversation_id is not None:
+        conversation_id = _checked(_MESSAGE_ID, conversation_id, "conversation_id")
+    found = await _dashboard(info).receipts(message_id, agent, conversation_id)
+    return [RecordedMessage.of(m) for m in found]
+
+
+@strawberry.type(description="Agents, the record, dead letters, counters, health and knowledge.")
 class Query:
     agents: list[AgentInfo] = strawberry.field(
         resolver=_agents,
@@ -474,6 +594,22 @@ class Query:
         "registered nor has any).",
     )
     dead_letter: DeadLetter = strawberry.field(resolver=_dead_letter, description="One dead letter.")
+    conversations: list[Conversation] = strawberry.field(
+        resolver=_conversations, description="The conversations that moved last, from the record."
+    )
+    conversation: ConversationTimeline = strawberry.field(
+        resolver=_conversation,
+        description="Every recorded message of a conversation across agents, in the order sent, with replies and "
+        "timings (`conversation_not_found` if none).",
+    )
+    messages: list[RecordedMessage] = strawberry.field(
+        resolver=_messages, description="Recorded messages, the latest finished first, filtered."
+    )
+    receipts: list[RecordedMessage] = strawberry.field(
+        resolver=_receipts,
+        description="A message's records and receipts (a redriven one has several), or where it waits in the inbox "
+        "(`message_not_found` if neither).",
+    )
     stats: Stats = strawberry.field(
         resolver=_stats, description="Counts of registered agents (walks every record) and the broker's counters."
     )
@@ -516,20 +652,15 @@ async def _ask(
     intent: str = "request_knowledge",
     data: JSON | None = None,
     timeout: Annotated[float, strawberry.argument(description="Seconds to wait for the reply (at most 120).")] = 30.0,
+    conversation_id: Annotated[
+        str | None, strawberry.argument(description="The conversation it starts or joins (default: a new one).")
+    ] = None,
 ) -> AgentResponse:
     body = _validated(
         models.AskRequest, recipient_id=recipient_id, role=role, department=department, intent=intent, data=data,
-        timeout=timeout,
+        timeout=timeout, conversation_id=conversation_id,
     )  # fmt: skip
-    sender = _dashboard(info).sender
-    if body.role is not None:
-        reply = await sender.request_role(
-            body.role, body.intent, body.data, department=body.department, timeout=body.timeout
-        )
-    else:
-        assert body.recipient_id is not None  # AskRequest checks that exactly one is given
-        reply = await sender.request(body.recipient_id, body.intent, body.data, timeout=body.timeout)
-    return AgentResponse.of(reply)
+    return AgentResponse.of(await _dashboard(info).ask(body))
 
 
 async def _broadcast(

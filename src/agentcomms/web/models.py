@@ -8,18 +8,23 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from agentcomms.broker import BrokerStats, PublishResult
 from agentcomms.deadletters import DeadLetter
-from agentcomms.schemas import AgentId, AgentMessage, ErrorDetail, IntentName, MessageId, Name, Priority
+from agentcomms.record import ConversationSummary, RecordedMessage, State
+from agentcomms.schemas import AgentId, AgentMessage, AgentResponse, ErrorDetail, IntentName, MessageId, Name, Priority
 
 __all__ = [
     "AskRequest",
     "BroadcastFailed",
     "BroadcastRequest",
     "BroadcastSent",
+    "ConversationOut",
+    "ConversationTimeline",
     "DeadLetterAgent",
     "DeadLetterOut",
     "Health",
     "KnowledgeSearchRequest",
     "PurgeResult",
+    "ReceiptOut",
+    "RecordedMessageOut",
     "RegistryStatsOut",
     "SendRequest",
     "SendResult",
@@ -76,6 +81,8 @@ class AskRequest(_Body):
     data: dict[str, Any] = Field(default_factory=dict)
     timeout: float = Field(30.0, ge=0.1, le=MAX_ASK_TIMEOUT)
     """Seconds to wait for the reply (0.1 to 120; it covers finding an agent of the role too)."""
+    conversation_id: MessageId | None = None
+    """The conversation the request starts or joins (default: a new one); its timeline is in the record."""
 
     @model_validator(mode="after")
     def _one_addressee(self) -> Self:
@@ -196,3 +203,84 @@ class KnowledgeSearchRequest(_Body):
     limit: int = Field(5, ge=1, le=50)
     filters: dict[str, Any] | None = None
     """Narrow by ``domains``, ``kind`` (``document`` / ``insight``), ``author``, ``source_id``."""
+
+
+class ReceiptOut(BaseModel):
+    """One state of a message and when it was reached (epoch seconds, the Redis server's clock)."""
+
+    state: State
+    at: float
+
+
+class RecordedMessageOut(BaseModel):
+    """A message from the record: what was sent, to whom, its reply, its receipts and where the time went.
+
+    ``outcome`` ``sent`` or ``delivered``: still in its recipient's inbox (only from receipts).
+    ``queued_ms``: from sent to delivered; ``handling_ms``: from delivered to handled.
+    """
+
+    agent_id: str
+    """The recipient."""
+    record_id: str
+    entry_id: str
+    conversation_id: str
+    message_id: str | None
+    sender_id: str | None
+    intent: str | None
+    outcome: State
+    reason: str | None = None
+    deliveries: int | None = None
+    dead_letter_id: str | None = None
+    sent_at: float
+    delivered_at: float | None = None
+    finished_at: float | None = None
+    queued_ms: float | None = None
+    handling_ms: float | None = None
+    receipts: list[ReceiptOut]
+    message: AgentMessage | None = None
+    payload: str | None = None
+    """The entry's text when it was not a message."""
+    reply: AgentResponse | None = None
+
+    @classmethod
+    def of(cls, recorded: RecordedMessage) -> RecordedMessageOut:
+        """The body of a :class:`RecordedMessage`."""
+        fields = recorded.as_dict()
+        return cls(**{**fields, "message": recorded.message, "reply": recorded.reply})
+
+
+class ConversationOut(BaseModel):
+    """A conversation in the record: when it started and last moved, who took part, how many messages."""
+
+    conversation_id: str
+    first_at: float
+    last_at: float
+    agents: list[str]
+    messages: int
+    first_intent: str | None
+
+    @classmethod
+    def of(cls, summary: ConversationSummary) -> ConversationOut:
+        """The body of a :class:`ConversationSummary`."""
+        return cls(**summary.as_dict())
+
+
+class ConversationTimeline(BaseModel):
+    """Every recorded message of one conversation across agents, in the order they were sent."""
+
+    conversation_id: str
+    started_at: float
+    """When its first message was sent."""
+    duration_ms: float
+    """From its first message sent to its last message finished."""
+    messages: list[RecordedMessageOut]
+
+    @classmethod
+    def of(cls, conversation_id: str, timeline: list[RecordedMessage]) -> ConversationTimeline:
+        """The timeline of ``timeline``'s messages (at least one)."""
+        start = timeline[0].sent_at
+        end = max((m.finished_at or m.sent_at) for m in timeline)
+        return cls(
+            conversation_id=conversation_id, started_at=start, duration_ms=round((end - start) * 1000, 3),
+            messages=[RecordedMessageOut.of(m) for m in timeline],
+        )  # fmt: skip

@@ -74,6 +74,8 @@ PROBLEM_KINDS: dict[str, ProblemKind] = {
     "agent_not_found": ProblemKind(404, "No such agent"),
     "no_agent_available": ProblemKind(404, "No agent of that role is online"),
     "dead_letter_not_found": ProblemKind(404, "No such dead letter"),
+    "conversation_not_found": ProblemKind(404, "No such conversation in the record"),
+    "message_not_found": ProblemKind(404, "No such message in the record or its recipient's inbox"),
     "not_found": ProblemKind(404, "Not found"),
     "method_not_allowed": ProblemKind(405, "Method not allowed"),
     "inbox_full": ProblemKind(503, "The recipient's inbox is full"),

@@ -289,7 +289,7 @@ const agentsSoon = throttled(refreshAgents, 500);
 
 // -- the live message flow -----------------------------------------------------------------------
 
-const flow = { events: [] };
+const flow = { events: [], fresh: [] };
 const KINDS = new Set(["sent", "handled", "dead_lettered"]);
 
 function flowFilter() {
@@ -310,7 +310,7 @@ function flowFilter() {
 function flowRow(event) {
   return el(
     "tr",
-    { "data-kind": event.event },
+    { "data-kind": event.event, "data-message-id": event.message_id },
     el("td", {}, el("time", { datetime: new Date(event.ts * 1000).toISOString(), text: clock(event.ts) })),
     el(
       "td",
@@ -324,14 +324,33 @@ function flowRow(event) {
   );
 }
 
+/** Every row again (the filters changed, or the list was cleared). */
 function renderFlow() {
+  flow.fresh = [];
   const keep = flowFilter();
   const shown = flow.events.filter(keep);
   byId("flow-table").tBodies[0].replaceChildren(...shown.map(flowRow));
+  flowSummary(shown.length);
+}
+
+/** Only the events that arrived since the last frame: their rows on top, the oldest rows out (a full list costs
+ *  one row per event, not two hundred). */
+function renderFlowNew() {
+  const keep = flowFilter();
+  const fresh = flow.fresh.filter(keep);
+  flow.fresh = [];
+  const body = byId("flow-table").tBodies[0];
+  if (fresh.length) body.prepend(...fresh.map(flowRow));
+  const shown = flow.events.filter(keep).length;
+  while (body.rows.length > shown) body.lastElementChild.remove();
+  flowSummary(shown);
+}
+
+function flowSummary(shown) {
   const empty = byId("flow-empty");
   empty.textContent = flow.events.length ? "No message matches the filters." : "Waiting for messages…";
-  show(empty, shown.length === 0);
-  byId("flow-summary").textContent = `${shown.length} of the last ${flow.events.length} shown`;
+  show(empty, shown === 0);
+  byId("flow-summary").textContent = `${shown} of the last ${flow.events.length} shown`;
 }
 
 let flowFrame = null;
@@ -339,7 +358,7 @@ function renderFlowSoon() {
   if (flowFrame === null) {
     flowFrame = requestAnimationFrame(() => {
       flowFrame = null;
-      renderFlow();
+      renderFlowNew();
     });
   }
 }
@@ -357,13 +376,16 @@ function onFeedEvent(kind, event) {
   event.event = kind;
   if (typeof event.ts !== "number") event.ts = Date.now() / 1000;
   flow.events.unshift(event);
+  flow.fresh.unshift(event);
   if (flow.events.length > FLOW_CAP) flow.events.length = FLOW_CAP;
+  if (flow.fresh.length > FLOW_CAP) flow.fresh.length = FLOW_CAP;
   renderFlowSoon();
   if (!agents.byId.has(event.sender_id) || !agents.byId.has(event.recipient_id)) {
     agentsSoon(); // someone new (or the dashboard itself): the registry may know more now
     choicesSoon();
   }
   if (kind === "dead_lettered") deadLettersSoon();
+  if (kind !== "sent") conversationsSoon(); // handled or dead-lettered: the record has it now
 }
 
 /** Split a Server-Sent Events stream into events (``event:``/``data:`` lines, blank line ends one). */
@@ -445,7 +467,8 @@ async function ask(event) {
   const requesterRole = byId("ask-role").value.trim();
   const data = { query: byId("ask-question").value };
   if (requesterRole) data.requester_role = requesterRole;
-  const body = { intent: byId("ask-intent").value.trim() || "request_knowledge", data, timeout };
+  const conversationId = newConversationId();
+  const body = { intent: byId("ask-intent").value.trim() || "request_knowledge", data, timeout, conversation_id: conversationId };
   const [kind, ...rest] = target.split(":");
   body[kind === "role" ? "role" : "recipient_id"] = rest.join(":");
 
@@ -473,7 +496,19 @@ async function ask(event) {
   } finally {
     show(answer, true);
     button.disabled = false;
+    const link = byId("ask-conversation");
+    link.textContent = `Show conversation ${conversationId}`;
+    link.onclick = () => openConversation(conversationId);
+    show(link, true);
   }
+}
+
+/** A version 7 UUID (what agentcomms makes too): its time lets the record find the conversation fast. */
+function newConversationId() {
+  const hex = [...crypto.getRandomValues(new Uint8Array(10))].map((b) => b.toString(16).padStart(2, "0")).join("");
+  const time = Date.now().toString(16).padStart(12, "0");
+  const variant = "89ab"[parseInt(hex[3], 16) & 3];
+  return `${time.slice(0, 8)}-${time.slice(8)}-7${hex.slice(0, 3)}-${variant}${hex.slice(4, 7)}-${hex.slice(7, 19)}`;
 }
 
 // -- department status -----------------------------------------------------------------------------
@@ -658,6 +693,115 @@ function purge() {
   dialog.showModal();
 }
 
+// -- conversations: the record ---------------------------------------------------------------------
+
+const conversations = { open: null };
+
+function ms(value) {
+  if (value === null || value === undefined) return "—";
+  return value < 10 ? `${+value.toFixed(2)} ms` : value < 1000 ? `${Math.round(value)} ms` : `${(value / 1000).toFixed(2)} s`;
+}
+
+const refreshConversations = singleFlight(async () => {
+  const status = byId("conversations-status");
+  try {
+    const list = await api("api/conversations?limit=20");
+    const rows = list.map((c) =>
+      el(
+        "tr",
+        { "data-conversation-id": c.conversation_id },
+        el("td", {}, el("time", { datetime: new Date(c.last_at * 1000).toISOString(), text: clock(c.last_at) })),
+        el("td", {}, el("span", { text: c.first_intent || "—" }), el("span", { class: "id muted small", text: ` ${c.conversation_id}` })),
+        el("td", {}, chipList(c.agents)),
+        el("td", { class: "number", text: String(c.messages) }),
+        el(
+          "td",
+          { class: "row-actions" },
+          el("button", { type: "button", class: "secondary small", "aria-label": `Show the timeline of ${c.conversation_id}`, text: "Timeline", onclick: () => openConversation(c.conversation_id) }),
+        ),
+      ),
+    );
+    byId("conversations-table").tBodies[0].replaceChildren(...rows);
+    show(byId("conversations-empty"), rows.length === 0);
+    byId("conversations-summary").textContent = rows.length ? `the latest ${rows.length}` : "";
+    if (conversations.open) await loadConversation(conversations.open);
+  } catch (exc) {
+    say(status, `Could not list the conversations: ${describe(exc)}`, "error");
+  }
+});
+
+const conversationsSoon = throttled(() => refreshConversations(), 1000);
+
+async function openConversation(conversationId) {
+  conversations.open = conversationId;
+  byId("conversation-id").value = conversationId;
+  const status = byId("conversations-status");
+  say(status, "");
+  try {
+    await loadConversation(conversationId);
+    byId("timeline-title").focus();
+  } catch (exc) {
+    show(byId("timeline"), false);
+    const missing = exc instanceof ApiError && exc.code === "conversation_not_found";
+    say(status, missing ? `Nothing of ${conversationId} is in the record (yet).` : `Could not load it: ${describe(exc)}`, "error");
+  }
+}
+
+/** A piece of a hop's bar from ``from`` to ``to`` (percent of the conversation), at least a sliver wide. */
+function barPart(kind, from, to) {
+  const part = el("span", { class: kind });
+  part.style.left = `${from}%`;
+  part.style.width = `${Math.max(to - from, 0.3)}%`;
+  return part;
+}
+
+async function loadConversation(conversationId) {
+  const timeline = await api(`api/conversations/${encodeURIComponent(conversationId)}`);
+  if (conversations.open !== conversationId) return; // another one was opened meanwhile
+  const start = timeline.started_at;
+  const span = Math.max(timeline.duration_ms, 0.001);
+  const at = (seconds) => Math.min(100, Math.max(0, ((seconds - start) * 1000 * 100) / span));
+  const hops = timeline.messages.map((hop, index) => {
+    const sent = at(hop.sent_at);
+    const delivered = hop.delivered_at === null ? sent : at(hop.delivered_at);
+    const finished = hop.finished_at === null ? delivered : at(hop.finished_at);
+    const outcome = hop.outcome;
+    const details = el("details", {}, el("summary", { text: "message and reply" }), el("pre", { class: "json small", text: pretty({ message: hop.message || hop.payload, reply: hop.reply, receipts: hop.receipts, reason: hop.reason }) }));
+    return el(
+      "li",
+      { class: "hop", "data-outcome": outcome, "data-message-id": hop.message_id || "" },
+      el(
+        "p",
+        { class: "hop-head" },
+        el("span", { class: "hop-number", text: `${index + 1}.` }),
+        el("span", { class: "id", text: hop.sender_id || "?" }),
+        el("span", { class: "arrow", "aria-label": "to", text: " → " }),
+        el("span", { class: "id", text: hop.agent_id }),
+        el("span", { class: "intent", text: hop.intent || "(not a message)" }),
+        el("span", { class: `kind outcome-${outcome}`, title: hop.reason || null, text: outcome }),
+      ),
+      el(
+        "div",
+        { class: "bar", role: "img", "aria-label": `sent at +${ms((hop.sent_at - start) * 1000)}, waited ${ms(hop.queued_ms)}, handled in ${ms(hop.handling_ms)}` },
+        barPart("bar-queued", sent, delivered),
+        barPart("bar-handling", delivered, finished),
+      ),
+      el(
+        "p",
+        { class: "hop-times muted small" },
+        `sent +${ms((hop.sent_at - start) * 1000)} · waited ${ms(hop.queued_ms)} · handled in ${ms(hop.handling_ms)}`,
+        hop.reason ? ` · ${hop.reason}` : "",
+      ),
+      details,
+    );
+  });
+  byId("timeline-list").replaceChildren(...hops);
+  byId("timeline-title").textContent = `Timeline of ${conversationId}`;
+  const agentsIn = new Set(timeline.messages.flatMap((m) => [m.sender_id, m.agent_id]).filter(Boolean));
+  byId("timeline-summary").textContent = `${hops.length} message${hops.length === 1 ? "" : "s"} between ${agentsIn.size} agents, ${ms(timeline.duration_ms)} from the first send to the last answer.`;
+  show(byId("timeline"), true);
+}
+
 // -- knowledge search ------------------------------------------------------------------------------
 
 async function searchKnowledge(event) {
@@ -734,11 +878,18 @@ function start() {
   });
   byId("deadletter-purge").addEventListener("click", purge);
   byId("knowledge-form").addEventListener("submit", searchKnowledge);
+  byId("conversations-refresh").addEventListener("click", () => refreshConversations());
+  byId("conversation-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = byId("conversation-id").value.trim();
+    if (id) openConversation(id);
+  });
 
   renderFlow();
   showServer().then(() => {
     refreshAgents();
     refreshDeadLetters();
+    refreshConversations();
     followFeed();
   });
   setInterval(refreshAgents, AGENTS_EVERY_MS);
