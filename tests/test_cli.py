@@ -98,7 +98,7 @@ async def cso(settings: Settings) -> AsyncIterator[TwinAgent]:
 async def test_demo_answers_every_scenario(cli: Cli) -> None:
     result = await cli("demo", redis_url=None)  # its own embedded Redis, in a temporary folder
     assert result.code == 0, result.err
-    assert "7 of 7 scenarios answered" in result.out
+    assert "8 of 8 scenarios answered" in result.out
     assert "forbidden: dashboard.intern" in result.out and "unauthenticated: no authentication token" in result.out
     assert "FAILED" not in result.out and "CMO asked CSO agent, got" in result.out
     assert "redis: the demo's own embedded server, in a temporary folder" in result.err

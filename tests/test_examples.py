@@ -80,7 +80,7 @@ async def test_root_demo_py_runs_the_demo() -> None:
     )
     async with asyncio.timeout(120):
         out, _ = await process.communicate()
-    assert process.returncode == 0 and b"7 of 7 scenarios answered" in out
+    assert process.returncode == 0 and b"8 of 8 scenarios answered" in out
 
 
 class ExistingAgent:

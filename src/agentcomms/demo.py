@@ -37,6 +37,7 @@ from agentcomms.embedded import EmbeddedRedis
 from agentcomms.examples.config import create_startup_config, save_startup_config
 from agentcomms.examples.dashboard import DashboardInterface
 from agentcomms.exceptions import AgentCommsError
+from agentcomms.record import RecordedMessage
 from agentcomms.schemas import AgentMessage, MessageIntent
 from agentcomms.security import create_admin, enrol_team
 from agentcomms.sender import MessageSender
@@ -121,6 +122,7 @@ def _secure_env(folder: Path, identity_folder: str, policy: Path) -> dict[str, s
         "AGENTCOMMS_SECURITY": "on",
         "AGENTCOMMS_IDENTITY_DIR": str(folder / "identities" / identity_folder),
         "AGENTCOMMS_POLICY": str(policy),
+        "AGENTCOMMS_RECORD": "true",  # the dashboard shows the team's conversations
     }
 
 
@@ -247,6 +249,8 @@ async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> lis
             outcome.ok = reply.success and isinstance(reply.data, dict) and "pipeline" in reply.data
             outcome.rows += [("answered by", str(reply.responder_id)), ("data", _short(reply.data or reply["error"]))]
 
+        asked: dict[str, str] = {}
+
         async def collaboration(outcome: Outcome) -> None:
             reply = await dashboard.request_from_role(
                 "cmo", "Plan the Q4 campaign around the sales pipeline", requester_role="ceo",
@@ -254,6 +258,7 @@ async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> lis
             )  # fmt: skip
             data = reply.data if reply.success and isinstance(reply.data, dict) else {}
             from_cso = data.get("from_cso")
+            asked.update(message_id=reply.correlation_id or "", agent_id=reply.responder_id or "")
             outcome.ok = isinstance(from_cso, dict) and "pipeline" in from_cso
             outcome.rows += [
                 ("CMO agent", str(reply.responder_id)),
@@ -344,7 +349,43 @@ async def _play(url: str, settings: Settings, folder: Path, policy: Path) -> lis
                 Outcome("Knowledge: one question, answered from what each role may read"),
                 functools.partial(_knowledge, executive),
             ),
+            await _timed(
+                Outcome("The record: scenario 2's conversation, every hop and where the time went"),
+                functools.partial(_record, executive, asked),
+            ),
         ]
+
+
+async def _record(sender: MessageSender, asked: dict[str, str], outcome: Outcome) -> None:
+    """Scenario 2's conversation as the record keeps it: each hop across agents, with its timings."""
+    timeline = await _recorded_conversation(sender, asked.get("message_id", ""), asked.get("agent_id", ""))
+    for number, hop in enumerate(timeline, 1):
+        message, shown = hop.message, hop.as_dict()
+        outcome.rows.append((
+            f"{number}. {message.sender_id if message else '?'} → {hop.agent_id}",
+            f"{message.intent if message else '?'}: {hop.outcome}; waited {shown['queued_ms'] or 0:g} ms in the "
+            f"inbox, handled in {shown['handling_ms'] or 0:g} ms",
+        ))  # fmt: skip
+    outcome.ok = len(timeline) >= 2 and all(hop.outcome == "replied" for hop in timeline)
+    if not timeline:
+        outcome.rows.append(("record", "scenario 2's conversation is not in the record"))
+
+
+async def _recorded_conversation(sender: MessageSender, message_id: str, agent_id: str) -> list[RecordedMessage]:
+    """The conversation of a request answered by ``agent_id``, from the record ([] if it is not there in 5 s)."""
+    record = sender.broker.record
+    conversation: list[RecordedMessage] = []
+    if not (message_id and agent_id):
+        return conversation
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            while len(conversation) < 2:  # each hop is recorded with its acknowledgement, a round trip after its reply
+                found = await record.receipts(message_id, agent_id=agent_id)
+                if found and found[-1].record_id:
+                    conversation = await record.conversation(found[-1].conversation_id)
+                if len(conversation) < 2:
+                    await asyncio.sleep(0.05)
+    return conversation
 
 
 async def _serve_dashboard(
