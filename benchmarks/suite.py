@@ -57,6 +57,9 @@ SPAWNED: list[subprocess.Popen[str]] = []
 BODY = {"query": "What's our current sales pipeline and Q4 forecast?", "context": "dashboard"}
 SECURE_AGENT = "agent.bench.secure"
 """The responder of the security-on round trip."""
+RECORD_AGENT = "agent.bench.record"
+"""The responder of the round trip with the record on (``AGENTCOMMS_RECORD=true``)."""
+RECORD_ON = {"AGENTCOMMS_RECORD": "true"}
 
 LATENCY_BLOCK = 100
 """Sequential requests per client before the next client's turn (see Suite.latencies)."""
@@ -242,7 +245,7 @@ class Suite:
 
     async def roundtrip(self) -> None:
         a = self.args
-        names = ["floor", "agentcomms", "secure", "faststream", "pubsub"]
+        names = ["floor", "agentcomms", "record", "secure", "faststream", "pubsub"]
         keys_ = ["p50", "p99", "rps", "cpu_client", "cpu_server", "bytes"]
         samples: dict[str, Samples] = {n: {k: [] for k in keys_} for n in names}
         stream, agent_id, fs_stream, channel = "bench:floor", "agent.bench.rr", "bench:faststream", "bench:pubsub"
@@ -255,6 +258,7 @@ class Suite:
         with (
             server("floor-rr", self.url, stream) as floor_proc,
             server("ours-rr", self.url, agent_id) as ours_proc,
+            server("ours-rr", self.url, RECORD_AGENT, env=RECORD_ON) as record_proc,
             server("ours-rr", self.url, SECURE_AGENT, env=secure_env) as secure_proc,
             server("faststream-rr", self.url, fs_stream) as fs_proc,
             server("faststream-caller", self.url, fs_stream) as fs_caller,
@@ -277,12 +281,14 @@ class Suite:
                 calls = {
                     "floor": floor.request,
                     "agentcomms": ours_request(broker, agent_id),
+                    "record": ours_request(broker, RECORD_AGENT),
                     "secure": ours_request(secure, SECURE_AGENT),
                     "pubsub": pubsub.request,
                 }
                 pids = {
                     "floor": floor_proc.pid,
                     "agentcomms": ours_proc.pid,
+                    "record": record_proc.pid,
                     "secure": secure_proc.pid,
                     "faststream": fs_proc.pid,
                     "pubsub": pubsub_proc.pid,
@@ -333,6 +339,7 @@ class Suite:
         spent: dict[str, list[float]] = {name: [0.0, 0.0] for name in local}  # client s, server s
         paired: list[float] = []  # per block: agentcomms p50 / floor p50, measured back to back
         paired_secure: list[float] = []  # per block: security on p50 / security off p50
+        paired_record: list[float] = []  # per block: record on p50 / record off p50
         for index, start in enumerate(range(0, a.sequential, LATENCY_BLOCK)):
             size = min(LATENCY_BLOCK, a.sequential - start)
             block: dict[str, list[float]] = {}
@@ -345,9 +352,13 @@ class Suite:
             paired.append(percentile(block["agentcomms"], 0.5) / percentile(block["floor"], 0.5))
             if "secure" in block:
                 paired_secure.append(percentile(block["secure"], 0.5) / percentile(block["agentcomms"], 0.5))
+            if "record" in block:
+                paired_record.append(percentile(block["record"], 0.5) / percentile(block["agentcomms"], 0.5))
         samples["agentcomms"].setdefault("paired", []).append(statistics.median(paired))
         if paired_secure:
             samples["secure"].setdefault("paired", []).append(statistics.median(paired_secure))
+        if paired_record:
+            samples["record"].setdefault("paired", []).append(statistics.median(paired_record))
         for name in local:
             s = samples[name]
             s["p50"].append(percentile(seen[name], 0.5))
@@ -360,7 +371,7 @@ class Suite:
 
     async def oneway(self) -> None:
         a = self.args
-        samples: Samples = {"floor": [], "agentcomms": []}
+        samples: Samples = {"floor": [], "agentcomms": [], "record": []}
         message = AgentMessage(
             sender_id="bench.sender",
             recipient_id="agent.bench.sink",
@@ -368,11 +379,11 @@ class Suite:
             payload=MessagePayload(data=BODY),
         )
         payload = message.payload
-        task = self.progress.add_task("one-way", total=a.repeats * 2)
+        task = self.progress.add_task("one-way", total=a.repeats * 3)
         async with MessageBroker(settings=Settings(redis_url=self.url), client_name="bench") as broker:
             client = Redis.from_url(self.url)
             for repeat in range(a.repeats):
-                for name in ["floor", "agentcomms"] if repeat % 2 == 0 else ["agentcomms", "floor"]:
+                for name in ["floor", "agentcomms", "record"] if repeat % 2 == 0 else ["record", "agentcomms", "floor"]:
                     target = f"{name}-{repeat}-{uuid.uuid4().hex[:6]}"
                     if name == "floor":
                         stream = f"bench:sink:{target}"
@@ -401,7 +412,8 @@ class Suite:
                             ]
                             for start in range(0, a.messages, 500)
                         ]
-                        with server("ours-sink", self.url, agent_id, a.messages) as sink:
+                        env = RECORD_ON if name == "record" else None
+                        with server("ours-sink", self.url, agent_id, a.messages, env=env) as sink:
                             started = time.perf_counter()
                             for batch in batches:
                                 await broker.publish_many(batch)
@@ -411,7 +423,10 @@ class Suite:
                     if name == "floor":
                         self.sync.delete(stream)
                     else:
-                        self.sync.delete(*agentcomms.keys.inboxes(agent_id), agentcomms.keys.dedup(agent_id))
+                        self.sync.delete(
+                            *agentcomms.keys.inboxes(agent_id), agentcomms.keys.dedup(agent_id),
+                            agentcomms.keys.record(agent_id),
+                        )  # fmt: skip
                     self.progress.advance(task)
             await client.aclose()
         self.results["oneway"] = samples
@@ -526,6 +541,42 @@ def figure(values: list[float], fmt: str = ",.0f") -> str:
     return f"{med(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})" if values else "-"
 
 
+def _variants(rt: dict[str, Any]) -> tuple[list[str], list[tuple[str, bool, str]]]:
+    """The round trip's variants against agentcomms' default: the record on, security on."""
+    lines: list[str] = []
+    goals: list[tuple[str, bool, str]] = []
+    if "record" in rt and rt["record"]["rps"]:
+        record_rps = med(rt["record"]["rps"]) / med(rt["agentcomms"]["rps"])
+        record_floor = med(rt["record"]["rps"]) / med(rt["floor"]["rps"])
+        record_p50 = med(rt["record"]["p50"]) / med(rt["agentcomms"]["p50"])
+        paired_record = rt["record"].get("paired", [])
+        lines += [
+            f"The record on (`record`: `AGENTCOMMS_RECORD=true`, every handled request kept with its reply): "
+            f"req/s record/agentcomms **{record_rps:.2f}x**, record/floor **{record_floor:.2f}x**; p50 "
+            f"record/agentcomms {record_p50:.2f}x (paired by block: {figure(paired_record, ',.2f')}).",
+            "",
+        ]
+        goals += [
+            ("record on: req/s >= 0.9x record off", record_rps >= 0.9, f"{record_rps:.2f}x"),
+            ("record on: req/s >= 1.25x the floor", record_floor >= 1.25, f"{record_floor:.2f}x"),
+        ]
+    if "secure" in rt and rt["secure"]["p50"]:
+        secure_p50 = med(rt["secure"]["p50"]) / med(rt["agentcomms"]["p50"])
+        secure_rps = med(rt["secure"]["rps"]) / med(rt["floor"]["rps"])
+        paired_secure = rt["secure"].get("paired", [])
+        lines += [
+            f"Security on (`secure`: every request and reply authenticated, HMAC-SHA256 with X25519-agreed keys): "
+            f"p50 secure/agentcomms **{secure_p50:.2f}x** (paired by block: {figure(paired_secure, ',.2f')}); "
+            f"req/s secure/floor **{secure_rps:.2f}x**.",
+            "",
+        ]
+        goals += [
+            ("security on: round-trip p50 <= 1.15x security off", secure_p50 <= 1.15, f"{secure_p50:.2f}x"),
+            ("security on: req/s >= 1.25x the floor", secure_rps >= 1.25, f"{secure_rps:.2f}x"),
+        ]
+    return lines, goals
+
+
 def report(results: dict[str, Any], meta: dict[str, str]) -> tuple[str, list[tuple[str, bool, str]]]:
     """The results as a Markdown table and the goals as (goal, met, figure)."""
     lines = [
@@ -563,20 +614,9 @@ def report(results: dict[str, Any], meta: dict[str, str]) -> tuple[str, list[tup
             ("req/s with 100 in flight >= 1.25x the floor", rps >= 1.25, f"{rps:.2f}x"),
             (">= 5x FastStream's req/s", vs_fs >= 5, f"{vs_fs:.1f}x"),
         ]
-        if "secure" in rt and rt["secure"]["p50"]:
-            secure_p50 = med(rt["secure"]["p50"]) / med(rt["agentcomms"]["p50"])
-            secure_rps = med(rt["secure"]["rps"]) / med(rt["floor"]["rps"])
-            paired_secure = rt["secure"].get("paired", [])
-            lines += [
-                f"Security on (`secure`: every request and reply authenticated, HMAC-SHA256 with X25519-agreed keys): "
-                f"p50 secure/agentcomms **{secure_p50:.2f}x** (paired by block: {figure(paired_secure, ',.2f')}); "
-                f"req/s secure/floor **{secure_rps:.2f}x**.",
-                "",
-            ]
-            goals += [
-                ("security on: round-trip p50 <= 1.15x security off", secure_p50 <= 1.15, f"{secure_p50:.2f}x"),
-                ("security on: req/s >= 1.25x the floor", secure_rps >= 1.25, f"{secure_rps:.2f}x"),
-            ]
+        more_lines, more_goals = _variants(rt)
+        lines += more_lines
+        goals += more_goals
     ow = results.get("oneway")
     if ow:
         ratio = med(ow["agentcomms"]) / med(ow["floor"])
@@ -587,10 +627,17 @@ def report(results: dict[str, Any], meta: dict[str, str]) -> tuple[str, list[tup
             "|---|---|",
             f"| floor (batched XADD, XREADGROUP + XACK) | {figure(ow['floor'])} |",
             f"| agentcomms (publish_many, subscription) | {figure(ow['agentcomms'])} |",
+            *([f"| agentcomms, record on | {figure(ow['record'])} |"] if ow.get("record") else []),
             "",
             f"Ratio agentcomms/floor: **{ratio:.2f}x**.",
             "",
         ]
+        if ow.get("record"):
+            lines += [
+                f"With the record on, every message is stored a second time (with its times) when it is "
+                f"acknowledged: record/agentcomms **{med(ow['record']) / med(ow['agentcomms']):.2f}x**.",
+                "",
+            ]
         goals.append(("one-way throughput >= 0.8x the batched floor", ratio >= 0.8, f"{ratio:.2f}x"))
     fo = results.get("fanout")
     if fo:
