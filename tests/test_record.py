@@ -34,6 +34,9 @@ class Strategist(BaseAgent):
     async def handle_request_review(self, message: AgentMessage) -> None:
         raise HandlerError("no_reviews", "reviews are closed")
 
+    async def handle_run_checks(self, message: AgentMessage) -> dict[str, Any]:
+        return {"checks": [{"name": "lint", "success": False}]}  # a success whose data says "success": false
+
 
 class Engineer(BaseAgent):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -111,13 +114,16 @@ async def test_one_way_failed_and_dead_lettered_messages_are_recorded_with_why(r
     settings = Settings(redis_url=redis_url, claim_idle=0.05, max_deliveries=2, message_timeout=10, record=True)
     async with strategist(settings), MessageSender(settings=settings, sender_id="dash") as sender:
         await sender.send_message("agent.cso", "inform", {"note": "fyi"})
+        assert (await sender.request("agent.cso", "run_checks", {})).success
         failed = await sender.request("agent.cso", "request_review", {})
         await sender.send_message("agent.cso", "request_review", {})  # one way: refused, dead-lettered
         await wait_for_dead_letters(raw, "agent.cso", 1)
-        found = await wait_recorded(sender.broker, "agent.cso", 3)
+        found = await wait_recorded(sender.broker, "agent.cso", 4)
     assert not failed.success
     by_intent = {str(m.message.intent) + ("/" + m.outcome): m for m in found if m.message}
-    assert set(by_intent) == {"inform/handled", "request_review/failed", "request_review/dead_lettered"}
+    assert set(by_intent) == {
+        "inform/handled", "run_checks/replied", "request_review/failed", "request_review/dead_lettered"
+    }  # fmt: skip
     dead = by_intent["request_review/dead_lettered"]
     assert dead.reason == "rejected: no_reviews: reviews are closed" and dead.dead_letter_id and dead.deliveries == 1
     assert [r.state for r in dead.receipts] == ["sent", "delivered", "dead_lettered"]
@@ -279,6 +285,8 @@ async def test_a_record_key_of_the_wrong_type_skips_the_record_not_the_acknowled
             assert not (await sender.request("agent.cso", "request_review", {})).success  # answered (an error)
         subscription = cso.subscription
         assert subscription is not None
+        # and the readers take it for an empty record
+        assert await sender.broker.record.messages() == [] and await sender.broker.record.conversations() == []
     # the agent stopped: its acknowledgements were answered
     assert subscription.stats.handled == 2 and subscription.stats.unrecorded == 2
     assert await raw.xlen(keys.inbox("agent.cso")) == 0 and await raw.get(keys.record("agent.cso")) == b"not a stream"

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from agentcomms import keys
-from agentcomms.exceptions import MessageValidationError, RedisCommandError
+from agentcomms.exceptions import MessageValidationError, RedisCommandError, RedisPermissionError
 from agentcomms.schemas import AgentMessage, AgentResponse, id_time_ms
 from agentcomms.transport import Pipeliner
 
@@ -52,6 +52,12 @@ def _text(value: bytes | str | None) -> str:
 
 def _ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as numbers, for sorting (``"1700-10"`` comes after ``"1700-9"``)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms or 0), int(seq or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +209,7 @@ def _parse(agent_id: str, entry: list[Any]) -> RecordedMessage:
     elif not reply:
         outcome = "handled"
     else:
-        outcome = "failed" if b'"success":false' in reply else "replied"
+        outcome = "failed" if reply.startswith(b'{"success":false') else "replied"  # the envelope's first field
     try:
         deliveries = int(fields[b"n"]) if b"n" in fields else None
     except ValueError:
@@ -271,7 +277,7 @@ class MessageRecord:
         start, end = _bound(since, "-"), _bound(until, "+")
         agents = [agent_id] if agent_id else await self.agents()
         found = await asyncio.gather(*(self._newest(a, start, end, sender_id, intent, limit) for a in agents))
-        merged = heapq.merge(*found, key=lambda m: _ms(m.record_id), reverse=True)
+        merged = heapq.merge(*found, key=lambda m: _order(m.record_id), reverse=True)
         return [m for _, m in zip(range(limit), merged, strict=False)]
 
     async def _newest(
@@ -282,9 +288,7 @@ class MessageRecord:
         filtered = sender_id is not None or intent is not None
         while len(out) < limit and read < _SCAN_LIMIT:
             count = _PAGE if filtered else limit - len(out)
-            page = await self._pipeliner.call(
-                "XREVRANGE", keys.record(agent_id), end, start, "COUNT", count, replay=True
-            )
+            page = await self._read(("XREVRANGE", keys.record(agent_id), end, start, "COUNT", count))
             for entry in page or ():
                 item = _parse(agent_id, entry)
                 if _matches(item, sender_id, intent):
@@ -309,21 +313,19 @@ class MessageRecord:
             *(self._scan(agent, start, lambda fields: fields.get(b"c") == wanted) for agent in await self.agents())
         )
         found = [m for part in parts for m in part]
-        return sorted(found, key=lambda m: (_ms(m.entry_id), m.entry_id, m.record_id))
+        return sorted(found, key=lambda m: (_order(m.entry_id), _order(m.record_id)))
 
     async def _scan(
         self, agent_id: str, start: str, keep: Callable[[dict[bytes, bytes]], bool]
     ) -> list[RecordedMessage]:
-        """The entries of ``agent_id``'s record from ``start`` on (``-``: the newest 20,000) that ``keep`` accepts."""
+        """The entries of ``agent_id``'s record from ``start`` on that ``keep`` accepts, oldest first.
+
+        Read from the newest back (20,000 at the most), so a long scan loses the oldest, not the newest.
+        """
         out: list[RecordedMessage] = []
-        record, read = keys.record(agent_id), 0
-        forward = start != "-"
-        cursor = start if forward else "+"
+        record, read, cursor = keys.record(agent_id), 0, "+"
         while read < _SCAN_LIMIT:
-            if forward:
-                page = await self._pipeliner.call("XRANGE", record, cursor, "+", "COUNT", _PAGE, replay=True)
-            else:
-                page = await self._pipeliner.call("XREVRANGE", record, cursor, "-", "COUNT", _PAGE, replay=True)
+            page = await self._read(("XREVRANGE", record, cursor, start, "COUNT", _PAGE))
             for entry in page or ():
                 items = iter(entry[1] or [])
                 if keep(dict(zip(items, items, strict=False))):
@@ -332,7 +334,7 @@ class MessageRecord:
             if not page or len(page) < _PAGE:
                 break
             cursor = f"({_text(page[-1][0])}"
-        return out if forward else out[::-1]
+        return out[::-1]
 
     async def conversations(self, agent_id: str | None = None, *, limit: int = 20) -> list[ConversationSummary]:
         """The conversations that moved last (with a message to ``agent_id``, if given), newest first.
@@ -341,9 +343,7 @@ class MessageRecord:
         """
         agents = [agent_id] if agent_id else await self.agents()
         with self._pipeliner.batch():
-            reads = [
-                self._pipeliner.call("XREVRANGE", keys.record(a), "+", "-", "COUNT", _PAGE, replay=True) for a in agents
-            ]
+            reads = [self._read(("XREVRANGE", keys.record(a), "+", "-", "COUNT", _PAGE)) for a in agents]
         latest: dict[str, int] = {}
         for page in await asyncio.gather(*reads):
             for entry in page or ():
@@ -375,15 +375,46 @@ class MessageRecord:
             parts = await asyncio.gather(
                 *(self._scan(a, start, lambda fields: needle in fields.get(b"m", b"")) for a in agents)
             )
-            found = sorted((m for part in parts for m in part), key=lambda m: m.record_id)
+            found = sorted((m for part in parts for m in part), key=lambda m: _order(m.record_id))
         if agent_id and (not found or found[-1].outcome in ("expired", "dead_lettered")):
             waiting = await self._waiting(agent_id, needle)
             if waiting is not None:
                 found.append(waiting)
         return found
 
+    def _read(self, command: tuple[str | int, ...]) -> asyncio.Future[Any]:
+        """A read of a record; a key of another type (someone else's) reads as nothing."""
+        read = self._pipeliner.call(*command, replay=True)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def settle(future: asyncio.Future[Any]) -> None:
+            if done.cancelled():
+                return
+            if future.cancelled():
+                done.cancel()
+                return
+            error = future.exception()
+            if isinstance(error, RedisCommandError) and error.code == "WRONGTYPE":
+                done.set_result([])
+            elif error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(future.result())
+
+        read.add_done_callback(settle)
+        return done
+
     async def _waiting(self, agent_id: str, needle: bytes) -> RecordedMessage | None:
-        """The message in ``agent_id``'s inbox (sent, or delivered and not finished), if it is there."""
+        """The message in ``agent_id``'s inbox (sent, or delivered and not finished), if it is there.
+
+        ``None`` also when this process's Redis user may not read inboxes (a dashboard's ACL user).
+        """
+        try:
+            return await self._find_waiting(agent_id, needle)
+        except RedisPermissionError:
+            return None
+
+    async def _find_waiting(self, agent_id: str, needle: bytes) -> RecordedMessage | None:
         for stream in keys.inboxes(agent_id):
             start = "-"
             for _ in range(_SCAN_LIMIT // _PAGE):

@@ -31,6 +31,7 @@ __all__ = [
     "describe_errors",
     "export_json_schemas",
     "id_time_ms",
+    "new_id",
     "normalize_agent_id",
 ]
 
@@ -90,6 +91,11 @@ def _new_id() -> str:
 
 
 _UUID7 = re.compile(r"([0-9a-f]{8})-([0-9a-f]{4})-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def new_id() -> str:
+    """A new message or conversation id: a version 7 UUID, as the models make by default."""
+    return _new_id()
 
 
 def id_time_ms(value: str) -> int | None:

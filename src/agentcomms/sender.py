@@ -28,6 +28,7 @@ from agentcomms.schemas import (
     MessagePayload,
     Priority,
     describe_errors,
+    new_id,
 )
 from agentcomms.security.identity import Identity
 from agentcomms.settings import Settings
@@ -486,7 +487,7 @@ class MessageSender:
         )
         recipients = [a.agent_id for a in agents if a.agent_id != self.sender_id]
         self._remember(recipients)
-        conversation = CURRENT_CONVERSATION.get() or str(uuid.uuid4())
+        conversation = CURRENT_CONVERSATION.get() or new_id()
         messages = [
             self.build_message(r, intent, data, priority=priority, conversation_id=conversation) for r in recipients
         ]

@@ -5,9 +5,10 @@
 -- also its conversation id, when it was delivered (server ms), its body as stored and its reply ('' = none).
 -- XDEL alone would leave a dangling pending entry; XACK alone would leave the entry in the stream.
 -- A message is recorded only if this call acknowledged it (it was pending), so a repeat of this call after
--- a lost connection records nothing twice. A record write Redis refuses (out of memory) is skipped: the
--- acknowledgement still goes through. Returns {how many were acknowledged, how many could not be recorded}.
--- Safe to repeat.
+-- a lost connection records nothing twice. The entries are acknowledged and deleted before anything is
+-- recorded, and a record write Redis refuses (its key of another type) is skipped and counted. (Under
+-- maxmemory the record is written all the same: Redis lets a script that has written finish.)
+-- Returns {how many were acknowledged, how many could not be recorded}. Safe to repeat.
 local function listened(channel)
   return channel ~= '' and redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
 end
@@ -38,6 +39,7 @@ elseif feed and acked > 0 then
     if entry and entry[2][1] == 'm' then bodies[j] = entry[2][2] end
   end
 end
+redis.call('XDEL', KEYS[1], unpack(ids))
 if feed or keep > 0 then
   local ts
   if feed then
@@ -62,8 +64,7 @@ if feed or keep > 0 then
     -- (pcall: a record key of the wrong type, written by someone else, must not block acknowledgements)
     redis.pcall('XTRIM', KEYS[2], 'MINID', cutoff)
     redis.pcall('XTRIM', KEYS[2], 'MAXLEN', keep)
-    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+    redis.pcall('PEXPIRE', KEYS[2], ARGV[5])
   end
 end
-redis.call('XDEL', KEYS[1], unpack(ids))
 return {acked, unrecorded}
