@@ -41,6 +41,7 @@ from agentcomms.exceptions import (
     SecurityError,
     TrustError,
 )
+from agentcomms.health import HealthServer, serve_health
 from agentcomms.knowledge import (
     AgentMemoryInterface,
     Embedder,
@@ -100,6 +101,7 @@ __all__ = [
     "ErrorDetail",
     "Handler",
     "HandlerError",
+    "HealthServer",
     "Identity",
     "IdentityError",
     "InboxFullError",
@@ -152,6 +154,7 @@ __all__ = [
     "embedded_status",
     "export_json_schemas",
     "load_agents_config",
+    "serve_health",
     "serve_agent_metrics",
     "stop_embedded",
 ]

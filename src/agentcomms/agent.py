@@ -164,6 +164,23 @@ class BaseAgent:
         return self._subscription is not None and self._subscription.running
 
     @property
+    def registered(self) -> bool:
+        """Whether the agent is registered and its heartbeat goes through."""
+        presence = self._presence
+        return presence is not None and presence.running and presence.healthy
+
+    @property
+    def reading(self) -> bool:
+        """Whether the agent's subscription runs and its last read of the inbox went through."""
+        subscription = self._subscription
+        return subscription is not None and subscription.running and subscription.reading
+
+    @property
+    def ready(self) -> bool:
+        """Whether the agent is registered and reading its inbox (what a readiness probe asks)."""
+        return self.registered and self.reading
+
+    @property
     def subscription(self) -> Subscription | None:
         """The subscription taking this agent's messages (its ``stats``, ``in_flight``); ``None`` when stopped."""
         return self._subscription

@@ -412,6 +412,8 @@ class Presence:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.beats = 0
+        self.healthy = True
+        """Whether the last heartbeat (or registration) went through."""
 
     @property
     def agent_id(self) -> str:
@@ -454,14 +456,17 @@ class Presence:
                         heartbeat_interval=self.interval,
                     )
                 self.beats += 1
+                self.healthy = True
                 if attempt:
                     logger.info("%s: heartbeat works again", self.agent_id)
                 attempt = 0
             except AgentCommsError as exc:  # unreachable, READONLY past reconnect_timeout, refused ...
                 attempt += 1
+                self.healthy = False
                 logger.warning("%s: heartbeat failed (%s); retrying", self.agent_id, exc)
             except Exception:  # never stop beating while the agent runs: it would look offline while working
                 attempt += 1
+                self.healthy = False
                 logger.exception("%s: heartbeat failed unexpectedly; retrying", self.agent_id)
 
     async def _leave(self, *, timeout: float) -> None:

@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     """Bearer token the dashboard's API and page require, when set."""
     metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias=_env("METRICS_PORT"))
     """``run-agent`` serves its agents' Prometheus metrics on this port (0: any free one; unset: no server)."""
+    health_port: int | None = Field(None, ge=0, le=65535, validation_alias=_env("HEALTH_PORT"))
+    """``run-agent`` serves ``/healthz`` and ``/readyz`` on this port (0: any free one; unset: no server)."""
 
     # -- security (docs/security.md) --
     security: Literal["off", "on"] = Field("off", validation_alias=_env("SECURITY"))
@@ -237,6 +239,7 @@ class Settings(BaseSettings):
         "vector_store_api_key",
         "dashboard_token",
         "metrics_port",
+        "health_port",
         "knowledge_dir",
         "knowledge_permissions",
         mode="before",

@@ -188,6 +188,8 @@ class Subscription:
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
         self._stopped = False
         self._stopping = asyncio.Event()
+        self.reading = True
+        """Whether the last read of the inbox went through (false while Redis is away, say)."""
 
     @property
     def running(self) -> bool:
@@ -304,6 +306,7 @@ class Subscription:
                 if attempt:
                     logger.info("%s: reading again", self.agent_id)
                 attempt = 0
+                self.reading = True
             except (LinkLost, NotReady, AgentCommsError) as exc:
                 # lost connection, LOADING, READONLY, NOGROUP (Redis restarted without its data) ...
                 if self._stopped:
@@ -312,6 +315,7 @@ class Subscription:
                 if isinstance(exc, RedisPermissionError) and attempt % 60 == 0:  # a wrong ACL user: say it loudly
                     level = logging.ERROR
                 logger.log(level, "%s: cannot read (%s); retrying", self.agent_id, exc)
+                self.reading = False
                 prepared = False
                 await self._pause(backoff(attempt))
                 attempt += 1
@@ -320,6 +324,7 @@ class Subscription:
                 if self._stopped:
                     return
                 logger.exception("%s: unexpected error in the read loop; retrying", self.agent_id)
+                self.reading = False
                 prepared = False
                 await self._pause(backoff(attempt))
                 attempt += 1

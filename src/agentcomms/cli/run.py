@@ -26,6 +26,7 @@ from agentcomms.cli._common import (
     write_out,
 )
 from agentcomms.exceptions import ConfigError
+from agentcomms.health import HealthServer, serve_health
 from agentcomms.settings import Settings, load_agents_config
 
 
@@ -58,6 +59,20 @@ def run_agent(
         ),
     ] = None,
     metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address the metrics listen on.")] = "127.0.0.1",
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            min=0,
+            max=65535,
+            show_default=False,
+            help="Serve /healthz and /readyz on this port (0: any free one; default AGENTCOMMS_HEALTH_PORT, else "
+            "none); prints HEALTH <url>.",
+        ),
+    ] = None,
+    health_host: Annotated[
+        str, typer.Option("--health-host", help="Address the health endpoints listen on (0.0.0.0 in a pod).")
+    ] = "127.0.0.1",
     log_level: LogLevelOption = None,
 ) -> None:
     """Run agents from a config file until SIGINT or SIGTERM (REDIS_URL overrides the file's redis_url)."""
@@ -68,7 +83,9 @@ def run_agent(
     if metrics is not None:
         with reported():
             require_prometheus()
-    run(_run_agents(settings, config, agent_id or [], agent_class, metrics))
+    port = settings.health_port if health_port is None else health_port
+    health = None if port is None else (health_host, port)
+    run(_run_agents(settings, config, agent_id or [], agent_class, metrics, health))
 
 
 def _serve_metrics(agents: list[BaseAgent], host: str, port: int) -> AgentMetricsServer:
@@ -87,8 +104,23 @@ def _serve_metrics(agents: list[BaseAgent], host: str, port: int) -> AgentMetric
     return server
 
 
+def _serve_health(agents: list[BaseAgent], host: str, port: int) -> HealthServer:
+    """Serve the agents' health endpoints and print ``HEALTH <url>`` on stdout."""
+    try:
+        server = serve_health(agents, port=port, host=host)
+    except OSError as exc:
+        raise fail(f"the health endpoints cannot listen on {host}:{port}: {exc.strerror or exc}", 1) from None
+    write_out(f"HEALTH {server.url}\n")
+    return server
+
+
 async def _run_agents(
-    settings: Settings, config: Path, only: list[str], agent_class: str, metrics: tuple[str, int] | None
+    settings: Settings,
+    config: Path,
+    only: list[str],
+    agent_class: str,
+    metrics: tuple[str, int] | None,
+    health: tuple[str, int] | None,
 ) -> None:
     selected = load_agents_config(config).agents
     if only:
@@ -107,6 +139,7 @@ async def _run_agents(
     async with open_broker(settings, redis_url=file_url, origin=f"redis_url in {config}") as broker:
         agents = [cls(agent, broker=broker) for agent in selected]
         server = None if metrics is None else _serve_metrics(agents, *metrics)
+        probes = None if health is None else _serve_health(agents, *health)  # alive, not ready, while starting
         started: list[BaseAgent] = []
         try:
             for agent in agents:
@@ -120,3 +153,5 @@ async def _run_agents(
             finally:
                 if server is not None:  # last: scrapes still answer while the agents stop
                     await asyncio.to_thread(server.close)
+                if probes is not None:
+                    await asyncio.to_thread(probes.close)
