@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from agentcomms.security import create_admin, enrol_team
 from agentcomms.web import create_app
 from agentcomms.web.problems import problem_for
 from conftest import wait_for_dead_letters, wait_for_entries
+from faultkit import RedisServer
 
 BASE = "http://dashboard"
 TOKEN = "s3cret-token-for-tests"
@@ -271,9 +273,23 @@ async def test_a_token_is_required_when_set_and_never_shown(
         schema = await client.get("/api/openapi.json")  # the description of the API, not its data
         assert schema.status_code == 200
         assert "`unauthorized`" in schema.json()["paths"]["/api/agents"]["get"]["responses"]["401"]["description"]
-        for response in (missing, wrong, basic, invalid, good, schema):
+        # the probes want no token (a kubelet has none) and say only up or down
+        alive, ready = await client.get("/healthz"), await client.get("/readyz")
+        assert (alive.status_code, alive.json()) == (200, {"status": "alive"})
+        assert (ready.status_code, ready.json()) == (200, {"ready": True})
+        for response in (missing, wrong, basic, invalid, good, schema, alive, ready):
             assert TOKEN not in response.text and TOKEN not in str(response.headers)
     assert TOKEN not in caplog.text
+
+
+async def test_readiness_is_503_while_redis_does_not_answer(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", binary=os.environ.get("AGENTCOMMS_REDIS_SERVER")) as server:
+        settings = Settings(redis_url=server.url, reconnect_timeout=0.5)
+        async with serve(settings) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            server.kill()
+            assert (await client.get("/readyz")).json() == {"ready": False}
+            assert (await client.get("/healthz")).status_code == 200  # the process itself is fine
 
 
 async def test_with_security_on_the_dashboard_asks_as_its_identity(redis_url: str, tmp_path: Path) -> None:

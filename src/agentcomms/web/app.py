@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router, dependencies=guard)
     app.include_router(_metrics_router(metrics), dependencies=guard)
     app.include_router(graphql_router(guard, secrets=[token]))  # /graphql: the same token; none of it shown in errors
+    app.include_router(_probes_router())  # no token: probes carry none, and they say nothing but up or down
     app.problems_everywhere = ("unauthorized",) * bool(token) + ("redis_unavailable", "internal_error")
     if STATIC.is_dir():  # the page, at / (after the API: its routes win)
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
@@ -130,6 +131,24 @@ async def _count(metrics: NetworkMetrics, dashboard: Dashboard) -> None:
         await metrics.follow(dashboard.broker)
     except AgentCommsError as exc:  # e.g. this Redis user may not read the feed: the gauges still work
         logger.warning("metrics: the live feed is not available (%s); counters stay at zero", exc)
+
+
+def _probes_router() -> APIRouter:
+    """``/healthz`` (the process answers) and ``/readyz`` (Redis answers) for liveness and readiness probes."""
+    router = APIRouter()
+
+    @router.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> Response:
+        dashboard: Dashboard | None = getattr(request.app.state, "dashboard", None)
+        healthy = dashboard is not None and (await dashboard.broker.health_check())["status"] == "healthy"
+        body = b'{"ready":true}' if healthy else b'{"ready":false}'
+        return Response(body, status_code=200 if healthy else 503, media_type="application/json")
+
+    return router
 
 
 def _metrics_router(metrics: NetworkMetrics) -> APIRouter:
