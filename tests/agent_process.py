@@ -5,7 +5,8 @@ Modes:
   hold  prints "HOLD <message_id>" for each message and never finishes handling it
 
 Prints "READY" once its subscription is reading, and "DONE" after a clean stop on SIGTERM.
-With --register ROLE:DEPARTMENT it also registers and keeps beating every --heartbeat seconds;
+With --register ROLE:DEPARTMENT it also registers and keeps beating every --heartbeat seconds (and with
+--routed it reads the role's inbox too: role routing); --delay makes each echo take that long;
 --clock-skew shifts this process's wall clock (time.time), as a badly set machine would be.
 """
 
@@ -18,7 +19,7 @@ import signal
 import time
 from typing import Any
 
-from agentcomms import AgentMessage, AgentRegistry, MessageBroker, Settings
+from agentcomms import AgentMessage, AgentRegistry, MessageBroker, Settings, keys
 
 
 async def main() -> None:
@@ -31,6 +32,8 @@ async def main() -> None:
     parser.add_argument("--register", help="ROLE:DEPARTMENT")
     parser.add_argument("--heartbeat", type=float, default=30.0)
     parser.add_argument("--clock-skew", type=float, default=0.0)
+    parser.add_argument("--routed", action="store_true")
+    parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     if args.clock_skew:
         real_time = time.time
@@ -41,6 +44,8 @@ async def main() -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def echo(message: AgentMessage) -> dict[str, Any]:
+        if args.delay:
+            await asyncio.sleep(args.delay)  # the work a handler does (an LLM, a database)
         return {"echo": message.payload.data, "pid": os.getpid(), "wall": time.time()}
 
     async def hold(message: AgentMessage) -> None:
@@ -50,7 +55,8 @@ async def main() -> None:
     settings = Settings(redis_url=args.url, claim_idle=args.claim_idle)
     async with MessageBroker(settings=settings, client_name=f"proc{os.getpid()}") as broker:
         handler = echo if args.mode == "echo" else hold
-        await broker.subscribe_to_agent(args.agent_id, handler, concurrency=args.concurrency)
+        addresses = [keys.role_address(args.register.split(":")[0])] if args.routed and args.register else []
+        await broker.subscribe_to_agent(args.agent_id, handler, concurrency=args.concurrency, addresses=addresses)
         presence = None
         if args.register:
             role, department = args.register.split(":")

@@ -20,7 +20,7 @@ from typing import Any, Literal, Self
 
 from pydantic import ValidationError
 
-from agentcomms import _signals
+from agentcomms import _signals, keys
 from agentcomms.broker import MessageBroker, PublishResult
 from agentcomms.exceptions import (
     AgentCommsError,
@@ -163,6 +163,13 @@ class BaseAgent:
         """Whether the agent is taking messages."""
         return self._subscription is not None and self._subscription.running
 
+    def _role_addresses(self) -> list[str]:
+        """Its role's address, whose inbox it reads too (role routing), unless security is on or it is turned off."""
+        if not self.settings.role_routing or self.broker.security is not None:
+            return []
+        self.sender.own_roles.add(keys.role_address(self.config.role))
+        return [keys.role_address(self.config.role)]
+
     @property
     def registered(self) -> bool:
         """Whether the agent is registered and its heartbeat goes through."""
@@ -223,8 +230,9 @@ class BaseAgent:
                 info, instance_id=self.broker.client_id, heartbeat_interval=self.heartbeat_interval
             )
             self._subscription = await self.broker.subscribe_to_agent(
-                self.agent_id, self._receive, concurrency=self.concurrency, role=self.config.role
-            )
+                self.agent_id, self._receive, concurrency=self.concurrency, role=self.config.role,
+                addresses=self._role_addresses(),
+            )  # fmt: skip
         except BaseException:
             await self.shutdown()
             raise

@@ -801,6 +801,7 @@ class MessageBroker:
         concurrency: int | None = None,
         consumer_name: str | None = None,
         role: str = "",
+        addresses: Sequence[str] = (),
     ) -> Subscription:
         """Start handling ``agent_id``'s inbox with ``handler``; returns the running subscription.
 
@@ -811,7 +812,8 @@ class MessageBroker:
         dead-lettered after ``max_deliveries``. A one-way message whose handler returns a
         failed :class:`AgentResponse` is dead-lettered with that error at once. With security
         on, a message that is not authenticated, replayed, or forbidden by the policy for an
-        agent of ``role`` is not handed to the handler.
+        agent of ``role`` is not handed to the handler. ``addresses``: more inboxes to read, competing with
+        their other consumers (a role's address: ``keys.role_address``).
         """
         subscription = Subscription(
             self.pipeliner,
@@ -823,6 +825,7 @@ class MessageBroker:
             consumer_name=consumer_name or self.client_id,
             security=self._security,
             role=role,
+            addresses=addresses,
         )
         await subscription.start()
         self._subscriptions.add(subscription)

@@ -8,6 +8,7 @@ together stay valid on a cluster.
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 from agentcomms.schemas import Priority
 
@@ -24,6 +25,24 @@ DEAD_LETTER_INDEX = f"{PREFIX}:dead:index"
 
 PRIORITIES: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 """Read order of the inbox streams."""
+
+
+ROLE_PREFIX = "@"
+"""A recipient starting with it is a role's address: never an agent id (an agent id cannot start with ``@``)."""
+
+
+def role_address(role: str) -> str:
+    """The recipient that is whichever online agent of ``role`` is free: ``@`` and the role, case-folded, %-encoded.
+
+    Every agent of the role reads this address's inbox in one consumer group, so each message is
+    taken once, by a free one (``AGENTCOMMS_ROLE_ROUTING``).
+    """
+    return ROLE_PREFIX + urllib.parse.quote(role.strip().casefold(), safe="")
+
+
+def is_role_address(recipient: str) -> bool:
+    """Whether ``recipient`` is a role's address (see :func:`role_address`)."""
+    return recipient.startswith(ROLE_PREFIX)
 
 
 def inbox(agent_id: str, priority: Priority | str = Priority.NORMAL) -> str:

@@ -154,6 +154,7 @@ class RecordedMessage:
             "message_id": message.message_id if message else None,
             "sender_id": message.sender_id if message else None,
             "intent": str(message.intent) if message else None,
+            "responder_id": reply.responder_id if reply else None,
             "outcome": self.outcome,
             "reason": self.reason,
             "deliveries": self.deliveries,

@@ -46,6 +46,13 @@ CURRENT_CONVERSATION: contextvars.ContextVar[str | None] = contextvars.ContextVa
 )
 """The conversation of the message being handled: messages sent from its handler join it (unless told otherwise)."""
 
+RecipientId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=r"^(?:[A-Za-z0-9_][A-Za-z0-9_.:@-]*|@[A-Za-z0-9_.%~-]+)$"),
+]
+"""An agent id, or a role's address: ``@`` and the role, case-folded and %-encoded (``@cso``): whichever agent
+of the role is free takes it."""
+
 MessageId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 ShortList = Annotated[list[Name], Field(max_length=64)]
@@ -188,7 +195,7 @@ class AgentMessage(BaseModel):
     message_id: MessageId = Field(default_factory=_new_id)
     conversation_id: MessageId = Field(default_factory=_new_id)
     sender_id: AgentId
-    recipient_id: AgentId
+    recipient_id: RecipientId
     intent: MessageIntent | IntentName = Field(union_mode="left_to_right")
     """A built-in intent becomes the enum member (tried first); any other valid name stays text."""
     payload: MessagePayload = Field(default_factory=MessagePayload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -16,6 +17,7 @@ from typing import Any, Literal, Self, TypeVar, overload
 
 from pydantic import ValidationError
 
+from agentcomms import keys
 from agentcomms.broker import MessageBroker, PublishResult
 from agentcomms.exceptions import AgentCommsError, AgentNotFoundError, MessageValidationError, RequestTimeoutError
 from agentcomms.registry import AgentRegistry
@@ -38,6 +40,8 @@ __all__ = ["MessageSender", "SenderStats"]
 T = TypeVar("T")
 
 _KNOWN_FOR = 30.0
+_STICKY_CONVERSATIONS = 10_000
+"""Conversations whose answering agent ``request_role(sticky=True)`` remembers, the latest first."""
 """Seconds a recipient found in the registry is taken as known without asking again."""
 
 
@@ -104,6 +108,9 @@ class MessageSender:
         self.registry = registry or AgentRegistry(self.broker)
         self.stats = SenderStats()
         self._known: dict[str, float] = {}
+        self._sticky: OrderedDict[str, str] = OrderedDict()
+        self.own_roles: set[str] = set()
+        """Addresses of roles this sender is an agent of: requests to them go to another agent, by id."""
 
     async def initialize(self) -> Self:
         """Connect to Redis.
@@ -151,8 +158,8 @@ class MessageSender:
             raise RequestTimeoutError(agent_id=recipient, message_id=message_id, timeout=timeout) from None
 
     async def _inbox_ttl(self, recipient_id: str, *, allow_unregistered: bool) -> float | None:
-        """``None`` for a registered recipient; else the inbox TTL if allowed, or AgentNotFoundError."""
-        if self._knows(recipient_id):
+        """``None`` for a registered recipient or a role's address; else the inbox TTL if allowed, or an error."""
+        if self._knows(recipient_id) or keys.is_role_address(recipient_id):
             return None
         if await self.registry.is_registered(recipient_id):
             self._remember([recipient_id])
@@ -331,8 +338,16 @@ class MessageSender:
         context: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
         seal: bool | None = None,
+        sticky: bool = False,
     ) -> AgentResponse:
-        """Ask an online agent with ``role`` (picked at random among them, never this sender itself).
+        """Ask an online agent with ``role`` (never this sender itself) and wait for its reply.
+
+        The request goes to the role's address, whose inbox every agent of the role reads, so
+        whichever is free takes it, and one that dies leaves nothing unread behind (role
+        routing, ``AGENTCOMMS_ROLE_ROUTING``). It goes to one agent picked at random instead
+        with ``department``, with security on or ``seal`` (authenticated and sealed per pair of
+        identities), or when this sender is itself an agent of the role. ``sticky``: later
+        requests of the same conversation go to the agent that answered the first.
 
         Raises:
             NoAgentAvailableError: no agent with that role is online.
@@ -340,14 +355,31 @@ class MessageSender:
         """
         timeout = timeout or self.broker.settings.message_timeout
         started = time.perf_counter()
-        picking = self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
-        target = await self._within(timeout, picking, f"role {role}", "")
-        self._remember([target.agent_id])
+        conversation = conversation_id or CURRENT_CONVERSATION.get()
+        followed = self._sticky.get(conversation) if sticky and conversation else None
+        if followed is not None and followed != self.sender_id:
+            recipient = followed
+        else:
+            picking = self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
+            target = await self._within(timeout, picking, f"role {role}", "")  # someone of the role is online
+            self._remember([target.agent_id])
+            address = keys.role_address(role)
+            routed = (
+                self.broker.settings.role_routing and department is None and not seal
+                and self.broker.security is None and address not in self.own_roles
+            )  # fmt: skip
+            recipient = address if routed else target.agent_id
         remaining = max(timeout - (time.perf_counter() - started), 0.001)
-        return await self.request(
-            target.agent_id, intent, data, timeout=remaining, context=context, conversation_id=conversation_id,
+        reply = await self.request(
+            recipient, intent, data, timeout=remaining, context=context, conversation_id=conversation_id,
             seal=seal,
         )  # fmt: skip
+        if sticky and conversation and reply.responder_id:
+            self._sticky[conversation] = reply.responder_id
+            self._sticky.move_to_end(conversation)
+            if len(self._sticky) > _STICKY_CONVERSATIONS:
+                self._sticky.popitem(last=False)
+        return reply
 
     # -- the seed's helpers ----------------------------------------------------------------
 

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     """Messages one subscription handles at once."""
     event_feed: bool = Field(True, validation_alias=_env("EVENT_FEED"))
     """Publish message events on the lossy Pub/Sub monitoring channel."""
+    role_routing: bool = Field(True, validation_alias=_env("ROLE_ROUTING"))
+    """Agents also read their role's inbox, so a request to a role is taken by whichever of them is free
+    (with security on, requests to a role go to one picked agent instead: they are authenticated per pair)."""
     record: bool = Field(False, validation_alias=_env("RECORD"))
     """Keep every handled or dead-lettered message, with its reply and receipts, in its recipient's record.
 

@@ -134,6 +134,8 @@ class Subscription:
         handler: called once per message.
         concurrency: handlers running at once at the most.
         consumer_name: this instance's name in the consumer group.
+        addresses: other recipients whose inboxes it reads too, competing with the other consumers of their
+            group: a role's address (``keys.role_address``), for messages to whichever agent of the role is free.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class Subscription:
         consumer_name: str,
         security: Security | None = None,
         role: str = "",
+        addresses: Sequence[str] = (),
     ) -> None:
         self.agent_id = agent_id
         self.consumer = consumer_name
@@ -158,7 +161,9 @@ class Subscription:
         self._pipeliner = pipeliner
         self._settings = settings
         self._handler = handler
-        self._streams = keys.inboxes(agent_id)
+        # every inbox it reads, by priority (high first), its own before a role's; and whose each one is
+        self._owner = {stream: owner for owner in (agent_id, *addresses) for stream in keys.inboxes(owner)}
+        self._streams = sorted(self._owner, key=lambda stream: keys.PRIORITIES.index(stream.rsplit(":", 1)[1]))
         self._new = [">"] * len(self._streams)
         self._concurrency = concurrency
         self._claim_idle_ms = int(settings.claim_idle * 1000)
@@ -181,8 +186,8 @@ class Subscription:
         self._housekeeping_at = 0.0
         self._ttl_refreshed: dict[str, float] = {}
         self._acks: dict[str, list[_Ack]] = {}
-        self._record_keys = [keys.record(agent_id)] if settings.record else []
-        self._record_trim_at = 0.0  # monotonic time of the next trim of the record by age
+        self._recording = settings.record
+        self._record_trim_at: dict[str, float] = {}  # record key -> monotonic time of its next trim by age
         self._ack_futures: set[asyncio.Future[Any]] = set()
         self._ack_scheduled = False
         self._stop_callbacks: list[Callable[[Subscription], object]] = []
@@ -272,8 +277,9 @@ class Subscription:
                 for stream in self._streams
             ]
             persisted = [pipeliner.call("PERSIST", stream, replay=True) for stream in self._streams]
-            if self._record_keys:  # so tools find this agent's record without SCAN
-                persisted.append(pipeliner.call("SADD", keys.RECORD_INDEX, self.agent_id, replay=True))
+            if self._recording:  # so tools find the records without SCAN
+                owners = list(dict.fromkeys(self._owner.values()))
+                persisted.append(pipeliner.call("SADD", keys.RECORD_INDEX, *owners, replay=True))
         # every future's outcome is read, so none is left with an error nobody retrieved
         for outcome in await asyncio.gather(*created, *persisted, return_exceptions=True):
             if isinstance(outcome, RedisCommandError) and outcome.code == "BUSYGROUP":
@@ -411,7 +417,9 @@ class Subscription:
 
     # -- one message -----------------------------------------------------------------------
 
-    def _parse(self, flat: Sequence[bytes] | None) -> tuple[AgentMessage, bytes, bytes | None] | str:
+    def _parse(
+        self, flat: Sequence[bytes] | None, recipient: str | None = None
+    ) -> tuple[AgentMessage, bytes, bytes | None] | str:
         """The message in a raw entry's fields, its body and token, or why it is not one.
 
         Checked before parsing where possible.
@@ -437,7 +445,7 @@ class Subscription:
             if errors and errors[0]["type"] == "json_invalid":
                 return f"malformed: not JSON ({errors[0]['msg']})"
             return f"invalid schema: {describe_errors(exc, limit=5)}"
-        if message.recipient_id != self.agent_id:
+        if message.recipient_id != (recipient or self.agent_id):
             return f"wrong recipient: addressed to {message.recipient_id!r}"
         if message.reply_to is not None and not keys.is_reply_stream(message.reply_to):
             return f"invalid reply_to {message.reply_to[:80]!r}: not a reply stream"
@@ -454,7 +462,7 @@ class Subscription:
         key = (stream, entry_id)
         acknowledging = False
         try:
-            parsed = self._parse(flat)
+            parsed = self._parse(flat, self._owner.get(stream))
             if isinstance(parsed, str):
                 await self._dead_letter(stream, entry_id, parsed, deliveries)
                 return
@@ -596,12 +604,13 @@ class Subscription:
             for start in range(0, len(items), _ACK_BATCH):
                 batch = items[start : start + _ACK_BATCH]
                 ids = [item[0] for item in batch]
-                if self._record_keys:
+                if self._recording:
+                    record = keys.record(self._owner.get(stream, self.agent_id))
                     args: list[Any] = [keys.GROUP, self._channel, self._settings.record_max_entries]
-                    args += self._record_housekeeping()
+                    args += self._record_housekeeping(record)
                     for item in batch:
                         args += item
-                    acked = self._pipeliner.script(ACK, [stream, *self._record_keys], args, replay=True)
+                    acked = self._pipeliner.script(ACK, [stream, record], args, replay=True)
                 else:
                     acked = self._pipeliner.script(
                         ACK, [stream], [keys.GROUP, self._channel, 0, 0, 0, *ids], replay=True
@@ -609,13 +618,13 @@ class Subscription:
                 self._ack_futures.add(acked)
                 acked.add_done_callback(functools.partial(self._acked, stream, ids))
 
-    def _record_housekeeping(self) -> list[int]:
-        """The ACK call's cutoff (server ms; 0: not this call) and TTL for the record: due every minute at most."""
+    def _record_housekeeping(self, record: str) -> list[int]:
+        """The ACK call's cutoff (server ms; 0: not this call) and TTL for a record: due every minute at most."""
         now = time.monotonic()
         max_age_ms = int(self._settings.record_max_age * 1000)
-        if now < self._record_trim_at:
+        if now < self._record_trim_at.get(record, 0.0):
             return [0, max_age_ms]
-        self._record_trim_at = now + min(_RECORD_HOUSEKEEPING, self._settings.record_max_age / 10)
+        self._record_trim_at[record] = now + min(_RECORD_HOUSEKEEPING, self._settings.record_max_age / 10)
         return [max(1, int(now * 1000 + self._server_offset_ms) - max_age_ms), max_age_ms]
 
     def _acked(self, stream: str, ids: list[str], done: asyncio.Future[Any]) -> None:
@@ -652,12 +661,13 @@ class Subscription:
         tell: bool = True,
     ) -> None:
         record = None
-        if self._record_keys:
+        owner = self._owner.get(stream, self.agent_id)
+        if self._recording:
             read_at = self._inflight.get((stream, entry_id))
             delivered = int(read_at * 1000 + self._server_offset_ms) if read_at is not None else 0
             record = (self._settings.record_max_entries, int(self._settings.record_max_age * 1000), delivered)
         moved = await move_to_dead_letters(
-            self._pipeliner, self.agent_id, stream, entry_id, reason, deliveries,
+            self._pipeliner, owner, stream, entry_id, reason, deliveries,
             consumer=self.consumer, claim_idle_ms=claim_idle_ms, record=record,
         )  # fmt: skip
         if moved is None:
@@ -669,7 +679,7 @@ class Subscription:
         if not by_this_call:
             return  # moved by an earlier run of this call (its answer was lost), or by another instance
         self.stats.dead_lettered += 1
-        parsed = self._parse([b"m", body]) if body else None
+        parsed = self._parse([b"m", body], owner) if body else None
         if isinstance(parsed, tuple) and self._channel:
             self._pipeliner.fire(
                 "PUBLISH", self._channel, feed_event("dead_lettered", parsed[0], reason=reason), replay=False

@@ -184,6 +184,24 @@ def _agent_selectors(identity_id: str) -> list[str]:
             "+xlen",
             f"~{own}",
         ),  # fmt: skip
+        # role routing (security off only): the inboxes of roles, which every agent of a role reads; their dead
+        # letters and records
+        _selector(
+            "+xgroup|create",
+            "+persist",
+            "+xreadgroup",
+            "+xpending",
+            "+xclaim",
+            "+xrange",
+            "+xrevrange",
+            "+xack",
+            "+xdel",
+            "+xadd",
+            "+xlen",
+            "+xtrim",
+            "+pexpire",
+            "~ac:{@*}:*",
+        ),  # fmt: skip
         # replies to any caller (and their expiry)
         _selector("+xadd", "+pexpire", "%W~ac:{reply.*}:replies"),
         # the dead-letter index, the record's index

@@ -353,6 +353,7 @@ class RecordedMessage:
     message_id: str | None
     sender_id: str | None
     intent: str | None
+    responder_id: str | None
     outcome: str
     reason: str | None
     deliveries: int | None

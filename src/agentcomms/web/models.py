@@ -227,6 +227,8 @@ class RecordedMessageOut(BaseModel):
     message_id: str | None
     sender_id: str | None
     intent: str | None
+    responder_id: str | None = None
+    """Who answered: the recipient, or for a message to a role's address (``@cso``), the agent that took it."""
     outcome: State
     reason: str | None = None
     deliveries: int | None = None

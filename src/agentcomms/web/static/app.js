@@ -777,6 +777,7 @@ async function loadConversation(conversationId) {
         el("span", { class: "id", text: hop.sender_id || "?" }),
         el("span", { class: "arrow", "aria-label": "to", text: " → " }),
         el("span", { class: "id", text: hop.agent_id }),
+        hop.responder_id && hop.responder_id !== hop.agent_id ? el("span", { class: "id muted", text: `(taken by ${hop.responder_id})` }) : null,
         el("span", { class: "intent", text: hop.intent || "(not a message)" }),
         el("span", { class: `kind outcome-${outcome}`, title: hop.reason || null, text: outcome }),
       ),
