@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from agentcomms import BaseAgent, HandlerError, MessageBroker, MessageSender, RequestTimeoutError, Settings, keys
 from agentcomms.examples import create_agent_config
+from agentcomms.record import RecordedMessage, in_send_order
 from agentcomms.schemas import AgentMessage
 from agentcomms.transport.scripts import ACK
 from conftest import keyspace_events, read_reply, server_time_passes, wait_for_dead_letters, wait_for_entries
@@ -110,6 +111,17 @@ async def test_a_conversation_is_every_hop_across_agents_in_order(settings: Sett
     assert summary.agents == ["dash", "agent.cso", "agent.cto"] and summary.first_intent == "request_strategy"
 
 
+def test_hops_sent_within_one_millisecond_are_ordered_by_cause() -> None:
+    def hop(sender: str, recipient: str, entry_id: str, record_id: str) -> RecordedMessage:
+        body = AgentMessage(sender_id=sender, recipient_id=recipient, intent="ask").model_dump_json().encode()
+        return RecordedMessage(recipient, record_id, entry_id, "c", "replied", body)
+
+    asked = hop("dash", "agent.cso", "1700000000000-5", "1700000000009-0")  # finished last
+    nested = hop("agent.cso", "agent.cto", "1700000000000-0", "1700000000004-0")  # same ms, lower sequence
+    later = hop("agent.cso", "agent.cfo", "1700000000001-0", "1700000000005-0")
+    assert in_send_order([later, nested, asked]) == [asked, nested, later]
+
+
 async def test_one_way_failed_and_dead_lettered_messages_are_recorded_with_why(redis_url: str, raw: Redis) -> None:
     settings = Settings(redis_url=redis_url, claim_idle=0.05, max_deliveries=2, message_timeout=10, record=True)
     async with strategist(settings), MessageSender(settings=settings, sender_id="dash") as sender:
@@ -192,7 +204,10 @@ async def test_the_record_is_in_redis_for_every_reader(settings: Settings) -> No
         await wait_recorded(sender.broker, "agent.cso", 1)
     async with MessageBroker(settings=settings) as another:  # a dashboard started later, or a second one
         [found] = await another.record.messages("agent.cso")
-        assert found.conversation_id == "kept" and await another.record.agents() == ["agent.cso"]
+        assert found.conversation_id == "kept" and await another.record.agents() == [
+            "@cso",
+            "agent.cso",
+        ]  # its role's address too
         assert [m.record_id for m in await another.record.conversation("kept")] == [found.record_id]
 
 

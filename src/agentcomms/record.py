@@ -313,8 +313,7 @@ class MessageRecord:
         parts = await asyncio.gather(
             *(self._scan(agent, start, lambda fields: fields.get(b"c") == wanted) for agent in await self.agents())
         )
-        found = [m for part in parts for m in part]
-        return sorted(found, key=lambda m: (_order(m.entry_id), _order(m.record_id)))
+        return in_send_order([m for part in parts for m in part])
 
     async def _scan(
         self, agent_id: str, start: str, keep: Callable[[dict[bytes, bytes]], bool]
@@ -459,6 +458,36 @@ class MessageRecord:
             body=body,
             delivered_ms=delivered,
         )
+
+
+def in_send_order(hops: list[RecordedMessage]) -> list[RecordedMessage]:
+    """Messages of a conversation in the order they were sent: by their entry ids' time, then by cause.
+
+    Entry ids of different inboxes sent within one millisecond say nothing about their order, but
+    a message sent by the agent that received another one of that millisecond came after it.
+    """
+    ordered = sorted(hops, key=lambda m: (_ms(m.entry_id), _order(m.record_id)))
+    for _ in range(len(ordered)):  # a few passes at most: moves within one millisecond
+        moved = False
+        for i in range(len(ordered) - 1):
+            first, then = ordered[i], ordered[i + 1]
+            if _ms(first.entry_id) == _ms(then.entry_id) and _sent_by(first) in _received_by(then):
+                if _sent_by(then) not in _received_by(first):
+                    ordered[i], ordered[i + 1] = then, first
+                    moved = True
+        if not moved:
+            break
+    return ordered
+
+
+def _sent_by(item: RecordedMessage) -> str | None:
+    message = item.message
+    return message.sender_id if message else None
+
+
+def _received_by(item: RecordedMessage) -> set[str | None]:
+    reply = item.reply
+    return {item.agent_id, reply.responder_id if reply else None} - {None}
 
 
 def _summary(conversation_id: str, timeline: list[RecordedMessage]) -> ConversationSummary:
