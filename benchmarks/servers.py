@@ -7,6 +7,8 @@ Kinds:
   pubsub-rr       a Pub/Sub responder: SUBSCRIBE, PUBLISH the reply (no persistence: the lossy reference)
   floor-sink      XREADGROUP COUNT 500 + XACK batches, until COUNT messages are acknowledged
   ours-sink       an agentcomms subscription, until COUNT messages are handled and acknowledged
+  ours-role       an agent of the role "worker" (registered, reading the role's inbox: role routing) answering
+                  every request after COUNT ms (the work a handler waits for: an LLM, a database)
 
 Each prints READY when it is listening, and the sinks print DONE once COUNT messages were acknowledged.
 """
@@ -23,7 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from agentcomms import AgentMessage, MessageBroker, Settings
+from agentcomms import AgentMessage, AgentRegistry, MessageBroker, Settings, keys
 
 
 def ready() -> None:
@@ -174,7 +176,25 @@ async def faststream_caller(url: str, stream: str, _: int) -> None:
     await broker.stop()
 
 
+async def ours_role(url: str, agent_id: str, delay_ms: int) -> None:
+    async def work(message: AgentMessage) -> Any:
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        return message.payload.data
+
+    async with MessageBroker(settings=Settings(redis_url=url), client_name=f"bench{os.getpid()}") as broker:
+        info = {"agent_id": agent_id, "user_name": "w", "role": "worker", "department": "ops"}
+        presence = await AgentRegistry(broker).keep_alive(info, heartbeat_interval=5)
+        await broker.subscribe_to_agent(agent_id, work, addresses=[keys.role_address("worker")])
+        ready()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await presence.stop()
+
+
 SERVERS = {
+    "ours-role": ours_role,
     "faststream-caller": faststream_caller,
     "floor-rr": floor_rr,
     "ours-rr": ours_rr,

@@ -56,3 +56,9 @@ def test_knowledge_benchmark_quick_run() -> None:
 def test_dashboard_benchmark_quick_run() -> None:
     output = run_benchmark("dashboard.py", "--quick")
     assert "| `sent` (20 events)" in output and "| `handled` (20 events)" in output
+
+
+def test_scale_benchmark_quick_run() -> None:
+    output = run_benchmark("scale.py", "--quick")
+    for section in ("| 1 |", "| 2 |", "| 4 |", "Broadcast to 1,000 agents", "Narrow query p50 at 2,000 / at 100"):
+        assert section in output

@@ -40,6 +40,8 @@ __all__ = ["MessageSender", "SenderStats"]
 T = TypeVar("T")
 
 _KNOWN_FOR = 30.0
+_ROLE_ONLINE_FOR = 1.0
+"""Seconds a role found online is taken as online by ``request_role`` (not asking the registry per request)."""
 _STICKY_CONVERSATIONS = 10_000
 """Conversations whose answering agent ``request_role(sticky=True)`` remembers, the latest first."""
 """Seconds a recipient found in the registry is taken as known without asking again."""
@@ -109,6 +111,7 @@ class MessageSender:
         self.stats = SenderStats()
         self._known: dict[str, float] = {}
         self._sticky: OrderedDict[str, str] = OrderedDict()
+        self._role_online: dict[str, float] = {}
         self.own_roles: set[str] = set()
         """Addresses of roles this sender is an agent of: requests to them go to another agent, by id."""
 
@@ -357,17 +360,21 @@ class MessageSender:
         started = time.perf_counter()
         conversation = conversation_id or CURRENT_CONVERSATION.get()
         followed = self._sticky.get(conversation) if sticky and conversation else None
+        address = keys.role_address(role)
+        routed = (
+            self.broker.settings.role_routing and department is None and not seal
+            and self.broker.security is None and address not in self.own_roles
+        )  # fmt: skip
         if followed is not None and followed != self.sender_id:
             recipient = followed
+        elif routed and self._role_online.get(address, 0.0) > time.monotonic():
+            recipient = address  # an agent of the role was online a moment ago: its inbox is read
         else:
             picking = self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
             target = await self._within(timeout, picking, f"role {role}", "")  # someone of the role is online
             self._remember([target.agent_id])
-            address = keys.role_address(role)
-            routed = (
-                self.broker.settings.role_routing and department is None and not seal
-                and self.broker.security is None and address not in self.own_roles
-            )  # fmt: skip
+            if routed:
+                self._role_online[address] = time.monotonic() + _ROLE_ONLINE_FOR
             recipient = address if routed else target.agent_id
         remaining = max(timeout - (time.perf_counter() - started), 0.001)
         reply = await self.request(
