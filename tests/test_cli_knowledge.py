@@ -8,6 +8,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 
 import agentcomms
@@ -60,12 +61,16 @@ async def test_ingest_search_and_stats_without_a_service(cli: Cli, redis_url: st
 
 
 async def test_with_a_service_running_the_commands_ask_it(cli: Cli, redis_url: str, docs: Path) -> None:
-    service = await cli.start("knowledge", "serve", "--ingest", str(docs), redis_url=redis_url)
+    service = await cli.start("knowledge", "serve", "--ingest", str(docs), "--health-port", "0", redis_url=redis_url)
     try:
         assert service.stdout is not None
         async with asyncio.timeout(120):
+            health = (await service.stdout.readline()).decode().split()
             ready = (await service.stdout.readline()).decode()
-        assert ready == "READY knowledge\n"
+        assert ready == "READY knowledge\n" and health[0] == "HEALTH"
+        async with httpx.AsyncClient() as client:
+            probe = await client.get(health[1] + "/readyz")
+        assert probe.status_code == 200 and probe.json()["agents"][0]["agent_id"] == "knowledge"
         found = await cli("knowledge", "search", SECRET, "--role", "cmo", "--json", redis_url=redis_url)
         assert found.code == 0, found.err
         assert "asking the knowledge service 'knowledge'" in found.err

@@ -26,6 +26,7 @@ from agentcomms.cli._common import (
     console,
     errors,
     esc,
+    fail,
     load_settings,
     open_broker,
     plural,
@@ -34,6 +35,7 @@ from agentcomms.cli._common import (
     write_out,
 )
 from agentcomms.cli.ask import _asker
+from agentcomms.health import serve_health
 from agentcomms.knowledge.interface import AgentMemoryInterface, IngestReport, KnowledgeResult
 from agentcomms.knowledge.service import KnowledgeService
 from agentcomms.settings import Settings
@@ -205,21 +207,43 @@ def knowledge_serve(
     ingest: Annotated[
         list[Path] | None, typer.Option("--ingest", help="Ingest this folder first (incremental; repeatable).")
     ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            min=0,
+            max=65535,
+            show_default=False,
+            help="Serve /healthz and /readyz on this port (default AGENTCOMMS_HEALTH_PORT, else none); prints "
+            "HEALTH <url>.",
+        ),
+    ] = None,
+    health_host: Annotated[str, typer.Option("--health-host", help="Address the health endpoints listen on.")] = (
+        "127.0.0.1"
+    ),
     log_level: LogLevelOption = None,
 ) -> None:
     """Run the knowledge service (owns the embedded store, answers everyone) until SIGINT or SIGTERM."""
     configure_logging(log_level)
     settings = load_settings()
-    run(_serve(settings, ingest or []))
+    port = settings.health_port if health_port is None else health_port
+    run(_serve(settings, ingest or [], None if port is None else (health_host, port)))
 
 
-async def _serve(settings: Settings, folders: list[Path]) -> None:
+async def _serve(settings: Settings, folders: list[Path], health: tuple[str, int] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with open_broker(settings, client_name=settings.knowledge_service_id) as broker:
         service = KnowledgeService(settings, broker=broker, ingest_roots=folders)
+        probes = None
+        if health is not None:  # alive, not ready, while the store opens and the folders are ingested
+            try:
+                probes = serve_health([service], host=health[0], port=health[1])
+            except OSError as exc:
+                raise fail(f"the health endpoints cannot listen on {health[0]}:{health[1]}: {exc}", 1) from None
+            write_out(f"HEALTH {probes.url}\n")
         await service.initialize()
         try:
             for folder in folders:  # online already: searches meanwhile see what is ingested so far
@@ -236,6 +260,8 @@ async def _serve(settings: Settings, folders: list[Path]) -> None:
             await stop.wait()
         finally:
             await service.shutdown()
+            if probes is not None:
+                await asyncio.to_thread(probes.close)
 
 
 @knowledge_app.command("stats")
