@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -382,27 +382,9 @@ class MessageRecord:
                 found.append(waiting)
         return found
 
-    def _read(self, command: tuple[str | int, ...]) -> asyncio.Future[Any]:
-        """A read of a record; a key of another type (someone else's) reads as nothing."""
-        read = self._pipeliner.call(*command, replay=True)
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def settle(future: asyncio.Future[Any]) -> None:
-            if done.cancelled():
-                return
-            if future.cancelled():
-                done.cancel()
-                return
-            error = future.exception()
-            if isinstance(error, RedisCommandError) and error.code == "WRONGTYPE":
-                done.set_result([])
-            elif error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(future.result())
-
-        read.add_done_callback(settle)
-        return done
+    def _read(self, command: tuple[str | int, ...]) -> Awaitable[Any]:
+        """A read of a record, queued now; a key of another type (someone else's) reads as nothing."""
+        return _tolerant(self._pipeliner.call(*command, replay=True))
 
     async def _waiting(self, agent_id: str, needle: bytes) -> RecordedMessage | None:
         """The message in ``agent_id``'s inbox (sent, or delivered and not finished), if it is there.
@@ -458,6 +440,15 @@ class MessageRecord:
             body=body,
             delivered_ms=delivered,
         )
+
+
+async def _tolerant(read: Awaitable[Any]) -> Any:
+    try:
+        return await read
+    except RedisCommandError as exc:
+        if exc.code != "WRONGTYPE":
+            raise
+        return []
 
 
 def in_send_order(hops: list[RecordedMessage]) -> list[RecordedMessage]:
