@@ -156,6 +156,13 @@ def _sender_selectors(identity_id: str) -> list[str]:
     ]
 
 
+_INBOX_COMMANDS = (
+    "+xgroup|create", "+persist", "+xreadgroup", "+xpending", "+xclaim", "+xrange", "+xrevrange", "+xack", "+xdel",
+    "+xadd", "+xlen",
+)  # fmt: skip
+"""What an agent runs on an inbox it reads: groups, reads, claims, acknowledgements, dead-lettering."""
+
+
 def _agent_selectors(identity_id: str) -> list[str]:
     """What an agent needs beyond a sender: its own inbox, replies to callers, registration."""
     registry = _glob(keys.REGISTRY)
@@ -170,38 +177,10 @@ def _agent_selectors(identity_id: str) -> list[str]:
     ]
     return [
         # its inbox streams, dead letters, dedup set: groups, reads, claims, acks, dead-lettering
-        _selector(
-            "+xgroup|create",
-            "+persist",
-            "+xreadgroup",
-            "+xpending",
-            "+xclaim",
-            "+xrange",
-            "+xrevrange",
-            "+xack",
-            "+xdel",
-            "+xadd",
-            "+xlen",
-            f"~{own}",
-        ),  # fmt: skip
+        _selector(*_INBOX_COMMANDS, f"~{own}"),
         # role routing (security off only): the inboxes of roles, which every agent of a role reads; their dead
-        # letters and records
-        _selector(
-            "+xgroup|create",
-            "+persist",
-            "+xreadgroup",
-            "+xpending",
-            "+xclaim",
-            "+xrange",
-            "+xrevrange",
-            "+xack",
-            "+xdel",
-            "+xadd",
-            "+xlen",
-            "+xtrim",
-            "+pexpire",
-            "~ac:{@*}:*",
-        ),  # fmt: skip
+        # letters and records (trimmed and expired by ack.lua)
+        _selector(*_INBOX_COMMANDS, "+xtrim", "+pexpire", "~ac:{@*}:*"),
         # replies to any caller (and their expiry)
         _selector("+xadd", "+pexpire", "%W~ac:{reply.*}:replies"),
         # the dead-letter index, the record's index
