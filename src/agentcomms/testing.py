@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
@@ -44,8 +44,12 @@ __all__ = ["AgentStarter", "agentcomms_agent", "agentcomms_redis", "agentcomms_s
 _A = TypeVar("_A", bound=BaseAgent)
 
 
-class AgentStarter(Protocol):
+class AgentStarter:
     """What ``agentcomms_agent`` is: ``await agentcomms_agent(MyTwin, "agent.id", role=..., ...)``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started: list[BaseAgent] = []
 
     async def __call__(
         self,
@@ -59,8 +63,18 @@ class AgentStarter(Protocol):
         settings: Settings | None = None,
         **kwargs: Any,
     ) -> _A:
-        """Start an agent of ``agent_class``; it is shut down after the test."""
-        ...
+        """Start an agent of ``agent_class`` (registered and consuming when it returns); stopped by :meth:`close`."""
+        name = user_name or agent_id.rsplit(".", 1)[-1]
+        config = create_agent_config(agent_id, name, role, department, list(capabilities))
+        agent = agent_class(config, settings=settings or self.settings, **kwargs)
+        await agent.initialize()
+        self.started.append(agent)
+        return agent
+
+    async def close(self) -> None:
+        """Shut down every agent it started, the last first."""
+        while self.started:
+            await self.started.pop().shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -92,28 +106,8 @@ async def agentcomms_sender(agentcomms_settings: Settings) -> AsyncIterator[Mess
 @pytest_asyncio.fixture
 async def agentcomms_agent(agentcomms_settings: Settings) -> AsyncIterator[AgentStarter]:
     """Starts agents from classes: registered and consuming when it returns; all shut down after the test."""
-    started: list[BaseAgent] = []
-
-    async def start(
-        agent_class: type[_A],
-        agent_id: str,
-        *,
-        role: str = "tester",
-        department: str = "testing",
-        capabilities: Sequence[str] = (),
-        user_name: str | None = None,
-        settings: Settings | None = None,
-        **kwargs: Any,
-    ) -> _A:
-        name = user_name or agent_id.rsplit(".", 1)[-1]
-        config = create_agent_config(agent_id, name, role, department, list(capabilities))
-        agent = agent_class(config, settings=settings or agentcomms_settings, **kwargs)
-        await agent.initialize()
-        started.append(agent)
-        return agent
-
+    starter = AgentStarter(agentcomms_settings)
     try:
-        yield start
+        yield starter
     finally:
-        for agent in reversed(started):
-            await agent.shutdown()
+        await starter.close()
