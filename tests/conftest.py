@@ -7,15 +7,15 @@ import contextlib
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import redis
 from redis.asyncio import Redis
 
-from agentcomms import EmbeddedRedis, MessageBroker, Settings, keys
+from agentcomms import AgentMessage, BaseAgent, EmbeddedRedis, MessageBroker, Settings, keys
+from agentcomms.examples import TwinAgent, create_agent_config
 
 TESTS = Path(__file__).parent
 
@@ -30,17 +30,19 @@ def redis_server(agentcomms_redis: EmbeddedRedis) -> EmbeddedRedis:
 
 
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.close()
-    yield redis_server.url
+def redis_url(redis_server: EmbeddedRedis, agentcomms_settings: Settings) -> str:
+    return redis_server.url  # its database emptied by the kit's agentcomms_settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "record: the settings fixture turns the record on (off unless asked)")
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
+def settings(redis_url: str, request: pytest.FixtureRequest) -> Settings:
     # short claim idle so that redelivery tests finish quickly; the mechanism is the same
-    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10)
+    recording = request.node.get_closest_marker("record") is not None
+    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=recording)
 
 
 @pytest.fixture
@@ -183,3 +185,31 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+# -- agents the web tests share --
+
+
+class Listener(BaseAgent):
+    """Takes note of the insights it is sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.insights: asyncio.Queue[AgentMessage] = asyncio.Queue()
+
+    async def handle_share_insights(self, message: AgentMessage) -> None:
+        self.insights.put_nowait(message)
+
+
+@pytest.fixture
+async def sarah(settings: Settings) -> AsyncIterator[TwinAgent]:
+    config = create_agent_config("agent.sarah", "sarah", "content_agent", "marketing", ["content_creation"])
+    async with TwinAgent(config, settings=settings) as agent:
+        yield agent
+
+
+@pytest.fixture
+async def listener(settings: Settings) -> AsyncIterator[Listener]:
+    config = create_agent_config("agent.listener", "lee", "analyst", "sales", ["listening"])
+    async with Listener(config, settings=settings) as agent:
+        yield agent

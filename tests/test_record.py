@@ -15,11 +15,7 @@ from agentcomms.schemas import AgentMessage
 from agentcomms.transport.scripts import ACK
 from conftest import keyspace_events, read_reply, server_time_passes, wait_for_dead_letters, wait_for_entries
 
-
-@pytest.fixture
-def settings(redis_url: str) -> Settings:
-    """Recording on (it is off unless asked)."""
-    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
+pytestmark = pytest.mark.record  # the record on, as a dashboard's agents would keep it
 
 
 class Strategist(BaseAgent):

@@ -41,22 +41,13 @@ from agentcomms.examples import TwinAgent, create_agent_config
 from agentcomms.security import create_admin, enrol_team
 from agentcomms.web import create_app
 from agentcomms.web.problems import problem_for
-from conftest import wait_for_dead_letters, wait_for_entries
+from conftest import Listener, wait_for_dead_letters, wait_for_entries
 from faultkit import RedisServer
+
+pytestmark = pytest.mark.record  # the record on, as a dashboard's agents would keep it
 
 BASE = "http://dashboard"
 TOKEN = "s3cret-token-for-tests"
-
-
-class Listener(BaseAgent):
-    """Takes note of the insights it is sent."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.insights: asyncio.Queue[AgentMessage] = asyncio.Queue()
-
-    async def handle_share_insights(self, message: AgentMessage) -> None:
-        self.insights.put_nowait(message)
 
 
 class Stalling(BaseAgent):
@@ -144,29 +135,9 @@ async def serve(settings: Settings, *, streaming: bool = False) -> AsyncIterator
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
-    """As conftest's, with the record on (off unless asked): the dashboard shows it."""
-    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
-
-
-@pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings) as instance:
         yield instance
-
-
-@pytest.fixture
-async def sarah(settings: Settings) -> AsyncIterator[TwinAgent]:
-    config = create_agent_config("agent.sarah", "sarah", "content_agent", "marketing", ["content_creation"])
-    async with TwinAgent(config, settings=settings) as agent:
-        yield agent
-
-
-@pytest.fixture
-async def listener(settings: Settings) -> AsyncIterator[Listener]:
-    config = create_agent_config("agent.listener", "lee", "analyst", "sales", ["listening"])
-    async with Listener(config, settings=settings) as agent:
-        yield agent
 
 
 async def register_offline(

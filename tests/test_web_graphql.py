@@ -28,8 +28,10 @@ from agentcomms.examples import TwinAgent, create_agent_config
 from agentcomms.web import create_app
 from agentcomms.web.app import _require
 from agentcomms.web.graphql import PATH, GraphQLContext, graphql_router, schema
-from conftest import wait_for_dead_letters, wait_for_entries
-from test_web_api import Listener, Stalling, register_offline
+from conftest import Listener, wait_for_dead_letters, wait_for_entries
+from test_web_api import Stalling, register_offline
+
+pytestmark = pytest.mark.record  # the record on, as a dashboard's agents would keep it
 
 BASE = "http://dashboard"
 TOKEN = "s3cret-graphql-token"
@@ -86,29 +88,9 @@ async def serve(settings: Settings) -> AsyncIterator[Api]:
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
-    """As conftest's, with the record on (off unless asked): the dashboard shows it."""
-    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
-
-
-@pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[Api]:
     async with serve(settings) as instance:
         yield instance
-
-
-@pytest.fixture
-async def sarah(settings: Settings) -> AsyncIterator[TwinAgent]:
-    config = create_agent_config("agent.sarah", "sarah", "content_agent", "marketing", ["content_creation"])
-    async with TwinAgent(config, settings=settings) as agent:
-        yield agent
-
-
-@pytest.fixture
-async def listener(settings: Settings) -> AsyncIterator[Listener]:
-    config = create_agent_config("agent.listener", "lee", "analyst", "sales", ["listening"])
-    async with Listener(config, settings=settings) as agent:
-        yield agent
 
 
 # -- a WebSocket client over ASGI ----------------------------------------------------------------

@@ -34,9 +34,12 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "page-token-for-tests"
 expect.set_options(timeout=15_000)  # the agents list refreshes every 5 s: a wait may span two refreshes
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="needs a browser (Debian package chromium)"
-)
+pytestmark = [
+    pytest.mark.record,  # the record on, as a dashboard's agents would keep it
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="needs a browser (Debian package chromium)"
+    ),
+]
 
 
 class Picky(BaseAgent):
@@ -113,12 +116,6 @@ async def browsing(settings: Settings) -> AsyncIterator[Browser]:
             yield Browser(url, page, errors)
         finally:
             await chromium.close()  # first: the page's event stream ends, so the server stops at once
-
-
-@pytest.fixture
-def settings(redis_url: str) -> Settings:
-    """As conftest's, with the record on (off unless asked): the dashboard shows it."""
-    return Settings(redis_url=redis_url, claim_idle=0.3, message_timeout=10, record=True)
 
 
 @pytest.fixture
