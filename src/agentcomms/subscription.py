@@ -590,8 +590,10 @@ class Subscription:
         so once the ack is answered the reply was written (or refused: see ``replies_failed``).
         While recording, the call also records the message with its reply and when it was delivered.
         """
-        read_at = self._inflight.get((stream, entry_id), time.monotonic())
-        delivered = int(read_at * 1000 + self._server_offset_ms)
+        delivered = 0  # only the record wants it
+        if self._recording:
+            read_at = self._inflight.get((stream, entry_id)) or time.monotonic()
+            delivered = int(read_at * 1000 + self._server_offset_ms)
         self._acks.setdefault(stream, []).append((entry_id, conversation_id, delivered, stored, reply))
         if not self._ack_scheduled:
             self._ack_scheduled = True
