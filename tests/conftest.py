@@ -7,12 +7,12 @@ import contextlib
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from agentcomms import AgentMessage, BaseAgent, EmbeddedRedis, MessageBroker, Settings, keys
 from agentcomms.examples import TwinAgent, create_agent_config
@@ -21,6 +21,37 @@ TESTS = Path(__file__).parent
 
 # our own testing kit (what users get) starts the session's redis-server; pytester runs a user's test suite
 pytest_plugins = ["agentcomms.testing", "pytester"]
+
+
+CLUSTER = os.environ.get("AGENTCOMMS_TEST_CLUSTER") == "1"
+"""The cluster pass (scripts/test.sh): the session's Redis is a 3-primary Redis Cluster (tests/clusterkit.py)."""
+
+if CLUSTER:
+    from clusterkit import RedisClusterKit
+
+    @pytest.fixture(scope="session")
+    def agentcomms_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterKit]:
+        """The session's Redis Cluster; at its end, no command may have met CROSSSLOT on any node."""
+        with RedisClusterKit(tmp_path_factory.mktemp("cluster")) as kit:
+            yield kit
+            errors = kit.errorstats()
+            report(
+                f"cluster pass: CROSSSLOT {errors.get('CROSSSLOT', 0)}, MOVED {errors.get('MOVED', 0)} over the 6 nodes"
+            )
+            assert errors.get("CROSSSLOT", 0) == 0, errors
+
+    @pytest.fixture
+    def agentcomms_settings(agentcomms_redis: RedisClusterKit) -> Settings:
+        agentcomms_redis.flushall()
+        return Settings(redis_url=agentcomms_redis.url, claim_idle=0.5)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if CLUSTER:  # tests of one server's own behaviour (restarts, its memory, its database number) are not run
+        skip = pytest.mark.skip(reason="single server only (not in the cluster pass)")
+        for item in items:
+            if item.get_closest_marker("single_server") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +67,7 @@ def redis_url(redis_server: EmbeddedRedis, agentcomms_settings: Settings) -> str
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "record: the settings fixture turns the record on (off unless asked)")
+    config.addinivalue_line("markers", "single_server: about one server's own behaviour: not in the cluster pass")
 
 
 @pytest.fixture
@@ -51,10 +83,15 @@ async def broker(settings: Settings) -> AsyncIterator[MessageBroker]:
         yield instance
 
 
+def raw_client(url: str) -> Redis:
+    """A plain redis-py client of ``url`` (a cluster client in the cluster pass)."""
+    return cast(Redis, RedisCluster.from_url(url)) if CLUSTER else Redis.from_url(url)
+
+
 @pytest.fixture
 async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain redis-py client, for looking at (or tampering with) what the broker wrote."""
-    client = Redis.from_url(redis_url)
+    """A plain redis-py client, for looking at (or tampering with) what the broker wrote (a cluster client there)."""
+    client = raw_client(redis_url)
     yield client
     await client.aclose()
 

@@ -13,7 +13,14 @@ from agentcomms.examples import create_agent_config
 from agentcomms.record import RecordedMessage, in_send_order
 from agentcomms.schemas import AgentMessage
 from agentcomms.transport.scripts import ACK
-from conftest import keyspace_events, read_reply, server_time_passes, wait_for_dead_letters, wait_for_entries
+from conftest import (
+    keyspace_events,
+    raw_client,
+    read_reply,
+    server_time_passes,
+    wait_for_dead_letters,
+    wait_for_entries,
+)
 
 pytestmark = pytest.mark.record  # the record on, as a dashboard's agents would keep it
 
@@ -58,7 +65,7 @@ def engineer(settings: Settings) -> Engineer:
 
 async def wait_recorded(broker: MessageBroker, agent_id: str, count: int) -> list[Any]:
     """The agent's record once it holds ``count`` messages (the ack that records them may trail the reply)."""
-    async with Redis.from_url(broker.url) as raw:
+    async with raw_client(broker.url) as raw:
         await wait_for_entries(raw, keys.record(agent_id), count)
     return await broker.record.messages(agent_id)
 

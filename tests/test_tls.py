@@ -76,7 +76,7 @@ async def connect_error(settings: Settings) -> str:
 
 def tls_version(broker: MessageBroker) -> str | None:
     """The TLS version of the broker's pipelined connection (None: not TLS)."""
-    link = broker.pipeliner._link
+    link = broker.pipeliner.node_for_key("")._link
     assert link is not None and link._transport is not None
     ssl_object = link._transport.get_extra_info("ssl_object")
     return ssl_object.version() if ssl_object is not None else None

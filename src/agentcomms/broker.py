@@ -53,11 +53,14 @@ from agentcomms.transport import (
     FLUSH_AT,
     MAX_BLOCK_MS,
     BlockingReader,
+    ClusterPipeliner,
+    Commands,
     ConnectionSpec,
     LinkLost,
     NotReady,
-    Pipeliner,
     backoff,
+    connect_commands,
+    key_slot,
     stop_blocked,
     subscribe,
 )
@@ -122,6 +125,19 @@ class BrokerStats:
 _warned_insecure = False
 
 
+def _same_slot_stream(sender_id: str, slot: int) -> str:
+    """A new reply stream of ``sender_id`` in hash slot ``slot`` (a cluster: one XREAD reads a broker's streams).
+
+    Its suffix is drawn until the stream's slot is ``slot``: about 16,384 CRC16s, once per sender id.
+    """
+    base = uuid.uuid4().hex[:8]
+    for n in range(1_000_000):
+        stream = keys.replies(f"{sender_id}.{base}{n:x}")
+        if key_slot(stream) == slot:
+            return stream
+    raise ConfigError(f"no reply stream of {sender_id!r} in slot {slot}")  # pragma: no cover - CRC16 covers every slot
+
+
 def _local(spec: ConnectionSpec) -> bool:
     """Whether the server is on this machine (a unix socket or a loopback address)."""
     if spec.path is not None:
@@ -170,7 +186,7 @@ class MessageBroker:
                 "starting with a letter, digit or _"
             )
         self._spec: ConnectionSpec | None = None
-        self._pipeliner: Pipeliner | None = None
+        self._pipeliner: Commands | None = None
         self._embedded: EmbeddedLease | None = None
         self._reply_reader: asyncio.Task[None] | None = None
         self._replies: BlockingReader | None = None  # made at connect
@@ -247,8 +263,9 @@ class MessageBroker:
                 ssl_keyfile=settings.redis_ssl_keyfile if tls else None,
                 require_tls=settings.require_tls and tls,
             )
-            pipeliner = Pipeliner(spec, reconnect_timeout=self.settings.reconnect_timeout, name=self.client_id)
-            await pipeliner.connect()
+            pipeliner = await connect_commands(
+                spec, reconnect_timeout=self.settings.reconnect_timeout, name=self.client_id
+            )
         except BaseException:
             self._release_embedded()
             raise
@@ -259,7 +276,7 @@ class MessageBroker:
             self._release_embedded()
             raise
         self._spec, self._pipeliner = spec, pipeliner
-        self._replies = BlockingReader(spec, name=f"{self.client_id}.replies")
+        self._replies = BlockingReader(pipeliner.spec_for_key(self.reply_stream), name=f"{self.client_id}.replies")
         self._closing = False
         self._closed_event.clear()
         self._reply_reader = None  # a reader of an earlier connection has ended with it
@@ -269,7 +286,7 @@ class MessageBroker:
     initialize = connect
     """The seed's name for :meth:`connect`."""
 
-    async def _secure(self, spec: ConnectionSpec, pipeliner: Pipeliner) -> Security | None:
+    async def _secure(self, spec: ConnectionSpec, pipeliner: Commands) -> Security | None:
         """With ``AGENTCOMMS_SECURITY=on``: identities, trust store, the server's clock. Else a warning off loopback."""
         if self.settings.security != "on":
             if not _local(spec) and not _warned_insecure:
@@ -292,7 +309,7 @@ class MessageBroker:
         self._closing = True
         self._closed_event.set()
         if self._reply_reader is not None and self._replies is not None and self._pipeliner is not None:
-            await stop_blocked(self._reply_reader, self._replies, self._pipeliner)
+            await stop_blocked(self._reply_reader, self._replies, self._pipeliner.node_for_key(self.reply_stream))
             self._reply_reader = None
         for future in self._waiting.values():
             if not future.done():
@@ -317,8 +334,11 @@ class MessageBroker:
         await self.close()
 
     @property
-    def pipeliner(self) -> Pipeliner:
-        """The pipelined connection every ordinary command goes through (shared with subscriptions and the registry)."""
+    def pipeliner(self) -> Commands:
+        """The pipelined connection every ordinary command goes through (shared with subscriptions and the registry).
+
+        On a Redis Cluster, one per primary behind one interface (``transport.ClusterPipeliner``).
+        """
         if self._pipeliner is None:
             raise BrokerClosedError("broker is not connected: call connect() or use `async with`")
         return self._pipeliner
@@ -420,7 +440,7 @@ class MessageBroker:
         batch = [(message, body, token, future)]
         self._open_sends[inbox] = batch
         # built when written: on an idle connection at once (a batch of one), under load at the end of the tick
-        sent = self.pipeliner.call_lazy(functools.partial(self._close_send, inbox, batch), replay=True)
+        sent = self.pipeliner.call_lazy(functools.partial(self._close_send, inbox, batch), replay=True, key=inbox)
         sent.add_done_callback(functools.partial(self._answer_sends, inbox, batch))
         return future
 
@@ -696,11 +716,14 @@ class MessageBroker:
             stream = keys.replies(f"{sender_id}.{uuid.uuid4().hex[:12]}")
             if not keys.is_reply_stream(stream):
                 raise ConfigError(f"sender id {sender_id!r} cannot name a reply stream")
+            if self.pipeliner.cluster:  # one XREAD reads them all: every reply stream of a broker in one slot
+                stream = _same_slot_stream(sender_id, key_slot(self.reply_stream))
             self._sender_streams[sender_id] = stream
             self._reply_positions[stream] = "0-0"  # new: read from its start
             if self._replies is not None and self._replies.busy and self._replies.client_id is not None:
                 # the reader is blocked on the old list of streams: wake it to read this one too
-                self.pipeliner.fire("CLIENT", "UNBLOCK", self._replies.client_id, replay=False)
+                node = self.pipeliner.node_for_key(self.reply_stream)
+                node.fire("CLIENT", "UNBLOCK", self._replies.client_id, replay=False)
         return stream
 
     async def _read_replies(self) -> None:
@@ -877,7 +900,11 @@ class MessageBroker:
         while True:
             try:
                 # closed with this generator: its connection then goes at once, not when garbage is collected
-                async with aclosing(subscribe(self.spec, keys.EVENTS_CHANNEL, name=f"{self.client_id}.feed")) as feed:
+                specs = [self.spec]
+                if isinstance(self.pipeliner, ClusterPipeliner):  # a subscriber on every primary (see subscribe)
+                    specs = [node.spec for node in self.pipeliner.nodes]
+                name = f"{self.client_id}.feed"
+                async with aclosing(subscribe(specs[0], keys.EVENTS_CHANNEL, name=name, also=specs[1:])) as feed:
                     async for data in feed:
                         if not data:
                             yield {"event": "subscribed" if first else "resubscribed"}

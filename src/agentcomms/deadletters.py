@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from agentcomms import keys
 from agentcomms.exceptions import AgentCommsError, DeadLetterNotFoundError, InboxFullError, MessageValidationError
 from agentcomms.schemas import AgentMessage
-from agentcomms.transport import Pipeliner
+from agentcomms.transport import Commands
 from agentcomms.transport.scripts import DEAD_LETTER, PURGE, REDRIVE
 
 __all__ = ["DeadLetter", "move_to_dead_letters"]
@@ -94,7 +94,7 @@ def _parse(agent_id: str, entry: list[Any]) -> DeadLetter:
 
 
 async def move_to_dead_letters(
-    pipeliner: Pipeliner,
+    pipeliner: Commands,
     agent_id: str,
     stream: str,
     entry_id: str,
@@ -138,19 +138,19 @@ async def move_to_dead_letters(
     return (body if isinstance(body, bytes) else str(body).encode()), moved
 
 
-async def dead_letter_agents(pipeliner: Pipeliner) -> list[str]:
+async def dead_letter_agents(pipeliner: Commands) -> list[str]:
     """Agent ids that have dead letters."""
     members = await pipeliner.call("SMEMBERS", keys.DEAD_LETTER_INDEX, replay=True)
     return sorted(_text(m) for m in members or ())
 
 
-async def count_dead_letters(pipeliner: Pipeliner, agent_id: str) -> int:
+async def count_dead_letters(pipeliner: Commands, agent_id: str) -> int:
     """How many dead letters ``agent_id`` has."""
     return int(await pipeliner.call("XLEN", keys.dead_letters(agent_id), replay=True))
 
 
 async def list_dead_letters(
-    pipeliner: Pipeliner, agent_id: str, *, count: int = 100, after: str | None = None
+    pipeliner: Commands, agent_id: str, *, count: int = 100, after: str | None = None
 ) -> list[DeadLetter]:
     """The oldest ``count`` dead letters of ``agent_id`` (those after entry id ``after``, if given).
 
@@ -164,7 +164,7 @@ async def list_dead_letters(
     return [_parse(agent_id, entry) for entry in found or ()]
 
 
-async def get_dead_letter(pipeliner: Pipeliner, agent_id: str, entry_id: str) -> DeadLetter:
+async def get_dead_letter(pipeliner: Commands, agent_id: str, entry_id: str) -> DeadLetter:
     """One dead letter.
 
     Raises:
@@ -187,7 +187,7 @@ def _is_entry_id(value: str) -> bool:
 
 
 async def redrive_dead_letter(
-    pipeliner: Pipeliner,
+    pipeliner: Commands,
     agent_id: str,
     entry_id: str,
     *,
@@ -229,7 +229,7 @@ async def redrive_dead_letter(
     return message, _text(result[1])
 
 
-async def purge_dead_letters(pipeliner: Pipeliner, agent_id: str) -> int:
+async def purge_dead_letters(pipeliner: Commands, agent_id: str) -> int:
     """Delete all of ``agent_id``'s dead letters; returns how many there were.
 
     Raises:

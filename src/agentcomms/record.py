@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from agentcomms import keys
 from agentcomms.exceptions import MessageValidationError, RedisCommandError, RedisPermissionError
 from agentcomms.schemas import AgentMessage, AgentResponse, id_time_ms
-from agentcomms.transport import Pipeliner
+from agentcomms.transport import Commands
 
 __all__ = ["ConversationSummary", "MessageRecord", "Receipt", "RecordedMessage"]
 
@@ -250,7 +250,7 @@ def _bound(seconds: float | None, default: str, *, exclusive_end: bool = False) 
 class MessageRecord:
     """Reads the record (see the module's docstring); :attr:`MessageBroker.record` gives one."""
 
-    def __init__(self, pipeliner: Pipeliner) -> None:
+    def __init__(self, pipeliner: Commands) -> None:
         self._pipeliner = pipeliner
 
     async def agents(self) -> list[str]:

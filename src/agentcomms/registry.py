@@ -167,7 +167,9 @@ class AgentRegistry:
     async def _script(self, script: Script, args: Sequence[str | int], index_keys: Sequence[str] = ()) -> Any:
         # through the pipeliner: batched with other commands, and never cancelled mid-flight; every
         # registry script is safe to repeat after a lost connection (it sets state, it does not add to it)
-        return await self.broker.pipeliner.script(script, index_keys, [keys.REGISTRY, *args], replay=True)
+        return await self.broker.pipeliner.script(
+            script, [keys.REGISTRY_AGENTS, *index_keys], [keys.REGISTRY, *args], replay=True
+        )
 
     # -- registration ----------------------------------------------------------------------
 

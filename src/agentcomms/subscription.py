@@ -42,11 +42,12 @@ from agentcomms.settings import Settings
 from agentcomms.transport import (
     MAX_BLOCK_MS,
     BlockingReader,
+    Commands,
     ConnectionSpec,
     LinkLost,
     NotReady,
-    Pipeliner,
     backoff,
+    key_slot,
     stop_blocked,
 )
 from agentcomms.transport.scripts import ACK
@@ -76,6 +77,17 @@ _Ack = tuple[str, str, int, bytes, bytes]
 the reply's body (b"" = none)."""
 
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+class _Read:
+    """One blocking read loop: the streams it reads (one hash slot on a cluster) and its connection."""
+
+    def __init__(self, streams: list[str], reader: BlockingReader) -> None:
+        self.streams = streams
+        self.new = [">"] * len(streams)
+        self.reader = reader
+        self.task: asyncio.Task[None] | None = None
+        self.reading = True
 
 
 @dataclass(slots=True)
@@ -140,7 +152,7 @@ class Subscription:
 
     def __init__(
         self,
-        pipeliner: Pipeliner,
+        pipeliner: Commands,
         spec: ConnectionSpec,
         settings: Settings,
         agent_id: str,
@@ -164,7 +176,15 @@ class Subscription:
         # every inbox it reads, by priority (high first), its own before a role's; and whose each one is
         self._owner = {stream: owner for owner in (agent_id, *addresses) for stream in keys.inboxes(owner)}
         self._streams = sorted(self._owner, key=lambda stream: keys.PRIORITIES.index(stream.rsplit(":", 1)[1]))
-        self._new = [">"] * len(self._streams)
+        # one blocking read per hash slot: one on a single server; on a Redis Cluster an agent's own inboxes and
+        # a role's live in different slots, and XREADGROUP may not span slots (CROSSSLOT)
+        by_slot: dict[int, list[str]] = {}
+        for stream in self._streams:
+            by_slot.setdefault(key_slot(stream) if pipeliner.cluster else 0, []).append(stream)
+        self._reads = [
+            _Read(streams, BlockingReader(pipeliner.spec_for_key(streams[0]), name=f"{consumer_name}.read{n or ''}"))
+            for n, streams in enumerate(by_slot.values())
+        ]
         self._concurrency = concurrency
         self._claim_idle_ms = int(settings.claim_idle * 1000)
         self._tick = max(0.02, min(settings.claim_idle / 3, MAX_BLOCK_MS / 1000))
@@ -179,8 +199,6 @@ class Subscription:
         self._idle: list[asyncio.Future[None]] = []
         self._waking = False
         self._slot_free = asyncio.Event()
-        self._reader = BlockingReader(spec, name=f"{consumer_name}.read")
-        self._task: asyncio.Task[None] | None = None
         self._server_offset_ms = 0.0  # Redis server ms minus this process's monotonic ms
         self._clock_rtt, self._clock_at = float("inf"), 0.0  # the round trip of the sample it came from, and when
         self._housekeeping_at = 0.0
@@ -199,7 +217,7 @@ class Subscription:
     @property
     def running(self) -> bool:
         """Whether the read loop is alive."""
-        return self._task is not None and not self._task.done()
+        return any(read.task is not None and not read.task.done() for read in self._reads)
 
     @property
     def in_flight(self) -> int:
@@ -218,8 +236,9 @@ class Subscription:
             RedisCommandError: Redis refused to create the groups (e.g. the key is not a stream).
         """
         await self._prepare()
-        self._task = asyncio.create_task(self._run(), name=f"subscription-{self.agent_id}")
-        self._task.add_done_callback(self._loop_ended)
+        for n, read in enumerate(self._reads):
+            read.task = asyncio.create_task(self._run(read, housekeeping=n == 0), name=f"subscription-{self.agent_id}")
+            read.task.add_done_callback(self._loop_ended)
         logger.info("%s: consuming %s as %s", self.agent_id, ", ".join(self._streams), self.consumer)
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -233,9 +252,10 @@ class Subscription:
         self._stopped = True
         self._stopping.set()
         self._slot_free.set()
-        if self._task is not None:
-            await stop_blocked(self._task, self._reader, self._pipeliner)
-        self._reader.close()
+        for read in self._reads:
+            if read.task is not None:
+                await stop_blocked(read.task, read.reader, self._pipeliner.node_for_key(read.streams[0]))
+            read.reader.close()
         idle, self._idle = self._idle, []
         for wake in idle:  # idle workers end; busy ones end once the queue is empty
             if not wake.done():  # cancelled with its worker (the event loop is shutting down)
@@ -299,7 +319,7 @@ class Subscription:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _run(self) -> None:
+    async def _run(self, read: _Read, *, housekeeping: bool) -> None:
         attempt = 0
         prepared = True
         # stop() sets the flag and wakes a blocked read with CLIENT UNBLOCK (see stop_blocked)
@@ -308,11 +328,12 @@ class Subscription:
                 if not prepared:
                     await self._prepare()  # Redis may have restarted without the groups
                     prepared = True
-                response = await self._read()
+                response = await self._read(read, housekeeping=housekeeping)
                 if attempt:
                     logger.info("%s: reading again", self.agent_id)
                 attempt = 0
-                self.reading = True
+                read.reading = True
+                self.reading = all(other.reading for other in self._reads)
             except (LinkLost, NotReady, AgentCommsError) as exc:
                 # lost connection, LOADING, READONLY, NOGROUP (Redis restarted without its data) ...
                 if self._stopped:
@@ -321,7 +342,7 @@ class Subscription:
                 if isinstance(exc, RedisPermissionError) and attempt % 60 == 0:  # a wrong ACL user: say it loudly
                     level = logging.ERROR
                 logger.log(level, "%s: cannot read (%s); retrying", self.agent_id, exc)
-                self.reading = False
+                self.reading = read.reading = False
                 prepared = False
                 await self._pause(backoff(attempt))
                 attempt += 1
@@ -330,7 +351,7 @@ class Subscription:
                 if self._stopped:
                     return
                 logger.exception("%s: unexpected error in the read loop; retrying", self.agent_id)
-                self.reading = False
+                self.reading = read.reading = False
                 prepared = False
                 await self._pause(backoff(attempt))
                 attempt += 1
@@ -341,12 +362,14 @@ class Subscription:
                 # let the workers start on them first: their replies go out before the next read is written
                 await asyncio.sleep(0)
 
-    async def _read(self) -> Any:
-        """Housekeeping when it is due, then one XREADGROUP for as many entries as there are free slots."""
+    async def _read(self, read: _Read, *, housekeeping: bool) -> Any:
+        """Housekeeping when due (one loop does it), then one XREADGROUP for as many entries as there are free slots."""
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._housekeeping_at:
+        if housekeeping and loop.time() >= self._housekeeping_at:
             await self._housekeeping()
             self._housekeeping_at = loop.time() + self._tick
+        if len(self._reads) > 1:
+            await read.reader.connect()  # so that no other loop fills the free slots between this count and the read
         free = self._concurrency - len(self._inflight)
         if free <= 0:
             self._slot_free.clear()
@@ -356,10 +379,10 @@ class Subscription:
             return None
         if self._stopped:
             return None
-        block_ms = max(1, int((self._housekeeping_at - loop.time()) * 1000))
-        return await self._reader.call(
+        block_ms = max(1, int((self._housekeeping_at - loop.time()) * 1000)) if housekeeping else MAX_BLOCK_MS
+        return await read.reader.call(
             "XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", free, "BLOCK", block_ms,
-            "STREAMS", *self._streams, *self._new, block_ms=block_ms,
+            "STREAMS", *read.streams, *read.new, block_ms=block_ms,
         )  # fmt: skip
 
     def _dispatch(self, stream: str, batch: list[list[Any]], *, deliveries: int) -> None:
@@ -370,7 +393,20 @@ class Subscription:
             inflight[key] = now
             queue.append((*key, flat, deliveries))
         self.stats.received += len(batch)
+        if len(self._reads) > 1 and len(inflight) >= self._concurrency:
+            self._unblock_reads(stream)
         self._wake_worker()
+
+    def _unblock_reads(self, stream: str) -> None:
+        """Every handler slot is taken: end the other loops' blocked reads, which asked for entries while one was free.
+
+        (On a cluster, where an agent's own inboxes and a role's are read by two loops.) A read whose entries are
+        already on their way still delivers them; they wait for a free handler.
+        """
+        for read in self._reads:
+            if stream not in read.streams and read.reader.busy and read.reader.client_id is not None:
+                node = self._pipeliner.node_for_key(read.streams[0])
+                node.fire("CLIENT", "UNBLOCK", read.reader.client_id, replay=False)
 
     # -- the workers -----------------------------------------------------------------------
     #
@@ -560,10 +596,26 @@ class Subscription:
             token = b""
             if security is not None:
                 token = security.reply_token(body, own_id=self.agent_id, peer_id=message.sender_id)
-            self._reply(message.reply_to, body, token)
+            written = self._reply(message.reply_to, body, token)
+            pipeliner = self._pipeliner
+            if pipeliner.cluster and pipeliner.node_for_key(message.reply_to) is not pipeliner.node_for_key(stream):
+                # on a cluster the reply may go to another primary, over another connection: the acknowledgement
+                # waits for the reply's answer instead of queueing behind it
+                ack = functools.partial(self._acknowledge, stream, entry_id, message.conversation_id, stored, body)
+                written.add_done_callback(functools.partial(self._ack_after_reply, stream, entry_id, ack))
+                return
         self._acknowledge(stream, entry_id, message.conversation_id, stored, body)
 
-    def _reply(self, reply_stream: str, body: bytes, token: bytes = b"") -> None:
+    def _ack_after_reply(self, stream: str, entry_id: str, ack: Callable[[], None], done: asyncio.Future[Any]) -> None:
+        """A cluster's acknowledgement once the reply, on another primary, is answered (see :meth:`_reply_written`)."""
+        error = None if done.cancelled() else done.exception()
+        if isinstance(error, BrokerConnectionError) or done.cancelled():
+            self._inflight.pop((stream, entry_id), None)  # left pending: handled again after claim_idle
+            self._slot_free.set()
+            return
+        ack()
+
+    def _reply(self, reply_stream: str, body: bytes, token: bytes = b"") -> asyncio.Future[Any]:
         """Queue a reply (a repeat after a lost connection is harmless: the caller drops duplicates)."""
         if token:
             written = self._pipeliner.call("XADD", reply_stream, "*", "r", body, "a", token, replay=True)
@@ -571,6 +623,7 @@ class Subscription:
             written = self._pipeliner.call("XADD", reply_stream, "*", "r", body, replay=True)
         written.add_done_callback(self._reply_written)
         self._refresh_ttl(reply_stream)
+        return written
 
     def _reply_written(self, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or (error := done.exception()) is None:

@@ -18,7 +18,7 @@ from agentcomms.security.identity import Identity, PublicIdentity, b64decode, b6
 from agentcomms.security.policy import Policy, Rule
 from agentcomms.security.trust import TrustRecord, TrustStore, canonical_json
 from agentcomms.settings import Settings
-from agentcomms.transport import Pipeliner
+from agentcomms.transport import Commands
 
 __all__ = [
     "Identity",
@@ -70,7 +70,7 @@ def create_admin(folder: str | Path, admin_id: str = "admin") -> Identity:
 
 
 async def enrol_team(
-    pipeliner: Pipeliner, folder: str | Path, admin: Identity, members: Iterable[tuple[str, list[str]]]
+    pipeliner: Commands, folder: str | Path, admin: Identity, members: Iterable[tuple[str, list[str]]]
 ) -> list[TrustRecord]:
     """Create an identity file in ``folder`` for each ``(id, roles)`` that has none, and enrol each with its roles.
 

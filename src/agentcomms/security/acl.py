@@ -126,6 +126,7 @@ def _connection_rules() -> list[str]:
         "+client|id",  # handshake (for CLIENT UNBLOCK)
         "+client|unblock",  # ending a blocked read on stop
         "+role",  # the probe after a READONLY refusal (a failover)
+        "+cluster|slots",  # whether the server is a Redis Cluster node, and where each slot is
         "+script|load",  # every connection loads every script
         "+time",  # the server's clock
         "+pubsub|numsub",  # the scripts publish events only while someone listens
@@ -146,7 +147,15 @@ def _sender_selectors(identity_id: str) -> list[str]:
         # discovery and registry checks (registry_find, registry_stats, HEXISTS)
         _selector("+hget", "+hgetall", "+hexists", "+hkeys", "+sinter", "+zrange", "+zscore", f"%R~{registry}:*"),
         # every script, with the keys it is called with (what runs inside is checked command by command)
-        _selector("+evalsha", f"~{inbox}", f"~{dedup}", f"~{dead}", f"~{registry}:idx:*", "~ac:{*}:record"),
+        _selector(
+            "+evalsha",
+            f"~{inbox}",
+            f"~{dedup}",
+            f"~{dead}",
+            f"~{registry}:agents",
+            f"~{registry}:idx:*",
+            "~ac:{*}:record",
+        ),  # fmt: skip
         # send.lua: append to an inbox (never read it)
         _selector("+xlen", "+xadd", f"%W~{inbox}"),
         # send.lua: the inbox's dedup set

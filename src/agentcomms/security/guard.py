@@ -38,7 +38,7 @@ from agentcomms.security.identity import Identity, load_identities
 from agentcomms.security.policy import Policy
 from agentcomms.security.trust import TrustRecord, TrustStore
 from agentcomms.settings import Settings
-from agentcomms.transport import Pipeliner
+from agentcomms.transport import Commands
 
 __all__ = ["Refusal", "Security", "load_anchors"]
 
@@ -86,7 +86,7 @@ class Security:
         pipeliner: the broker's connection, for the trust store and the server's clock.
     """
 
-    def __init__(self, settings: Settings, pipeliner: Pipeliner) -> None:
+    def __init__(self, settings: Settings, pipeliner: Commands) -> None:
         self.signature_mode = settings.auth == "signature"
         self.window_ms = settings.replay_window * 1000
         self.sealed_intents = frozenset(i.strip().casefold() for i in settings.sealed_intents)

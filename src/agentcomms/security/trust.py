@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agentcomms import keys
 from agentcomms.exceptions import IdentityError, PermissionDeniedError, TrustError
 from agentcomms.security.identity import Identity, PublicIdentity, b64decode, b64encode
-from agentcomms.transport import Pipeliner
+from agentcomms.transport import Commands
 
 __all__ = ["CACHE_SECONDS", "TrustRecord", "TrustStore", "canonical_json", "key_fingerprint"]
 
@@ -115,7 +115,7 @@ class TrustStore:
         anchors: the admins' Ed25519 public keys (raw or base64url).
     """
 
-    def __init__(self, pipeliner: Pipeliner, anchors: Sequence[bytes | str], *, refresh: float = CACHE_SECONDS) -> None:
+    def __init__(self, pipeliner: Commands, anchors: Sequence[bytes | str], *, refresh: float = CACHE_SECONDS) -> None:
         self._pipeliner = pipeliner
         self.refresh = refresh
         """Seconds a verified record is used before it is read again."""

@@ -3,9 +3,11 @@
 Built on asyncio's Protocol API and hiredis (parsing and packing), with no use of any Redis
 client library's internals. One :class:`Pipeliner` per server carries every ordinary
 command; each blocking reader and the event-feed subscriber have a connection of their
-own. A Redis Cluster is one pipeliner per primary (keys of one agent share a hash tag).
+own. A Redis Cluster is one pipeliner per primary, each command sent to its key's slot's owner
+(``transport.cluster``; keys of one agent share a hash tag).
 """
 
+from agentcomms.transport.cluster import ClusterPipeliner, Commands, connect_commands, key_slot
 from agentcomms.transport.errors import ReplyError, code_of
 from agentcomms.transport.link import EncodableT, LinkLost, NotReady, pack
 from agentcomms.transport.pipeliner import FLUSH_AT, READ_TIMEOUT, LazyCommand, Pipeliner, backoff, command_name
@@ -18,6 +20,8 @@ __all__ = [
     "MAX_BLOCK_MS",
     "READ_TIMEOUT",
     "BlockingReader",
+    "ClusterPipeliner",
+    "Commands",
     "ConnectionSpec",
     "EncodableT",
     "LazyCommand",
@@ -29,6 +33,8 @@ __all__ = [
     "backoff",
     "code_of",
     "command_name",
+    "connect_commands",
+    "key_slot",
     "pack",
     "stop_blocked",
     "subscribe",

@@ -110,6 +110,9 @@ class Pipeliner:
         name: the connection's ``CLIENT SETNAME``.
     """
 
+    cluster = False
+    """Whether commands are spread over a Redis Cluster's primaries (see ``transport.cluster``): not here."""
+
     def __init__(self, spec: ConnectionSpec, *, reconnect_timeout: float, name: str) -> None:
         self._spec = spec
         self._name = name
@@ -146,6 +149,19 @@ class Pipeliner:
     def connected(self) -> bool:
         """Whether commands are being written now (connected and not held)."""
         return self._ready
+
+    @property
+    def spec(self) -> ConnectionSpec:
+        """The server."""
+        return self._spec
+
+    def node_for_key(self, key: str) -> Pipeliner:
+        """The pipeliner that serves ``key``: this one (a cluster has one per primary)."""
+        return self
+
+    def spec_for_key(self, key: str) -> ConnectionSpec:
+        """Where a blocking read of ``key`` connects: this server."""
+        return self._spec
 
     async def connect(self) -> None:
         """Make the first connection.
@@ -226,11 +242,12 @@ class Pipeliner:
         self._after_queue()
         return future
 
-    def call_lazy(self, build: LazyCommand, *, replay: bool) -> asyncio.Future[Any]:
+    def call_lazy(self, build: LazyCommand, *, replay: bool, key: str = "") -> asyncio.Future[Any]:
         """Queue a command built only when it is written, so that callers can add to it until then.
 
         ``build()`` runs once, at the write (at once if the connection is idle). If it
-        returns ``None`` nothing is sent and the future is cancelled.
+        returns ``None`` nothing is sent and the future is cancelled. ``key``: the key the
+        command will name (where a cluster sends it).
         """
         future = self._loop.create_future()
         self._outbox.append((build, future, _REPLAY if replay else 0, self._loop.time()))

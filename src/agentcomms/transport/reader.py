@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from agentcomms.exceptions import AgentCommsError
+from agentcomms.transport.cluster import Commands
 from agentcomms.transport.errors import ReplyError, classify, is_transient, needs_reconnect
 from agentcomms.transport.link import EncodableT, Link, LinkLost, NotReady, open_link, pack
-from agentcomms.transport.pipeliner import Pipeliner, command_name
+from agentcomms.transport.pipeliner import command_name
 from agentcomms.transport.spec import ConnectionSpec
 
 __all__ = ["BlockingReader", "stop_blocked", "subscribe"]
@@ -42,6 +43,19 @@ class BlockingReader:
         self.busy = False
         """Whether a command is waiting for its reply now."""
 
+    async def connect(self) -> Link:
+        """The connection, made now if there is none (so that a caller can decide what to send with no wait after).
+
+        Raises:
+            LinkLost: cannot connect.
+            NotReady: Redis is loading its data (or otherwise not ready).
+        """
+        link = self._link
+        if link is None or link.closed:
+            self._link = link = await open_link(self._spec, name=self._name)
+            self.client_id = link.client_id
+        return link
+
     async def call(self, *args: EncodableT, block_ms: int = 0) -> Any:
         """Send one command and return its reply; a blocking one may take ``block_ms`` plus a margin.
 
@@ -50,10 +64,7 @@ class BlockingReader:
             NotReady: Redis refused with a "not now" error (LOADING, BUSY, READONLY ...).
             RedisCommandError: Redis refused the command (typed by ``errors.classify``).
         """
-        link = self._link
-        if link is None or link.closed:
-            self._link = link = await open_link(self._spec, name=self._name)
-            self.client_id = link.client_id
+        link = await self.connect()
         [future] = link.request(args)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(block_ms / 1000 + _REPLY_MARGIN, link.abort)  # a dead peer: drop the link
@@ -79,7 +90,7 @@ class BlockingReader:
 
 
 async def stop_blocked(
-    task: asyncio.Task[Any], reader: BlockingReader, pipeliner: Pipeliner, *, grace: float = 2.0
+    task: asyncio.Task[Any], reader: BlockingReader, pipeliner: Commands, *, grace: float = 2.0
 ) -> None:
     """End ``task``, a loop whose stop flag is already set and which may be blocked in ``reader``.
 
@@ -105,17 +116,33 @@ async def stop_blocked(
     reader.close()
 
 
-async def subscribe(spec: ConnectionSpec, channel: str, *, name: str) -> AsyncGenerator[bytes, None]:
+async def subscribe(
+    spec: ConnectionSpec, channel: str, *, name: str, also: Sequence[ConnectionSpec] = ()
+) -> AsyncGenerator[bytes, None]:
     """Messages published on ``channel``, from its ``SUBSCRIBE`` on (lossy: Pub/Sub keeps nothing).
 
     The first item is ``b""`` once the subscription is confirmed. Ends with :class:`LinkLost`
-    when the connection drops; the caller subscribes again.
+    when the connection drops; the caller subscribes again. ``also``: more servers to subscribe
+    on, whose copies are read and dropped: a Redis Cluster hands every message to each node's
+    subscribers, and the scripts publish only if their own node has one (``PUBSUB NUMSUB``).
     """
     link = await open_link(spec, name=name)
     queue: asyncio.Queue[Any] = asyncio.Queue()
     link.on_reply = queue.put_nowait
     link.on_lost = queue.put_nowait
+    links = [link]
+
+    def errors_only(item: Any) -> None:
+        if isinstance(item, ReplyError):
+            queue.put_nowait(item)
+
     try:
+        for other in also:
+            listener = await open_link(other, name=name)
+            links.append(listener)
+            listener.on_reply = errors_only
+            listener.on_lost = queue.put_nowait
+            listener.write(pack([("SUBSCRIBE", channel)]))
         link.write(pack([("SUBSCRIBE", channel)]))
         while True:
             item = await queue.get()
@@ -129,5 +156,6 @@ async def subscribe(spec: ConnectionSpec, channel: str, *, name: str) -> AsyncGe
             elif kind == b"message":
                 yield item[2]
     finally:
-        link.on_lost = None
-        link.abort()
+        for each in links:
+            each.on_lost = None
+            each.abort()

@@ -1,4 +1,5 @@
 -- registry_beat: one heartbeat of one instance. ARGV: prefix, agent id, instance id, interval ms
+-- KEYS[1] the registry's agents hash: it names the slot (every key shares the {registry} hash tag)
 -- Returns the server ms, or false if the agent is not registered (the instance registers again).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -1,4 +1,5 @@
 -- registry_deregister: remove an agent and its index entries. ARGV: prefix, agent id
+-- KEYS[1] the registry's agents hash: it names the slot (every key shares the {registry} hash tag)
 -- Returns 1 if it was registered, else 0.
 local prefix, agent = ARGV[1], ARGV[2]
 if redis.call('HEXISTS', prefix .. ':agents', agent) == 0 then return 0 end

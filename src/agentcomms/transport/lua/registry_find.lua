@@ -1,5 +1,6 @@
 -- registry_find: the records of the agents matching a query, with their presence.
--- KEYS: index sets to intersect (none: all agents, or the online ones)
+-- KEYS[1] the registry's agents hash (it names the slot: every key here shares the {registry} hash tag),
+--   then the index sets to intersect (none: all agents, or the online ones)
 -- ARGV: prefix, online only ('1'/'0'), explicit ids (JSON list, or '' to use KEYS)
 -- Returns {server ms, then per agent: id, record JSON, online '1'/'0', status, last beat ms,
 -- live instances, first registration ms}. Records are returned as stored: the client validates them.
@@ -11,8 +12,8 @@ local deadlines = prefix .. ':deadlines'
 local ids
 if ARGV[3] ~= '' then
   ids = cjson.decode(ARGV[3])
-elseif #KEYS > 0 then
-  ids = redis.call('SINTER', unpack(KEYS))   -- cost: the smallest set times the number of sets
+elseif #KEYS > 1 then
+  ids = redis.call('SINTER', unpack(KEYS, 2))   -- cost: the smallest set times the number of sets
 elseif online_only then
   ids = redis.call('ZRANGE', deadlines, '(' .. now, '+inf', 'BYSCORE')
 else

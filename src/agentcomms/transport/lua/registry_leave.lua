@@ -1,4 +1,5 @@
 -- registry_leave: one instance stops cleanly; the agent goes offline with its last one.
+-- KEYS[1] the registry's agents hash: it names the slot (every key shares the {registry} hash tag)
 -- ARGV: prefix, agent id, instance id. Returns the number of live instances left.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

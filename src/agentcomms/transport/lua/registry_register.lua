@@ -1,5 +1,6 @@
 -- registry_register: register (or update) an agent and count one instance as a first heartbeat.
--- KEYS: none (every key is built from the prefix; all share the {registry} hash tag)
+-- KEYS[1] the registry's agents hash: it names the slot (every other key is built from the prefix and shares
+--   the {registry} hash tag, so a cluster runs the script on the primary that holds them all)
 -- ARGV: prefix, agent id, record JSON, role index key (the role case-folded, by the client),
 --       replace ('1'/'0'), instance id, heartbeat interval ms, index keys JSON (role index first)
 -- Returns {'ok', server ms} or {'conflict', the registered role}.

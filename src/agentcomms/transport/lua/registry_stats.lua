@@ -1,4 +1,5 @@
 -- registry_stats: per agent its role, department and whether it is online. ARGV: prefix
+-- KEYS[1] the registry's agents hash: it names the slot (every key shares the {registry} hash tag)
 -- Walks every agent: O(number of agents), for dashboards, not for hot paths.
 -- Returns {server ms, then per agent: id, role, department, online '1'/'0'}; a record that is not
 -- valid JSON gives an empty role and department (the client counts and logs it).
