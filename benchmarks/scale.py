@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import platform
@@ -26,18 +27,42 @@ from typing import Any
 
 import redis
 
-from agentcomms import AgentRegistry, EmbeddedRedis, MessageSender, Settings
+from agentcomms import AgentRegistry, EmbeddedRedis, MessageSender, Settings, keys
+from agentcomms.transport import ClusterPipeliner
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
 import discovery  # noqa: E402 - a sibling module of this script
 from suite import cpu_seconds, in_flight, server  # noqa: E402
 
+from clusterkit import RedisClusterKit  # noqa: E402 - the tests' harness: a Redis Cluster on loopback ports
+from faultkit import RedisServer  # noqa: E402 - the tests' harness: a redis-server on a loopback port
 
-async def role_throughput(url: str, agents: int, delay_ms: int, requests: int) -> dict[str, float]:
-    """req/s of ``request_role("worker")`` with ``agents`` workers, and CPU µs per request (all processes)."""
-    client = redis.Redis.from_url(url)
-    client.flushall()
+
+def redis_cpu(ports: list[int]) -> float:
+    """CPU seconds the redis-servers on ``ports`` have used."""
+    total = 0.0
+    for port in ports:
+        with redis.Redis(host="127.0.0.1", port=port) as client:
+            info = client.info("cpu")
+            total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return total
+
+
+def flush(ports: list[int]) -> None:
+    """Empty the servers on ``ports`` (a cluster's replicas refuse: they follow their primary)."""
+    for port in ports:
+        with redis.Redis(host="127.0.0.1", port=port) as client, contextlib.suppress(redis.ReadOnlyError):
+            client.flushall()
+
+
+async def role_throughput(url: str, ports: list[int], agents: int, delay_ms: int, requests: int) -> dict[str, float]:
+    """req/s of ``request_role("worker")`` with ``agents`` workers, and CPU µs per request (all processes).
+
+    ``ports``: the redis-servers (one, or every node of a cluster), emptied first, whose CPU is counted.
+    """
+    flush(ports)
     env = {"AGENTCOMMS_CONCURRENCY": "8"}
     with contextlib.ExitStack() as stack:
         procs = [
@@ -50,13 +75,81 @@ async def role_throughput(url: str, agents: int, delay_ms: int, requests: int) -
 
             await in_flight(call, min(requests, 500), 100)  # warm up
             cpu0 = sum(cpu_seconds(p.pid) for p in procs) + time.process_time()
-            info0 = client.info("cpu")
+            redis0 = redis_cpu(ports)
             rps = await in_flight(call, requests, 100)
-            info1 = client.info("cpu")
+            in_redis = redis_cpu(ports) - redis0
             cpu1 = sum(cpu_seconds(p.pid) for p in procs) + time.process_time()
-    redis_cpu = sum(float(info1[k]) - float(info0[k]) for k in ("used_cpu_user", "used_cpu_sys"))
-    client.close()
-    return {"rps": rps, "cpu_us": (cpu1 - cpu0 + redis_cpu) / requests * 1e6, "redis_us": redis_cpu / requests * 1e6}
+    return {"rps": rps, "cpu_us": (cpu1 - cpu0 + in_redis) / requests * 1e6, "redis_us": in_redis / requests * 1e6}
+
+
+async def cluster_section(requests: int) -> None:
+    """The same role on a 3-primary Redis Cluster, and direct requests to 12 agents whose inboxes spread over it."""
+    with tempfile.TemporaryDirectory(prefix="agentcomms-cluster-") as folder, RedisClusterKit(Path(folder)) as kit:
+        ports = [server.port for server in kit.servers]
+        print("\nOn a Redis Cluster of 3 primaries and 3 replicas on this machine (all on the same 2 cores):\n")
+        print("| agents of the role | req/s, handler answers at once | req/s, handler waits 10 ms | CPU µs/request |")
+        print("|---|---|---|---|")
+        for agents in (1, 2, 4):
+            cpu = await role_throughput(kit.url, ports, agents, 0, requests)
+            waiting = await role_throughput(kit.url, ports, agents, 10, requests)
+            print(
+                f"| {agents} | {cpu['rps']:,.0f} | {waiting['rps']:,.0f} | {cpu['cpu_us']:,.0f} (Redis {cpu['redis_us']:,.0f}) |",
+                flush=True,
+            )
+        flush(ports)
+        names = [f"agent.spread.{n}" for n in range(12)]
+        with contextlib.ExitStack() as stack:
+            for name in names:
+                stack.enter_context(server("ours-role", kit.url, name, 0))
+            async with MessageSender(settings=Settings(redis_url=kit.url), sender_id="bench.caller") as sender:
+                pipeliner = sender.broker.pipeliner
+                assert isinstance(pipeliner, ClusterPipeliner)
+                shards = collections.Counter(pipeliner.spec_for_key(keys.inbox(name)).port for name in names)
+                turn = iter(range(10**9))
+
+                def call() -> Any:
+                    return sender.request(names[next(turn) % len(names)], "request_knowledge", {"q": "status"})
+
+                await in_flight(call, min(requests, 500), 100)
+                rps = await in_flight(call, requests, 100)
+        print(
+            f"\nDirect requests to 12 agents whose inboxes spread over the primaries {sorted(shards.values())}: "
+            f"{rps:,.0f} req/s, 100 in flight.",
+            flush=True,
+        )
+
+
+async def durable_section(requests: int) -> None:
+    """One-way sends with and without a durable send (WAIT for 1 replica), on a primary with one replica."""
+    with tempfile.TemporaryDirectory(prefix="agentcomms-durable-") as folder:
+        primary = RedisServer(Path(folder) / "primary").start()
+        replica = RedisServer(Path(folder) / "replica").start(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+        with replica.client() as client:
+            while client.info("replication").get("master_link_status") != "up":  # the replica's first sync
+                time.sleep(0.02)
+        try:
+            print("\nDurable send (`AGENTCOMMS_DURABLE_REPLICAS=1`: WAIT for the replica), a primary and a replica:\n")
+            print("| send | one at a time: p50 µs | 100 in flight: msg/s |")
+            print("|---|---|---|")
+            for label, replicas in (("to the primary", 0), ("durable (WAIT 1)", 1)):
+                settings = Settings(redis_url=primary.url, durable_replicas=replicas)
+                async with MessageSender(settings=settings, sender_id="bench.caller") as sender:
+
+                    def call() -> Any:
+                        return sender.send_message("agent.sink", "share_insights", {"n": 1}, allow_unregistered=True)
+
+                    await in_flight(call, 200, 1)
+                    times = []
+                    for _ in range(min(requests, 2000)):
+                        started = time.perf_counter()
+                        await call()
+                        times.append(time.perf_counter() - started)
+                    times.sort()
+                    rate = await in_flight(call, requests, 100)
+                print(f"| {label} | {times[len(times) // 2] * 1e6:,.0f} | {rate:,.0f} |", flush=True)
+        finally:
+            replica.kill()
+            primary.kill()
 
 
 async def fanout(url: str, size: int) -> dict[str, float]:
@@ -101,9 +194,10 @@ async def main() -> None:
         )
         print("|---|---|---|---|")
         first: dict[str, float] = {}
+        ports = [int(url.rsplit(":", 1)[1].split("/")[0])]
         for agents in (1, 2, 4):
-            cpu = await role_throughput(url, agents, 0, requests)
-            waiting = await role_throughput(url, agents, 10, requests)
+            cpu = await role_throughput(url, ports, agents, 0, requests)
+            waiting = await role_throughput(url, ports, agents, 10, requests)
             first = first or cpu
             print(
                 f"| {agents} | {cpu['rps']:,.0f} | {waiting['rps']:,.0f} | {cpu['cpu_us']:,.0f} (Redis {cpu['redis_us']:,.0f}) |",
@@ -134,6 +228,8 @@ async def main() -> None:
         for row in measured["rows"]:
             print(f"| {row['query']} | {row['agents']:,} | {row['answer']:,} | {row['p50']:,.0f} | {row['p99']:,.0f} |")
         print(f"\nNarrow query p50 at {large:,} / at 100 agents: {measured['narrow_ratio']:.2f}x.")
+    await cluster_section(requests)
+    await durable_section(requests)
 
 
 if __name__ == "__main__":

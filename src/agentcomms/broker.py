@@ -39,6 +39,7 @@ from agentcomms.exceptions import (
     InboxFullError,
     MessageTooLargeError,
     MessageValidationError,
+    NotDurableError,
     PermissionDeniedError,
     RedisPermissionError,
     RequestTimeoutError,
@@ -531,6 +532,7 @@ class MessageBroker:
         Raises:
             MessageTooLargeError: the message is over ``max_message_bytes``.
             InboxFullError: the recipient has ``max_inbox_length`` messages waiting.
+            NotDurableError: ``durable_replicas`` is set and fewer replicas confirmed the message in time.
             RedisOutOfMemoryError: Redis is at ``maxmemory``; nothing was stored.
             BrokerConnectionError: Redis stayed unreachable for ``reconnect_timeout``.
             IdentityError, TrustError: security is on and the sender or the recipient is not a known identity.
@@ -541,6 +543,8 @@ class MessageBroker:
         message, body, token = self._outgoing(message)
         if pipeliner.write_paused:
             await pipeliner.wait_writable()
+        if self.settings.durable_replicas:
+            return await self._publish_durably(message, body, token, inbox_ttl=inbox_ttl)
         if inbox_ttl:
             sent = self._queue_sends([(message, body, token)], inbox_ttl=inbox_ttl)
             await asyncio.wait([sent])
@@ -548,6 +552,24 @@ class MessageBroker:
         else:
             reply = await self._send(message, body, token)
         return self._sent(message, reply)
+
+    async def _publish_durably(
+        self, message: AgentMessage, body: bytes, token: bytes, *, inbox_ttl: float | None
+    ) -> PublishResult:
+        """SEND, then ``WAIT`` for the replicas on the same connection, in one write; see ``durable_replicas``."""
+        required, timeout = self.settings.durable_replicas, self.settings.durable_timeout
+        node = self.pipeliner.node_for_key(keys.inbox(message.recipient_id, message.payload.priority))
+        with node.batch():  # WAIT counts the writes made before it on its connection: the SEND is one
+            sent = self._queue_sends([(message, body, token)], inbox_ttl=inbox_ttl)
+            waited = node.call("WAIT", required, int(timeout * 1000), replay=True)
+        await asyncio.wait([sent])
+        result = self._sent(message, self._send_replies(sent)[0])
+        confirmed = int(await waited)
+        if confirmed < required:
+            raise NotDurableError(
+                message_id=message.message_id, confirmed=confirmed, required=required, timeout=timeout
+            )
+        return result
 
     async def publish_many(self, messages: Sequence[AgentMessage]) -> list[PublishResult | AgentCommsError]:
         """Send ``messages`` together: one SEND call per recipient inbox; per message, its result or error.

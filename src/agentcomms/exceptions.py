@@ -49,6 +49,23 @@ class InboxFullError(AgentCommsError):
         super().__init__(f"inbox of {agent_id!r} is full ({length} messages waiting, limit {limit}); retry later")
 
 
+class NotDurableError(AgentCommsError):
+    """Raised by a durable send (``AGENTCOMMS_DURABLE_REPLICAS``) that fewer replicas confirmed than asked.
+
+    The message is stored on the primary and may still reach the replicas; a failover now could
+    lose it. Sending it again (the same ``message_id``) is safe: a repeat is a duplicate.
+    """
+
+    def __init__(self, *, message_id: str, confirmed: int, required: int, timeout: float) -> None:
+        self.message_id = message_id
+        self.confirmed = confirmed
+        self.required = required
+        super().__init__(
+            f"message {message_id} is stored on the primary but {confirmed} of {required} replicas confirmed it "
+            f"within {timeout:g}s: a failover now could lose it; sending it again is safe (it is deduplicated)"
+        )
+
+
 class RequestTimeoutError(AgentCommsError, TimeoutError):
     """Raised when no reply to a request arrived within its timeout."""
 

@@ -30,7 +30,7 @@ __all__ = [
     "redact_url",
 ]
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "unix")
 
 
 def _env(name: str) -> AliasChoices:
@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     """Messages one subscription handles at once."""
     event_feed: bool = Field(True, validation_alias=_env("EVENT_FEED"))
     """Publish message events on the lossy Pub/Sub monitoring channel."""
+    durable_replicas: int = Field(0, ge=0, le=16, validation_alias=_env("DURABLE_REPLICAS"))
+    """A send returns once this many replicas also hold the message (``WAIT``), else raises ``NotDurableError``.
+
+    0 (the default): a send returns once the primary stored it; a failover right after may lose it.
+    """
+    durable_timeout: float = Field(1.0, gt=0, le=60, validation_alias=_env("DURABLE_TIMEOUT"))
+    """Seconds a durable send waits for its replicas."""
     role_routing: bool = Field(True, validation_alias=_env("ROLE_ROUTING"))
     """Agents also read their role's inbox, so a request to a role is taken by whichever of them is free
     (with security on, requests to a role go to one picked agent instead: they are authenticated per pair)."""
@@ -229,7 +236,7 @@ class Settings(BaseSettings):
         if scheme not in REDIS_SCHEMES:
             raise ValueError(
                 f"{redact_url(value)!r} is not a Redis URL: use redis://host:port/db, rediss://... (TLS) "
-                "or unix:///path/to/redis.sock"
+                "redis+sentinel://host:26379,.../service or unix:///path/to/redis.sock"
             )
         return value.strip()
 

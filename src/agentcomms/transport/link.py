@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import socket
 import ssl
@@ -183,8 +184,44 @@ def _why(spec: ConnectionSpec, link: Link, exc: BaseException, *, connected: boo
     return str(exc) or type(exc).__name__
 
 
+async def find_primary(spec: ConnectionSpec, *, timeout: float) -> ConnectionSpec:
+    """Ask ``spec``'s sentinels, in order, where the primary of its service is; ``spec`` with that address.
+
+    Raises:
+        LinkLost: no sentinel answered with an address.
+    """
+    problems: list[str] = []
+    for host, port in spec.sentinels:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(pack([("SENTINEL", "GET-MASTER-ADDR-BY-NAME", spec.service)]))
+                parser = hiredis.Reader(protocolError=ProtocolError, replyError=ReplyError)
+                while (reply := parser.gets()) is False:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise EOFError("the sentinel closed the connection")
+                    parser.feed(data)
+        except (OSError, EOFError, TimeoutError, ProtocolError) as exc:
+            problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            continue
+        finally:
+            if writer is not None:
+                writer.close()
+        if isinstance(reply, ReplyError) or not reply:
+            problems.append(f"{host}:{port}: {reply or 'does not know ' + repr(spec.service)}")
+            continue
+        address = (reply[0].decode(), int(reply[1]))
+        return dataclasses.replace(spec, host=address[0], port=address[1], sentinels=())
+    raise LinkLost(f"no sentinel says where the primary of {spec.service!r} is ({'; '.join(problems)})")
+
+
 async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = None) -> Link:
     """Connect, log in, select the database and name the connection; returns a link in request mode.
+
+    With sentinels (``redis+sentinel://``) the primary is looked up first, and the link is
+    refused (:class:`LinkLost`) if the server found is not a primary (a failover under way).
 
     With TLS (``rediss://``) the certificate is checked against the URL's host name or IP
     address; a TLS failure is described as one (:func:`describe_tls_error`), whether it
@@ -196,9 +233,26 @@ async def open_link(spec: ConnectionSpec, *, name: str, timeout: float | None = 
         RedisPermissionError: Redis refused the credentials.
         NotReady: Redis is loading its data (or otherwise not ready).
     """
+    timeout = timeout or spec.connect_timeout
+    if not spec.sentinels:
+        return await _open_link(spec, name=name, timeout=timeout)
+    primary = await find_primary(spec, timeout=timeout)
+    link = await _open_link(primary, name=name, timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            [role] = await gather_replies(link.request(("ROLE",)))
+    except BaseException:
+        link.abort()
+        raise
+    if isinstance(role, ReplyError) or not role or role[0] != b"master":
+        link.abort()
+        raise LinkLost(f"Redis at {primary.address}, named primary by the sentinels, is not one (failing over?)")
+    return link
+
+
+async def _open_link(spec: ConnectionSpec, *, name: str, timeout: float) -> Link:
     loop = asyncio.get_running_loop()
     link = Link(loop)
-    timeout = timeout or spec.connect_timeout
     connected = False
     try:
         async with asyncio.timeout(timeout):

@@ -37,6 +37,10 @@ class ConnectionSpec:
     db: int = 0
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
     connect_timeout: float = 5.0
+    sentinels: tuple[tuple[str, int], ...] = ()
+    """Redis Sentinels to ask where the primary is (``redis+sentinel://``), at each connection."""
+    service: str = ""
+    """The name the sentinels know the primary by."""
 
     @classmethod
     def from_url(
@@ -54,6 +58,11 @@ class ConnectionSpec:
         connect_timeout: float = 5.0,
     ) -> ConnectionSpec:
         """Parse ``redis://[user[:password]@]host[:port][/db]``, ``rediss://...`` or ``unix:///path[?db=N]``.
+
+        ``redis+sentinel://[user[:password]@]host:port[,host:port ...]/<service>[/db]`` names Redis
+        Sentinels (port 26379 by default) and the service they watch: each connection asks them
+        where the primary is, so that after a failover the next connection reaches the new one.
+        The credentials are the primary's; the sentinels are asked without any.
 
         ``password``, ``username`` and ``db`` (``REDIS_PASSWORD``, ``REDIS_USERNAME``, ``REDIS_DB``)
         apply when the URL has none.
@@ -99,8 +108,27 @@ class ConnectionSpec:
                     db=int(url_db) if url_db else (db or 0),
                     connect_timeout=connect_timeout,
                 )
+            if scheme == "redis+sentinel":
+                sentinels = tuple(_host_port(item) for item in parts.netloc.rpartition("@")[2].split(",") if item)
+                segments = [unquote(segment) for segment in parts.path.split("/") if segment]
+                if not sentinels or not segments:
+                    raise ValueError("use redis+sentinel://host:26379,host:26380/<service name>[/db]")
+                url_db = segments[1] if len(segments) > 1 else query.get("db")
+                return cls(
+                    host=sentinels[0][0],
+                    port=sentinels[0][1],
+                    username=username or None,
+                    password=url_password or password,
+                    db=int(url_db) if url_db else (db or 0),
+                    connect_timeout=connect_timeout,
+                    sentinels=sentinels,
+                    service=segments[0],
+                )
             if scheme not in ("redis", "rediss"):
-                raise ValueError("use redis://host:port/db, rediss://... (TLS) or unix:///path/to/redis.sock")
+                raise ValueError(
+                    "use redis://host:port/db, rediss://... (TLS), redis+sentinel://host:26379,.../service "
+                    "or unix:///path/to/redis.sock"
+                )
             path_db = parts.path.strip("/")
             url_db = path_db or query.get("db")
             if scheme == "rediss" and ssl_context is None:
@@ -124,11 +152,26 @@ class ConnectionSpec:
         """Where the server is, for messages: ``host:port`` or the socket path (never credentials)."""
         if self.path is not None:
             return f"unix://{self.path}"
+        if self.sentinels:
+            hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
+            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{'rediss' if self.ssl_context else 'redis'}://{host}:{self.port}/{self.db}"
 
     def __str__(self) -> str:
         return self.address
+
+
+SENTINEL_PORT = 26379
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` (port 26379) of a sentinel list."""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        return host, int(rest.lstrip(":") or SENTINEL_PORT)
+    host, colon, port = item.rpartition(":")
+    return (host, int(port)) if colon else (item, SENTINEL_PORT)
 
 
 def _check_tls(url: str, scheme: str, query: dict[str, str], *, require_tls: bool, configured: bool) -> None:
@@ -144,7 +187,7 @@ def _check_tls(url: str, scheme: str, query: dict[str, str], *, require_tls: boo
             f"TLS options in the URL ({', '.join(options)}) are not supported: certificates are always verified "
             f"and there is no way to turn that off; set {CA_CERTS}, {CERTFILE} and {KEYFILE} instead"
         )
-    if scheme == "redis" and require_tls:
+    if scheme in ("redis", "redis+sentinel") and require_tls:
         raise ConfigError(
             f"{REQUIRE_TLS} is on and {redact_url(url)!r} is not encrypted: use rediss:// "
             "(or a unix:// socket on this machine)"
