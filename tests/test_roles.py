@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from agentcomms import AgentMessage, BaseAgent, MessageSender, Settings, keys
+from agentcomms import AgentMessage, BaseAgent, MessageSender, NoAgentAvailableError, Settings, keys
 from agentcomms.examples import create_agent_config
 from conftest import AgentProcess, report, wait_for_dead_letters, wait_for_entries
 
@@ -75,6 +75,34 @@ async def test_the_role_address_is_the_role_case_folded_and_never_an_agent_id() 
     assert keys.role_address("Directeur {Général}") == "@directeur%20%7Bg%C3%A9n%C3%A9ral%7D"
     with pytest.raises(ValueError):
         AgentMessage(sender_id="@analyst", recipient_id="agent.x", intent="inform")  # not as a sender
+
+
+async def test_a_request_to_a_capability_goes_to_whichever_agent_with_it_is_free(
+    settings: Settings, raw: Redis
+) -> None:
+    # two roles share the capability "analysis"; the busy one holds a message, so the other takes them all
+    other = create_agent_config("agent.auditor", "au", "Auditor", "finance", ["Analysis", "audits"])
+    async with analyst(settings, 1) as busy, Analyst(other, settings=settings, concurrency=1):
+        busy.busy = True
+        async with MessageSender(settings=settings, sender_id="dash") as sender:
+            first = asyncio.create_task(sender.request("agent.analyst.1", "request_knowledge", {}))
+            await busy.holding.wait()
+            replies = await asyncio.gather(
+                *(sender.request_capability("analysis", "request_knowledge", {"n": n}) for n in range(20))
+            )
+            busy.release.set()
+            await first
+            with pytest.raises(NoAgentAvailableError, match="capability 'forecasts'"):
+                await sender.request_capability("forecasts", "request_knowledge", {})
+    assert {reply.responder_id for reply in replies} == {"agent.auditor"}
+    assert await raw.xlen(keys.inbox(keys.capability_address("analysis"))) == 0
+    report("capability routing: 20 requests to a capability of 2 agents with one busy: all 20 taken by the free one")
+
+
+async def test_a_capability_address_is_never_a_role_address() -> None:
+    assert keys.capability_address(" Analysis ") == "@~analysis"
+    assert keys.role_address("~analysis") == "@%7Eanalysis" != keys.capability_address("analysis")
+    AgentMessage(sender_id="a", recipient_id=keys.capability_address("Straße planning"), intent="agent_status")
 
 
 async def test_sticky_conversations_follow_the_agent_that_took_the_first(settings: Settings) -> None:

@@ -164,11 +164,14 @@ class BaseAgent:
         return self._subscription is not None and self._subscription.running
 
     def _role_addresses(self) -> list[str]:
-        """Its role's address, whose inbox it reads too (role routing), unless security is on or it is turned off."""
+        """Its role's and capabilities' addresses, whose inboxes it reads too (unless security is on, or off)."""
         if not self.settings.role_routing or self.broker.security is not None:
             return []
-        self.sender.own_roles.add(keys.role_address(self.config.role))
-        return [keys.role_address(self.config.role)]
+        addresses = [keys.role_address(self.config.role)]
+        addresses += [keys.capability_address(c) for c in self.config.capabilities]
+        addresses = list(dict.fromkeys(addresses))
+        self.sender.own_roles.update(addresses)
+        return addresses
 
     @property
     def registered(self) -> bool:
@@ -390,6 +393,26 @@ class BaseAgent:
         """
         return await self.sender.request_role(
             role, intent, data, department=department, timeout=timeout, context=context, seal=seal
+        )
+
+    async def request_capability(
+        self,
+        capability: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+        seal: bool | None = None,
+    ) -> AgentResponse:
+        """Ask an online agent with ``capability`` (never this one) and wait for its reply.
+
+        Raises:
+            NoAgentAvailableError: no agent with that capability is online.
+            RequestTimeoutError: no reply in time.
+        """
+        return await self.sender.request_capability(
+            capability, intent, data, timeout=timeout, context=context, seal=seal
         )
 
     async def discover_agents(self, **filters: Any) -> list[AgentInfo]:

@@ -159,13 +159,16 @@ class DeadLetterNotFoundError(AgentCommsError, LookupError):
 
 
 class NoAgentAvailableError(AgentCommsError, LookupError):
-    """Raised when a message is addressed by role and no agent of that role is online."""
+    """Raised when a message is addressed by role (or capability) and no agent of that role is online."""
 
-    def __init__(self, role: str, *, department: str | None = None) -> None:
+    def __init__(self, role: str, *, department: str | None = None, capability: str | None = None) -> None:
         self.role = role
         self.department = department
+        self.capability = capability
+        what = [f"role {role!r}"] if role else []
+        what += [f"capability {capability!r}"] if capability else []
         where = f" in department {department!r}" if department else ""
-        super().__init__(f"no agent with role {role!r}{where} is online")
+        super().__init__(f"no agent with {' and '.join(what) or 'any role'}{where} is online")
 
 
 class HandlerError(AgentCommsError):

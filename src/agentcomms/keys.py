@@ -31,17 +31,34 @@ ROLE_PREFIX = "@"
 """A recipient starting with it is a role's address: never an agent id (an agent id cannot start with ``@``)."""
 
 
+def _encoded(name: str) -> str:
+    """``name`` case-folded and %-encoded, ``~`` too (``@~`` starts a capability's address)."""
+    return urllib.parse.quote(name.strip().casefold(), safe="").replace("~", "%7E")
+
+
 def role_address(role: str) -> str:
     """The recipient that is whichever online agent of ``role`` is free: ``@`` and the role, case-folded, %-encoded.
 
     Every agent of the role reads this address's inbox in one consumer group, so each message is
     taken once, by a free one (``AGENTCOMMS_ROLE_ROUTING``).
     """
-    return ROLE_PREFIX + urllib.parse.quote(role.strip().casefold(), safe="")
+    return ROLE_PREFIX + _encoded(role)
+
+
+CAPABILITY_PREFIX = "@~"
+"""A capability's address starts with it (a role's never does: its ``~`` is encoded)."""
+
+
+def capability_address(capability: str) -> str:
+    """The recipient that is whichever online agent with ``capability`` is free: ``@~`` and the capability.
+
+    Every agent with the capability reads this address's inbox too, as it reads its role's.
+    """
+    return CAPABILITY_PREFIX + _encoded(capability)
 
 
 def is_role_address(recipient: str) -> bool:
-    """Whether ``recipient`` is a role's address (see :func:`role_address`)."""
+    """Whether ``recipient`` is a role's or a capability's address (see :func:`role_address`)."""
     return recipient.startswith(ROLE_PREFIX)
 
 

@@ -357,19 +357,23 @@ class AgentRegistry:
             raise AgentNotFoundError(agent_id)
         return found[0]
 
-    async def pick_agent(self, role: str, *, department: str | None = None, exclude: Sequence[str] = ()) -> AgentInfo:
-        """An online agent with ``role`` (chosen at random, to spread load), for addressing by role.
+    async def pick_agent(
+        self,
+        role: str | None = None,
+        *,
+        department: str | None = None,
+        capability: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> AgentInfo:
+        """An online agent with ``role`` (and ``capability``, if given), chosen at random to spread load.
 
         Raises:
             NoAgentAvailableError: none is online.
         """
-        candidates = [
-            a
-            for a in await self.discover_agents(role=role, department=department, online_only=True)
-            if a.agent_id not in exclude
-        ]
+        found = await self.discover_agents(role=role, department=department, capability=capability, online_only=True)
+        candidates = [a for a in found if a.agent_id not in exclude]
         if not candidates:
-            raise NoAgentAvailableError(role, department=department)
+            raise NoAgentAvailableError(role or "", department=department, capability=capability)
         return random.choice(candidates)
 
     async def is_registered(self, agent_id: str) -> bool:

@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
@@ -356,22 +356,73 @@ class MessageSender:
             NoAgentAvailableError: no agent with that role is online.
             RequestTimeoutError: no reply in time.
         """
+        return await self._request_any(
+            keys.role_address(role), intent, data, f"role {role}",
+            lambda: self.registry.pick_agent(role, department=department, exclude=[self.sender_id]),
+            routable=department is None, timeout=timeout, context=context, conversation_id=conversation_id,
+            seal=seal, sticky=sticky,
+        )  # fmt: skip
+
+    async def request_capability(
+        self,
+        capability: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+        seal: bool | None = None,
+        sticky: bool = False,
+    ) -> AgentResponse:
+        """Ask an online agent with ``capability`` (never this sender itself) and wait for its reply.
+
+        As :meth:`request_role` does for a role: the request goes to the capability's address
+        (``keys.capability_address``), whose inbox every agent with the capability reads, so
+        whichever is free takes it; with security on or ``seal``, or when this sender has the
+        capability itself, it goes to one agent picked at random.
+
+        Raises:
+            NoAgentAvailableError: no agent with that capability is online.
+            RequestTimeoutError: no reply in time.
+        """
+        return await self._request_any(
+            keys.capability_address(capability), intent, data, f"capability {capability}",
+            lambda: self.registry.pick_agent(capability=capability, exclude=[self.sender_id]),
+            routable=True, timeout=timeout, context=context, conversation_id=conversation_id, seal=seal,
+            sticky=sticky,
+        )  # fmt: skip
+
+    async def _request_any(
+        self,
+        address: str,
+        intent: MessageIntent | str,
+        data: Mapping[str, Any] | None,
+        label: str,
+        pick: Callable[[], Awaitable[AgentInfo]],
+        *,
+        routable: bool,
+        timeout: float | None,
+        context: Mapping[str, Any] | None,
+        conversation_id: str | None,
+        seal: bool | None,
+        sticky: bool,
+    ) -> AgentResponse:
+        """A request to whichever agent reading ``address`` is free (role or capability routing), else to ``pick()``."""
         timeout = timeout or self.broker.settings.message_timeout
         started = time.perf_counter()
         conversation = conversation_id or CURRENT_CONVERSATION.get()
         followed = self._sticky.get(conversation) if sticky and conversation else None
-        address = keys.role_address(role)
         routed = (
-            self.broker.settings.role_routing and department is None and not seal
+            self.broker.settings.role_routing and routable and not seal
             and self.broker.security is None and address not in self.own_roles
         )  # fmt: skip
         if followed is not None and followed != self.sender_id:
             recipient = followed
         elif routed and self._role_online.get(address, 0.0) > time.monotonic():
-            recipient = address  # an agent of the role was online a moment ago: its inbox is read
+            recipient = address  # an agent reading the address was online a moment ago: its inbox is read
         else:
-            picking = self.registry.pick_agent(role, department=department, exclude=[self.sender_id])
-            target = await self._within(timeout, picking, f"role {role}", "")  # someone of the role is online
+            target = await self._within(timeout, pick(), label, "")  # someone who reads it is online
             self._remember([target.agent_id])
             if routed:
                 self._role_online[address] = time.monotonic() + _ROLE_ONLINE_FOR
