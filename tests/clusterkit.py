@@ -58,6 +58,7 @@ class RedisClusterKit:
         """Start the nodes, join them, and wait until every node says the cluster is ``ok``."""
         for server in self.servers:
             server.start(extra=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                                "--cluster-replica-validity-factor", "0",
                                 "--cluster-config-file", str(server.directory / "nodes.conf")])  # fmt: skip
         cli = shutil.which("redis-cli") or str(Path(self.servers[0].binary).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
@@ -69,14 +70,20 @@ class RedisClusterKit:
         return self
 
     def wait_ok(self, timeout: float = 60.0) -> None:
-        """Until every node reports ``cluster_state:ok`` and knows every node (the join has spread)."""
+        """Until every node reports ``cluster_state:ok`` and knows every node and replica (the join has spread)."""
         deadline = time.monotonic() + timeout
         for server in self.servers:
             client = server.client()
             try:
                 while True:
                     info = client.cluster("info")
-                    if info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == len(self.servers):
+                    nodes = client.cluster("nodes")
+                    replicas = sum("slave" in str(node.get("flags", "")) for node in nodes.values())
+                    if (
+                        info["cluster_state"] == "ok"
+                        and int(info["cluster_known_nodes"]) == len(self.servers)
+                        and replicas == len(self.servers) // (self.replicas + 1) * self.replicas
+                    ):  # and every node knows which are replicas (a failover needs it)
                         break
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"cluster not ok on port {server.port}: {info}")

@@ -209,8 +209,9 @@ async def test_the_record_is_in_redis_for_every_reader(settings: Settings) -> No
         [found] = await another.record.messages("agent.cso")
         assert found.conversation_id == "kept" and await another.record.agents() == [
             "@cso",
+            "@~planning",
             "agent.cso",
-        ]  # its role's address too
+        ]  # its role's and its capability's addresses too
         assert [m.record_id for m in await another.record.conversation("kept")] == [found.record_id]
 
 

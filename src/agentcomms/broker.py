@@ -277,7 +277,8 @@ class MessageBroker:
             self._release_embedded()
             raise
         self._spec, self._pipeliner = spec, pipeliner
-        self._replies = BlockingReader(pipeliner.spec_for_key(self.reply_stream), name=f"{self.client_id}.replies")
+        where = functools.partial(pipeliner.spec_for_key, self.reply_stream)  # on a cluster, it may move
+        self._replies = BlockingReader(where, name=f"{self.client_id}.replies")
         self._closing = False
         self._closed_event.clear()
         self._reply_reader = None  # a reader of an earlier connection has ended with it

@@ -182,7 +182,12 @@ class Subscription:
         for stream in self._streams:
             by_slot.setdefault(key_slot(stream) if pipeliner.cluster else 0, []).append(stream)
         self._reads = [
-            _Read(streams, BlockingReader(pipeliner.spec_for_key(streams[0]), name=f"{consumer_name}.read{n or ''}"))
+            _Read(
+                streams,
+                BlockingReader(
+                    functools.partial(pipeliner.spec_for_key, streams[0]), name=f"{consumer_name}.read{n or ''}"
+                ),
+            )
             for n, streams in enumerate(by_slot.values())
         ]
         self._concurrency = concurrency

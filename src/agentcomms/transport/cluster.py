@@ -17,13 +17,15 @@ import asyncio
 import binascii
 import contextlib
 import dataclasses
+import functools
 import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from agentcomms.exceptions import BrokerConnectionError, RedisCommandError
-from agentcomms.transport.link import Command, EncodableT, LinkLost, NotReady
+from agentcomms.transport.errors import ReplyError, classify
+from agentcomms.transport.link import Command, EncodableT, LinkLost, NotReady, gather_replies, open_link
 from agentcomms.transport.pipeliner import LazyCommand, Pipeliner, backoff
 from agentcomms.transport.scripts import Script
 from agentcomms.transport.spec import ConnectionSpec
@@ -154,6 +156,8 @@ class ClusterPipeliner:
         self._replayed: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._applying = asyncio.Lock()
+        self._watched: set[Pipeliner] = set()
         self.redirects = 0
         """MOVED / ASK refusals followed so far."""
 
@@ -170,6 +174,10 @@ class ClusterPipeliner:
         await self._apply(slots, seed=seed)
 
     async def _apply(self, slots: list[Any], *, seed: Pipeliner | None = None) -> None:
+        async with self._applying:
+            await self._apply_now(slots, seed=seed)
+
+    async def _apply_now(self, slots: list[Any], *, seed: Pipeliner | None = None) -> None:
         owners: list[Pipeliner | None] = [None] * SLOTS
         for entry in slots:  # [start, end, [host, port, id, ...], replicas ...]
             start, end, primary = int(entry[0]), int(entry[1]), entry[2]
@@ -182,6 +190,7 @@ class ClusterPipeliner:
                 else:
                     node = Pipeliner(spec, reconnect_timeout=self._reconnect_timeout, name=self._name)
                     await node.connect()
+                node.on_outage = functools.partial(self._outage, node)
                 self._nodes[address] = node
             owners[start : end + 1] = [node] * (end - start + 1)
         missing = sum(owner is None for owner in owners)
@@ -193,6 +202,59 @@ class ClusterPipeliner:
         self._slots = [owner for owner in owners if owner is not None]
         if seed is not None:  # the first server is a replica (or not in the map): not used
             await seed.aclose()
+        serving = set(self._slots)
+        for address, node in list(self._nodes.items()):
+            if node not in serving:  # no longer a primary (failed over): its waiting commands go to the new owners
+                del self._nodes[address]
+                self._move(node.take_queued())
+                await node.aclose()
+
+    def _move(self, entries: list[Any]) -> None:
+        """Queue commands taken from a former primary on the primaries that own their slots now, in their order."""
+        by_node: dict[Pipeliner, list[Any]] = {}
+        for command, future, flags, queued in entries:
+            if callable(command):  # a command built at its write: build it now, to know its key
+                built = command()
+                if built is None:
+                    if future is not None:
+                        future.cancel()
+                    continue
+                command = built
+            by_node.setdefault(self._node(command), []).append((command, future, flags, queued))
+        for node, moved in by_node.items():
+            node.adopt(moved)
+        if entries:
+            logger.warning("moved %d commands of a failed Redis Cluster primary to the new owners", len(entries))
+
+    # -- a primary that dies ----------------------------------------------------------------
+
+    def _outage(self, node: Pipeliner) -> None:
+        """``node`` lost its connection: until it is back, watch the slot map for a replica taking its slots."""
+        if self._closed or node in self._watched:
+            return
+        self._watched.add(node)
+        task = asyncio.get_running_loop().create_task(self._watch(node), name=f"agentcomms-cluster-watch-{self._name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, node: Pipeliner) -> None:
+        attempt = 0
+        try:
+            while not self._closed and not node.connected and node in self._nodes.values():
+                await asyncio.sleep(min(0.5, 0.1 * 2**attempt))
+                attempt += 1
+                for other in list(self._nodes.values()):
+                    if other is node:
+                        continue
+                    try:  # on a connection of its own: the node's pipeliner may be holding (CLUSTERDOWN)
+                        slots = await self._read_slots(other.spec)
+                        await self._apply(slots)  # the node is dropped once the map no longer names it
+                    except (BrokerConnectionError, RedisCommandError, LinkLost, NotReady, TimeoutError) as exc:
+                        logger.debug("cluster slot map not read from %s: %s", other.spec.address, exc)
+                        continue
+                    break
+        finally:
+            self._watched.discard(node)
 
     async def refresh(self) -> None:
         """Read the slot map again (after ``MOVED``); concurrent callers share one read."""
@@ -216,6 +278,23 @@ class ClusterPipeliner:
                 last = exc
                 await asyncio.sleep(backoff(attempt))
         raise BrokerConnectionError(f"cannot read the cluster's slot map: {last}", url=self._seed.address)
+
+    async def _read_slots(self, spec: ConnectionSpec) -> list[Any]:
+        """``CLUSTER SLOTS`` from the node at ``spec``, over a short-lived connection.
+
+        Raises:
+            LinkLost, NotReady, TimeoutError: the node cannot answer.
+            RedisCommandError: it refused.
+        """
+        link = await open_link(spec, name=f"{self._name}.slots")
+        try:
+            async with asyncio.timeout(spec.connect_timeout):
+                [reply] = await gather_replies(link.request(("CLUSTER", "SLOTS")))
+        finally:
+            link.close()
+        if isinstance(reply, ReplyError):
+            raise classify(reply, "CLUSTER SLOTS")
+        return list(reply)
 
     def node_for_key(self, key: str) -> Pipeliner:
         """The pipeliner of the primary that owns ``key``'s slot."""
@@ -263,6 +342,8 @@ class ClusterPipeliner:
         self._closed = True
         if self._refreshing is not None:
             self._refreshing.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         await asyncio.gather(*(node.aclose() for node in self._nodes.values()))
 
     def call(self, *args: EncodableT, replay: bool) -> asyncio.Future[Any]:

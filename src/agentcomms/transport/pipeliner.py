@@ -88,6 +88,10 @@ _Entry = tuple[Command | LazyCommand, "asyncio.Future[Any] | None", int, float]
 _Sent = tuple[Command, "asyncio.Future[Any] | None", int, float]
 
 
+_WAIT_FIRST = frozenset({"CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN"})
+"""Refusals a PING does not see (it answers): the held commands wait a backoff before they are sent again."""
+
+
 def backoff(attempt: int, *, base: float = 0.05, cap: float = 1.0) -> float:
     """Delay before retry ``attempt`` (0-based): exponential with full jitter, at most ``cap`` seconds."""
     return random.uniform(0, min(cap, base * (2 ** min(attempt, 32))))  # 2**attempt as a float overflows at 1024
@@ -128,6 +132,7 @@ class Pipeliner:
         self._need_primary = False
         self._outage_since: float | None = None
         self._busy_since = 0.0
+        self._refused_in_a_row = 0  # holds for a "not now" that PING cannot see (CLUSTERDOWN ...) since a success
         self._write_scheduled = False
         self._batching = 0
         self._closing = False
@@ -142,6 +147,8 @@ class Pipeliner:
         """Writes (batches of commands) so far, for statistics and benchmarks."""
         self.reconnects = 0
         """Times the connection was re-established or recovered from a refusal."""
+        self.on_outage: Callable[[], None] | None = None
+        """Called when the connection is lost (a cluster then watches whether the server's slots moved)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -380,6 +387,7 @@ class Pipeliner:
         else:
             if self._outage_since is not None and not entry[2] & _RAW:
                 self._outage_since = None  # a command went through: the outage is over
+                self._refused_in_a_row = 0
             if future is not None and not future.done():
                 future.set_result(reply)
         if not self._sent:
@@ -392,7 +400,10 @@ class Pipeliner:
     def _hold(self, entry: _Sent, reply: ReplyError) -> None:
         code = code_of(reply)
         if self._ready:
-            logger.warning("Redis refused a command with %s; holding commands until it is ready", code)
+            if code in _WAIT_FIRST:
+                self._refused_in_a_row += 1
+            if code not in _WAIT_FIRST or self._refused_in_a_row == 1:  # once per outage, not per retry
+                logger.warning("Redis refused a command with %s; holding commands until it is ready", code)
         self._ready = False
         self._held.append(entry)
         if code == "NOSCRIPT":
@@ -438,6 +449,23 @@ class Pipeliner:
             len(self._held) + len(self._outbox),
         )
         self._start_recovery()
+        if self.on_outage is not None:
+            self.on_outage()
+
+    def take_queued(self) -> list[_Entry]:
+        """Remove and return every command waiting to be written (held, then queued), with its future.
+
+        For a cluster whose primary died: its commands go to the primary that took over its slots.
+        """
+        entries: list[_Entry] = [*self._held, *self._outbox]
+        self._held, self._outbox = [], []
+        return entries
+
+    def adopt(self, entries: list[_Entry]) -> None:
+        """Queue commands taken from another pipeliner (:meth:`take_queued`) before anything queued here."""
+        self._outbox[:0] = entries
+        if entries:
+            self._schedule_write()
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -450,6 +478,9 @@ class Pipeliner:
             self._outage_since = self._loop.time()
         attempt = 0
         try:
+            if self._refused_in_a_row:  # PING answers while the cluster refuses: wait before sending again
+                self._expire(NotReady(ReplyError("CLUSTERDOWN or TRYAGAIN: the Redis Cluster is not serving")))
+                await asyncio.sleep(backoff(self._refused_in_a_row))
             while True:
                 try:
                     if self._link is None:

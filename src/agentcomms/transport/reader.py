@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from agentcomms.exceptions import AgentCommsError
@@ -34,8 +34,8 @@ _REPLY_MARGIN = 10.0
 class BlockingReader:
     """One connection for one command at a time, typically a blocking read; it reconnects on the next call."""
 
-    def __init__(self, spec: ConnectionSpec, *, name: str) -> None:
-        self._spec = spec
+    def __init__(self, spec: ConnectionSpec | Callable[[], ConnectionSpec], *, name: str) -> None:
+        self._spec = spec  # or where it is now: on a cluster, the primary that holds the streams it reads
         self._name = name
         self._link: Link | None = None
         self.client_id: int | None = None
@@ -52,7 +52,8 @@ class BlockingReader:
         """
         link = self._link
         if link is None or link.closed:
-            self._link = link = await open_link(self._spec, name=self._name)
+            spec = self._spec() if callable(self._spec) else self._spec
+            self._link = link = await open_link(spec, name=self._name)
             self.client_id = link.client_id
         return link
 
