@@ -27,6 +27,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_port(port: int, process: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    """Until 127.0.0.1:``port`` accepts connections, while ``process`` (the one that will listen) runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process is not None and process.poll() is None, "the server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)  # a child process's port: nothing to wait on but the port itself
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1:<port>, data (AOF) in ``directory``."""
 
@@ -67,16 +81,7 @@ class RedisServer:
 
     def wait_listening(self, timeout: float = 15.0) -> None:
         """Until the port accepts connections (the server may still be loading)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process is not None and self.process.poll() is None, "redis-server exited"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)  # a child process's port: nothing to wait on but the port itself
+        wait_port(self.port, self.process, timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until PING answers PONG (not LOADING)."""

@@ -6,7 +6,6 @@ benchmarks/durable.py (the cost of a durable send, ``WAIT`` for the replica).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Self, cast
 
 import redis
 
-from faultkit import RedisServer, free_port
+from faultkit import RedisServer, free_port, wait_port
 
 SERVICE = "agentcomms"
 """The name the sentinels know the primary by."""
@@ -47,15 +46,7 @@ class Sentinel:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)  # a child process's port: nothing to wait on but the port itself
+        wait_port(self.port, self.process)
 
     def primary(self) -> tuple[str, int] | None:
         """Where this sentinel says the primary is."""

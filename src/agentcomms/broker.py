@@ -863,7 +863,6 @@ class MessageBroker:
         """
         subscription = Subscription(
             self.pipeliner,
-            self.spec,
             self.settings,
             agent_id,
             handler,

@@ -43,7 +43,6 @@ from agentcomms.transport import (
     MAX_BLOCK_MS,
     BlockingReader,
     Commands,
-    ConnectionSpec,
     LinkLost,
     NotReady,
     backoff,
@@ -139,8 +138,8 @@ class Subscription:
     """Handles the messages of one agent id; created by :meth:`MessageBroker.subscribe_to_agent`.
 
     Args:
-        pipeliner: carries acknowledgements, replies, dead letters and housekeeping.
-        spec: the server, for the loop's own blocking connection.
+        pipeliner: carries acknowledgements, replies, dead letters and housekeeping, and says where each
+            blocking read connects (``spec_for_key``: on a cluster, the primary that holds its streams).
         settings: claim idle time, deliveries, limits, feed.
         agent_id: whose inbox.
         handler: called once per message.
@@ -153,7 +152,6 @@ class Subscription:
     def __init__(
         self,
         pipeliner: Commands,
-        spec: ConnectionSpec,
         settings: Settings,
         agent_id: str,
         handler: Handler,

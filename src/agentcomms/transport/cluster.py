@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import logging
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, Protocol
 
 from agentcomms.exceptions import BrokerConnectionError, RedisCommandError
@@ -62,19 +62,21 @@ def key_slot(key: str | bytes) -> int:
     return binascii.crc_hqx(data, 0) % SLOTS
 
 
+def _word(arg: EncodableT) -> bytes:
+    """A command's word, upper-case, as bytes (for comparing names)."""
+    return (arg if isinstance(arg, bytes) else str(arg).encode()).upper()
+
+
 def command_key(command: Command) -> EncodableT | None:
     """The key that decides where ``command`` runs (its first key), or ``None`` if it names none."""
     if not command:
         return None
-    name = command[0]
-    upper = (name.encode() if isinstance(name, str) else bytes(name) if isinstance(name, bytes) else b"").upper()
+    upper = _word(command[0])
     if upper in (b"EVALSHA", b"EVAL", b"FCALL"):
         return command[3] if len(command) > 3 and int(command[2]) > 0 else None
     if upper in (b"XREAD", b"XREADGROUP"):
-        for index, arg in enumerate(command):
-            if isinstance(arg, str | bytes) and (arg.upper() in ("STREAMS", b"STREAMS")):
-                return command[index + 1]
-        return None
+        words = [_word(arg) for arg in command]
+        return command[words.index(b"STREAMS") + 1] if b"STREAMS" in words else None
     if upper in _KEYLESS or len(command) < 2:
         return None
     if upper in _SUBCOMMAND_FIRST:  # XGROUP CREATE <key> ..., XINFO STREAM <key>, MEMORY USAGE <key>
@@ -133,6 +135,7 @@ async def connect_commands(
         await cluster.start(slots, seed=pipeliner)
     except BaseException:
         await cluster.aclose()
+        await pipeliner.aclose()  # not taken over if the map was refused (closing twice is harmless)
         raise
     return cluster
 
@@ -185,7 +188,7 @@ class ClusterPipeliner:
             address = (spec.host or "", spec.port)
             node = self._nodes.get(address)
             if node is None:
-                if seed is not None and (seed_spec := self._seed) and (seed_spec.host, seed_spec.port) == address:
+                if seed is not None and (self._seed.host, self._seed.port) == address:
                     node, seed = seed, None
                 else:
                     node = Pipeliner(spec, reconnect_timeout=self._reconnect_timeout, name=self._name)
@@ -233,7 +236,11 @@ class ClusterPipeliner:
         if self._closed or node in self._watched:
             return
         self._watched.add(node)
-        task = asyncio.get_running_loop().create_task(self._watch(node), name=f"agentcomms-cluster-watch-{self._name}")
+        self._spawn(self._watch(node))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task kept until it ends (cancelled by :meth:`aclose`)."""
+        task = asyncio.get_running_loop().create_task(work, name=f"agentcomms-cluster-{self._name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -243,18 +250,27 @@ class ClusterPipeliner:
             while not self._closed and not node.connected and node in self._nodes.values():
                 await asyncio.sleep(min(0.5, 0.1 * 2**attempt))
                 attempt += 1
-                for other in list(self._nodes.values()):
-                    if other is node:
-                        continue
-                    try:  # on a connection of its own: the node's pipeliner may be holding (CLUSTERDOWN)
-                        slots = await self._read_slots(other.spec)
-                        await self._apply(slots)  # the node is dropped once the map no longer names it
-                    except (BrokerConnectionError, RedisCommandError, LinkLost, NotReady, TimeoutError) as exc:
-                        logger.debug("cluster slot map not read from %s: %s", other.spec.address, exc)
-                        continue
-                    break
+                await self._reread(skip=node)  # the node is dropped once the map no longer names it
         finally:
             self._watched.discard(node)
+
+    async def _reread(self, *, skip: Pipeliner | None = None) -> BaseException | None:
+        """Read the slot map from the first node that answers and apply it; ``None``, or the last failure.
+
+        Each read is on a short-lived connection of its own: a node's pipeliner may be holding its commands
+        (``CLUSTERDOWN`` while a replica takes over).
+        """
+        last: BaseException | None = BrokerConnectionError("no other node to ask", url=self._seed.address)
+        for other in list(self._nodes.values()):
+            if other is skip:
+                continue
+            try:
+                await self._apply(await self._read_slots(other.spec))
+                return None
+            except (BrokerConnectionError, RedisCommandError, LinkLost, NotReady, TimeoutError) as exc:
+                logger.debug("cluster slot map not read from %s: %s", other.spec.address, exc)
+                last = exc
+        return last
 
     async def refresh(self) -> None:
         """Read the slot map again (after ``MOVED``); concurrent callers share one read."""
@@ -268,15 +284,10 @@ class ClusterPipeliner:
                 self._refreshing = None
 
     async def _refresh(self) -> None:
-        last: BaseException | None = None
-        for attempt, node in enumerate(list(self._nodes.values()) * 2):
-            try:
-                slots = await asyncio.wait_for(node.call("CLUSTER", "SLOTS", replay=True), self._seed.connect_timeout)
-                await self._apply(slots)
+        for attempt in range(2):
+            if (last := await self._reread()) is None:
                 return
-            except (BrokerConnectionError, RedisCommandError, LinkLost, NotReady, TimeoutError) as exc:
-                last = exc
-                await asyncio.sleep(backoff(attempt))
+            await asyncio.sleep(backoff(attempt))
         raise BrokerConnectionError(f"cannot read the cluster's slot map: {last}", url=self._seed.address)
 
     async def _read_slots(self, spec: ConnectionSpec) -> list[Any]:
@@ -349,12 +360,12 @@ class ClusterPipeliner:
     def call(self, *args: EncodableT, replay: bool) -> asyncio.Future[Any]:
         """Queue ``args`` on its key's primary (see :meth:`Pipeliner.call`); MOVED / ASK are followed."""
         node = self._node(args)
-        return self._follow(node, node.call(*args, replay=replay), args, replay)
+        return self._follow(node, node.call(*args, replay=replay), [args], replay)
 
     def call_lazy(self, build: LazyCommand, *, replay: bool, key: str = "") -> asyncio.Future[Any]:
         """Queue a command built at the write (see :meth:`Pipeliner.call_lazy`) on ``key``'s primary."""
         node = self.node_for_key(key)
-        built: list[Command] = []
+        built: list[Command] = []  # the command, once it is built
 
         def build_and_keep() -> Command | None:
             command = build()
@@ -399,11 +410,11 @@ class ClusterPipeliner:
     # -- redirects -------------------------------------------------------------------------
 
     def _follow(
-        self, node: Pipeliner, inner: asyncio.Future[Any], command: Command | list[Command], replay: bool
+        self, node: Pipeliner, inner: asyncio.Future[Any], command: list[Command], replay: bool
     ) -> asyncio.Future[Any]:
         """A future of ``inner``'s outcome, except that a MOVED / ASK refusal sends the command where it belongs.
 
-        ``command``: the command, or (a lazy one) a list that holds it once it was built.
+        ``command``: a list that holds the command (a lazy one's once it was built).
         """
         outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
@@ -420,13 +431,9 @@ class ClusterPipeliner:
                 outer.set_result(finished.result())
                 return
             code = getattr(error, "code", "")
-            sent = command[0] if isinstance(command, list) and command else command
-            if code in ("MOVED", "ASK") and sent and redirects < _MAX_REDIRECTS and not self._closed:
+            if code in ("MOVED", "ASK") and command and redirects < _MAX_REDIRECTS and not self._closed:
                 self.redirects += 1
-                resend = self._resend(sent, replay, redirects + 1, done)  # type: ignore[arg-type]
-                task = asyncio.get_running_loop().create_task(resend)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._resend(command[0], replay, redirects + 1, done))
                 return
             outer.set_exception(error)
 
